@@ -1,0 +1,57 @@
+"""Every limit immucore enforces, with its reason, in one place.
+
+Names end with their unit or ``_max``; the relationships between them are checked at import so a
+bad edit fails loudly instead of producing a database that cannot replicate.
+"""
+
+# --- immudb format (../shared/reference/immudb-format.md §2.1) -------------------------------------
+DIGEST_SIZE = 32
+HEADER_VERSION_MAX = 1            # tx header versions 0 and 1 exist; 1 is written by default
+HEADER_VERSION_DEFAULT = 1
+KV_METADATA_SIZE_MAX = 11         # deleted (1) + expiresAt (1+8) + nonIndexable (1)
+TX_METADATA_SIZE_MAX = 268        # truncation attr (1+8) + extra attr (1+2+256)
+HEADER_V0_SIZE = 124
+HEADER_V1_SIZE_MIN = 128          # plus the tx metadata length
+EXPORT_TRAILER_SIZE = 3           # u16 trailer length (=1) + u8 truncated flag
+
+# --- per-transaction limits (immudb defaults for server databases) --------------------------------
+TX_ENTRIES_MAX = 1024             # immudb MaxTxEntries
+KEY_SIZE_BYTES_MAX = 1024         # immudb MaxKeyLen, counted on the stored (prefixed) key
+VALUE_SIZE_BYTES_MAX = 32 << 20   # immudb server MaxValueLen (32 MiB), counted on the stored value
+# An export blob can never be larger than its header plus every entry at its maximum size.
+EXPORT_BLOB_SIZE_BYTES_MAX = (
+    4 + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX
+    + TX_ENTRIES_MAX * (2 + KEY_SIZE_BYTES_MAX + 2 + KV_METADATA_SIZE_MAX + 4 + VALUE_SIZE_BYTES_MAX)
+    + EXPORT_TRAILER_SIZE
+)
+
+# --- storage -----------------------------------------------------------------------------------
+# LMDB keys are limited to 511 bytes (MDB_MAXKEYSIZE in py-lmdb's bundled build); the key index
+# keeps keys up to this size as they are and folds longer ones (see immucore/store/index.py).
+INDEX_KEY_SIZE_BYTES_MAX = 480
+MAP_SIZE_BYTES_INITIAL = 64 << 20     # LMDB map; grows by doubling on MapFullError
+MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growth, not a reservation
+# Group commit: how much the writer thread takes from its queue for one LMDB transaction/fsync.
+COMMIT_BATCH_TXS_MAX = 4096
+COMMIT_BATCH_BYTES_MAX = 64 << 20
+WRITE_QUEUE_TXS_MAX = 65536           # callers block (back-pressure) beyond this many queued txs
+# The asynchronous key indexer: entries per LMDB transaction of the index environment.
+INDEX_BATCH_ENTRIES_MAX = 200_000
+INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
+# Replication apply: txs per replicate_txs call (one LMDB transaction).
+REPLICATE_BATCH_TXS_MAX = 10_000
+
+
+
+def _check(ok: bool, why: str) -> None:
+    # A real exception rather than assert: these must hold under ``python -O`` too.
+    if not ok:
+        raise RuntimeError(f"immucore.constants: {why}")
+
+
+_check(HEADER_V1_SIZE_MIN == HEADER_V0_SIZE + 4, "v1 header = v0 + mdLen u16 + u32 count")
+_check(INDEX_KEY_SIZE_BYTES_MAX <= 511, "an index key, folded or not, must fit LMDB's 511 bytes")
+_check(KEY_SIZE_BYTES_MAX < 1 << 16 and VALUE_SIZE_BYTES_MAX < 1 << 32, "u16/u32 length fields")
+_check(TX_ENTRIES_MAX < 1 << 16, "entry count must fit a v0 header's u16")
+_check(COMMIT_BATCH_TXS_MAX <= WRITE_QUEUE_TXS_MAX, "a commit batch comes from the write queue")
+SCAN_RESULTS_MAX = 1000              # immudb MaxResultSize: entries returned by one scan/history

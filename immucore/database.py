@@ -1,0 +1,542 @@
+"""``Database``: one immudb-compatible database in a folder, and ``open_database``.
+
+Layout of the folder (details in docs/storage.md):
+  log/    LMDB environment: ``tx`` (u64 id -> record), ``aht`` (u64 id -> AHT nodes), ``meta``
+  index/  LMDB environment: ``keys`` (key -> versions, DUPSORT), ``meta`` (indexed tx id)
+Writes go through the writer thread (group commit); the key index follows asynchronously.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from typing import Iterable, List, Optional, Union
+
+from . import codec
+from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_WAIT_SECONDS_DEFAULT,
+                        KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX,
+                        TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX)
+from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
+                     KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
+from .store.aht import AhtReader, peaks_for
+from .store.env import LmdbEnv
+from .store.indexer import Indexer
+from .store.writer import ChainState, Writer
+from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
+                    TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
+
+_U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
+_EMPTY_ALH = codec.sha256(b"")
+_ZERO_DIGEST = bytes(DIGEST_SIZE)
+_KV_PREFIX = b"\x00"
+_SETTINGS_KEY = b"settings"
+_FORMAT = "immucore-1"
+
+KVs = Union[dict, Iterable]
+Metadata = Union[None, KVMetadata, dict]
+
+
+def open_database(path: str, **options) -> "Database":
+    """Open (creating if needed) the database kept in folder ``path``.
+
+    Options: ``name`` (default: the folder's name), ``replica`` (None keeps the stored role;
+    True/False sets and stores it), ``durable`` (default True: every acknowledged write is
+    fsynced), ``header_version`` (1; 0 writes immudb 1.1 headers, fixed at creation),
+    ``max_tx_entries``, ``max_key_len``, ``max_value_len`` (immudb's defaults),
+    ``index_wait_seconds`` (how long a read waits for the key index), ``map_size_bytes``.
+    """
+    return Database(path, **options)
+
+
+class Database:
+    def __init__(self, path: str, *, name: Optional[str] = None, replica: Optional[bool] = None,
+                 durable: bool = True, header_version: Optional[int] = None,
+                 max_tx_entries: int = TX_ENTRIES_MAX, max_key_len: int = KEY_SIZE_BYTES_MAX,
+                 max_value_len: int = VALUE_SIZE_BYTES_MAX,
+                 index_wait_seconds: float = INDEX_WAIT_SECONDS_DEFAULT,
+                 map_size_bytes: int = 0):
+        if not 0 < max_tx_entries <= TX_ENTRIES_MAX:
+            raise IllegalArgumentsError(f"max_tx_entries must be in 1..{TX_ENTRIES_MAX}")
+        if not 0 < max_key_len <= KEY_SIZE_BYTES_MAX:
+            raise IllegalArgumentsError(f"max_key_len must be in 1..{KEY_SIZE_BYTES_MAX}")
+        if not 0 <= max_value_len <= VALUE_SIZE_BYTES_MAX:
+            raise IllegalArgumentsError(f"max_value_len must be in 0..{VALUE_SIZE_BYTES_MAX}")
+        self.path = os.path.abspath(path)
+        self.name = name or os.path.basename(self.path.rstrip(os.sep))
+        self._limits = (max_tx_entries, max_key_len, max_value_len)
+        self._index_wait_seconds = index_wait_seconds
+        self._closed = False
+        os.makedirs(self.path, exist_ok=True)
+        self._log = LmdbEnv(os.path.join(self.path, "log"),
+                            {"tx": {}, "aht": {}, "meta": {}},
+                            durable=durable, map_size_bytes=map_size_bytes)
+        self._index_env = LmdbEnv(os.path.join(self.path, "index"),
+                                  {"keys": {"dupsort": True}, "meta": {}},
+                                  durable=durable, map_size_bytes=map_size_bytes)
+        self._settings = self._load_settings(replica, header_version)
+        state = self._load_chain_state()
+        # The writer's thread starts idle: nothing is submitted before the indexer below exists.
+        self._writer = Writer(self._log, state, header_version=self._settings["header_version"],
+                              limits=self._limits, read_alh=self._alh_of,
+                              on_commit=self._on_commit, name=self.name)
+        self._indexer = Indexer(self._index_env, self._log, name=self.name,
+                                committed_tx_id=lambda: self._writer.state.tx_id)
+
+    def _on_commit(self, _state: ChainState) -> None:
+        self._indexer.notify()
+
+    # --- settings and recovery ------------------------------------------------------------
+
+    def _load_settings(self, replica, header_version) -> dict:
+        with self._log.read() as txn:
+            raw = txn.get(_SETTINGS_KEY, db=self._log.dbs["meta"])
+        settings = json.loads(raw) if raw else {"format": _FORMAT, "replica": False,
+                                                "header_version": HEADER_VERSION_DEFAULT}
+        if settings.get("format") != _FORMAT:
+            raise CorruptedDataError(f"{self.path} holds an unknown format {settings.get('format')}")
+        if header_version is not None and raw and header_version != settings["header_version"]:
+            raise IllegalArgumentsError("header_version can not be changed after database creation")
+        if header_version is not None:
+            if header_version not in (0, 1):
+                raise IllegalArgumentsError("header_version must be 0 or 1")
+            settings["header_version"] = header_version
+        if replica is not None:
+            settings["replica"] = bool(replica)
+        if settings != (json.loads(raw) if raw else None):
+            encoded = json.dumps(settings, sort_keys=True).encode()
+            self._log.write(lambda txn: txn.put(_SETTINGS_KEY, encoded, db=self._log.dbs["meta"]))
+        return settings
+
+    def _load_chain_state(self) -> ChainState:
+        """Read the last tx and the AHT peaks; check the log's tail is whole and consistent."""
+        with self._log.read() as txn:
+            cursor = txn.cursor(self._log.dbs["tx"])
+            if not cursor.last():
+                return ChainState(0, _EMPTY_ALH, [])
+            tx_id = _U64.unpack(cursor.key())[0]
+            record = cursor.value()
+            header, alh, _ = codec.decode_record(record)
+            if header[0] != tx_id or codec.alh(header[0], header[1],
+                                               codec.inner_hash(*header)) != alh:
+                raise CorruptedDataError(f"data is corrupted: ALH mismatch at tx {tx_id}")
+            reader = AhtReader(txn, self._log.dbs["aht"])
+            if txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"]) is None:
+                raise CorruptedDataError(f"data is corrupted: AHT has no leaf for tx {tx_id}")
+            peaks = peaks_for(reader, tx_id)
+            if header[7] and codec.aht_root(peaks_for(reader, header[7])) != header[8]:
+                raise CorruptedDataError(f"data is corrupted: blRoot mismatch at tx {tx_id}")
+            return ChainState(tx_id, alh, peaks)
+
+    # --- properties -----------------------------------------------------------------------
+
+    @property
+    def is_replica(self) -> bool:
+        return self._settings["replica"]
+
+    @property
+    def header_version(self) -> int:
+        return self._settings["header_version"]
+
+    @property
+    def indexed_tx_id(self) -> int:
+        """The highest tx the key index covers (``current_state().tx_id`` minus the index lag)."""
+        return self._indexer.indexed_tx_id
+
+    def set_replica(self, replica: bool) -> None:
+        """Switch role (promotion/demotion); stored, so it survives a restart."""
+        self._check_open()
+        self._settings = self._load_settings(bool(replica), None)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def set(self, kvs: KVs, *, metadata: Metadata = None) -> TxHeader:
+        """Write ``kvs`` (a dict or (key, value) pairs) as one transaction; durable on return."""
+        self._check_writable()
+        pairs = list(kvs.items()) if isinstance(kvs, dict) else list(kvs)
+        entries, size = _entries(pairs, metadata)
+        return TxHeader(*self._writer.submit_set(entries, size).result()[0])
+
+    def delete(self, keys: Iterable[bytes]) -> TxHeader:
+        """One transaction marking every key deleted (reads then report it missing)."""
+        self._check_writable()
+        deleted = KVMetadata(deleted=True).to_bytes()
+        entries = [(_bytes(k, "key"), b"", deleted) for k in keys]
+        return TxHeader(*self._writer.submit_set(entries, 0).result()[0])
+
+    def set_async(self, kvs: KVs, *, metadata: Metadata = None):
+        """Like ``set`` but returns a ``concurrent.futures.Future`` of the header list."""
+        self._check_writable()
+        pairs = list(kvs.items()) if isinstance(kvs, dict) else list(kvs)
+        entries, size = _entries(pairs, metadata)
+        return self._writer.submit_set(entries, size)
+
+    def verifiable_set(self, kvs: KVs, *, prove_since_tx: int,
+                       metadata: Metadata = None) -> VerifiableTx:
+        self._check_prove_since(prove_since_tx)
+        header = self.set(kvs, metadata=metadata)
+        return self.verifiable_tx_by_id(header.id, prove_since_tx=prove_since_tx)
+
+    # --- replication ----------------------------------------------------------------------
+
+    def export_tx(self, tx_id: int) -> bytes:
+        """The exact immudb export blob of a committed tx (values present)."""
+        return codec.record_export_blob(self._record(tx_id))
+
+    def export_txs(self, first_tx_id: int, count: int) -> List[bytes]:
+        """Export blobs of up to ``count`` consecutive committed txs from ``first_tx_id``."""
+        self._check_open()
+        last = min(self._writer.state.tx_id, first_tx_id + count - 1)
+        blobs = []
+        with self._log.read(buffers=True) as txn:
+            cursor = txn.cursor(self._log.dbs["tx"])
+            if first_tx_id <= last and cursor.set_key(_U64.pack(first_tx_id)):
+                for key, record in cursor:
+                    if _U64.unpack(key)[0] > last:
+                        break
+                    blobs.append(codec.record_export_blob(record))
+        return blobs
+
+    def replicate_tx(self, blob: bytes) -> TxHeader:
+        return self.replicate_txs([blob])[0]
+
+    def replicate_txs(self, blobs: List[bytes]) -> List[TxHeader]:
+        """Verify and apply exported txs, all or nothing, in one LMDB transaction.
+
+        Txs this database already holds with the same Alh are no-ops (immudb's "tx already
+        committed"); a different Alh raises ``ReplicaDivergedError``.
+        """
+        self._check_open()
+        if not self.is_replica:
+            raise NotReplicaError()
+        if len(blobs) > REPLICATE_BATCH_TXS_MAX:
+            raise IllegalArgumentsError(
+                f"{len(blobs)} txs exceed the limit of {REPLICATE_BATCH_TXS_MAX} per batch")
+        blobs = [bytes(b) if not isinstance(b, bytes) else b for b in blobs]
+        return [TxHeader(*h) for h in self._writer.submit_replicate(blobs).result()]
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def current_state(self) -> State:
+        state = self._writer.state
+        return State(self.name, state.tx_id, state.alh)
+
+    def tx_by_id(self, tx_id: int) -> Tx:
+        return _tx_from_record(self._record(tx_id))
+
+    def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0,
+            at_revision: int = 0) -> Entry:
+        """The key's value: latest, as of ``at_tx``, or at revision ``at_revision`` (1-based;
+        negative counts back from the latest). Deleted or expired keys read as missing."""
+        entry = self._get_entry(key, at_tx=at_tx, since_tx=since_tx, at_revision=at_revision)[0]
+        return entry
+
+    def history(self, key: bytes, *, offset: int = 0, limit: int = 0,
+                desc: bool = False) -> List[Entry]:
+        """Every version of ``key`` (deleted ones included, with their metadata)."""
+        key = _bytes(key, "key")
+        if offset < 0 or limit < 0:
+            raise IllegalArgumentsError("offset and limit must not be negative")
+        limit = self._result_limit(limit)
+        self._wait_index(0)
+        stored = _KV_PREFIX + key
+        with self._index_env.read() as itxn:
+            cursor = itxn.cursor(self._index_env.dbs["keys"])
+            if not cursor.set_key(codec.index_key(stored)):
+                raise KeyNotFoundError()
+            count = cursor.count()
+            if offset >= count:
+                return []
+            versions = list(cursor.iternext_dup(keys=False))
+        positions = range(count - 1 - offset, -1, -1) if desc else range(offset, count)
+        chosen = [(i + 1, versions[i]) for i in list(positions)[:limit]]
+        return [self._entry_at(stored, location, revision, include_deleted=True)
+                for revision, location in chosen]
+
+    def scan(self, *, prefix: bytes = b"", seek_key: bytes = b"", end_key: bytes = b"",
+             desc: bool = False, limit: int = 0, since_tx: int = 0) -> List[Entry]:
+        """Latest live value of every key starting with ``prefix``, in key order.
+
+        Iteration starts at ``seek_key`` and stops after ``end_key`` (both inclusive, as given;
+        with ``desc`` it walks down from ``seek_key`` to ``end_key``). Keys longer than
+        INDEX_KEY_SIZE_BYTES_MAX are ordered by their first bytes and a hash (docs/storage.md).
+        """
+        prefix, seek_key, end_key = (_bytes(prefix, "prefix"), _bytes(seek_key, "seek_key"),
+                                     _bytes(end_key, "end_key"))
+        if limit < 0:
+            raise IllegalArgumentsError("limit must not be negative")
+        limit = self._result_limit(limit)
+        self._wait_index(since_tx)
+        stored_prefix = _KV_PREFIX + prefix
+        seek = codec.index_key(_KV_PREFIX + seek_key) if seek_key else None
+        end = codec.index_key(_KV_PREFIX + end_key) if end_key else None
+        results: List[Entry] = []
+        with self._index_env.read() as itxn:
+            keys_db = self._index_env.dbs["keys"]
+            walk = _keys_desc if desc else _keys_asc
+            versions = itxn.cursor(keys_db)
+            for index_key in walk(itxn.cursor(keys_db), stored_prefix, seek, end):
+                versions.set_key(index_key)
+                versions.last_dup()
+                try:
+                    entry = self._entry_at(None, versions.value(), versions.count(),
+                                           include_deleted=False)
+                except KeyNotFoundError:       # deleted or expired: not part of a scan
+                    continue
+                results.append(entry)
+                if len(results) >= limit:
+                    break
+        return results
+
+    def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int) -> VerifiableTx:
+        self._check_prove_since(prove_since_tx)
+        tx = self.tx_by_id(tx_id)
+        return VerifiableTx(tx, self._dual_proof_for(tx.header, prove_since_tx))
+
+    def verifiable_get(self, key: bytes, *, prove_since_tx: int, at_tx: int = 0,
+                       since_tx: int = 0, at_revision: int = 0) -> VerifiableEntry:
+        self._check_prove_since(prove_since_tx)
+        entry, entry_index = self._get_entry(key, at_tx=at_tx, since_tx=since_tx,
+                                             at_revision=at_revision)
+        record = self._record(entry.tx)
+        tx = _tx_from_record(record)
+        digests = codec.record_digests(record)
+        proof = InclusionProof(entry_index, len(digests),
+                               tuple(codec.htree_inclusion_proof(digests, entry_index)))
+        return VerifiableEntry(entry, VerifiableTx(tx, self._dual_proof_for(tx.header,
+                                                                            prove_since_tx)),
+                               proof)
+
+    # --- proofs ---------------------------------------------------------------------------
+
+    def _dual_proof_for(self, tx_header: TxHeader, prove_since_tx: int) -> DualProof:
+        """immudb's rule: prove from the client's trusted tx to this one, or back if it is newer."""
+        root = tx_header if prove_since_tx in (0, tx_header.id) else \
+            self.tx_by_id(prove_since_tx).header
+        if prove_since_tx <= tx_header.id:
+            return self.dual_proof(root, tx_header)
+        return self.dual_proof(tx_header, root)
+
+    def dual_proof(self, source: TxHeader, target: TxHeader) -> DualProof:
+        """immudb's DualProof (v1) linking tx header ``source`` to ``target``."""
+        if source.id > target.id:
+            raise IllegalArgumentsError("source tx must not be newer than target tx")
+        with self._log.read(buffers=True) as txn:
+            aht = AhtReader(txn, self._log.dbs["aht"])
+            inclusion = (aht.inclusion_proof(source.id, target.bl_tx_id)
+                         if source.id < target.bl_tx_id else [])
+            consistency = (aht.consistency_proof(source.bl_tx_id, target.bl_tx_id)
+                           if source.bl_tx_id > 0 else [])
+            if target.bl_tx_id > 0:
+                target_bl_tx_alh = self._alh_in(txn, target.bl_tx_id)
+                last_inclusion = aht.inclusion_proof(target.bl_tx_id, target.bl_tx_id)
+            else:
+                target_bl_tx_alh, last_inclusion = _ZERO_DIGEST, []
+            linear_from = max(source.id, target.bl_tx_id)
+            terms = [self._alh_in(txn, linear_from)]
+            for tx_id in range(linear_from + 1, target.id + 1):
+                header = codec.decode_record(self._record_in(txn, tx_id))[0]
+                terms.append(codec.inner_hash(*header))
+        return DualProof(source, target, tuple(inclusion), tuple(consistency), target_bl_tx_alh,
+                         tuple(last_inclusion), LinearProof(linear_from, target.id, tuple(terms)))
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _get_entry(self, key, *, at_tx, since_tx, at_revision):
+        key = _bytes(key, "key")
+        if min(at_tx, since_tx) < 0:
+            raise IllegalArgumentsError("at_tx and since_tx must not be negative")
+        if at_tx and at_revision:
+            raise IllegalArgumentsError("at_tx and at_revision can not be used together")
+        self._wait_index(max(at_tx, since_tx))
+        stored = _KV_PREFIX + key
+        with self._index_env.read() as itxn:
+            cursor = itxn.cursor(self._index_env.dbs["keys"])
+            if not cursor.set_key(codec.index_key(stored)):
+                raise KeyNotFoundError()
+            count = cursor.count()
+            if at_revision:
+                revision = at_revision if at_revision > 0 else count + at_revision
+                if not 0 < revision <= count:
+                    raise KeyNotFoundError()
+                for _ in range(revision - 1):
+                    cursor.next_dup()
+            elif at_tx:
+                # versions are sorted by (tx id, entry index); find the last one at or before at_tx
+                if cursor.set_range_dup(codec.index_key(stored), _U64.pack(at_tx) + b"\xff\xff"):
+                    if not cursor.prev_dup():
+                        raise KeyNotFoundError()
+                else:
+                    cursor.last_dup()
+                location = cursor.value()
+                revision = 1
+                while cursor.prev_dup():
+                    revision += 1
+                cursor.set_range_dup(codec.index_key(stored), location)
+            else:
+                cursor.last_dup()
+                revision = count
+            location = cursor.value()
+        entry_index = _U16.unpack_from(location, 8)[0]
+        return self._entry_at(stored, location, revision, include_deleted=False), entry_index
+
+    def _entry_at(self, stored_key, location: bytes, revision: int, *,
+                  include_deleted: bool) -> Entry:
+        tx_id = _U64.unpack_from(location, 0)[0]
+        entry_index = _U16.unpack_from(location, 8)[0]
+        key, md_raw, value, _ = codec.record_entry(self._record(tx_id), entry_index)
+        if stored_key is not None and key != stored_key:
+            raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
+        metadata = KVMetadata.from_bytes(md_raw)
+        if not include_deleted and metadata is not None and (
+                metadata.deleted or metadata.expired(time.time())):
+            raise KeyNotFoundError()
+        if value is None:
+            raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
+        return Entry(tx_id, bytes(key[1:]), bytes(value[1:]), metadata, revision)
+
+    def _record(self, tx_id: int) -> bytes:
+        self._check_open()
+        if not isinstance(tx_id, int) or tx_id < 1:
+            raise IllegalArgumentsError("tx id must be a positive integer")
+        with self._log.read() as txn:
+            record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
+        if record is None:
+            raise TxNotFoundError()
+        return record
+
+    def _record_in(self, txn, tx_id: int):
+        record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
+        if record is None:
+            raise TxNotFoundError()
+        return record
+
+    def _alh_in(self, txn, tx_id: int) -> bytes:
+        return bytes(self._record_in(txn, tx_id)[-DIGEST_SIZE:])
+
+    def _alh_of(self, tx_id: int) -> bytes:
+        with self._log.read(buffers=True) as txn:
+            return self._alh_in(txn, tx_id)
+
+    def _wait_index(self, since_tx: int):
+        """Reads see every tx committed before they started (or ``since_tx``, if later)."""
+        self._check_open()
+        committed = self._writer.state.tx_id
+        if since_tx > committed:
+            raise IllegalArgumentsError(
+                f"since_tx {since_tx} is beyond the last committed tx {committed}")
+        self._indexer.wait_for(max(since_tx, committed), self._index_wait_seconds)
+
+    def _result_limit(self, limit: int) -> int:
+        if limit > SCAN_RESULTS_MAX:
+            raise IllegalArgumentsError(
+                f"limit {limit} exceeds the maximum of {SCAN_RESULTS_MAX} results per request")
+        return limit or SCAN_RESULTS_MAX
+
+    def _check_prove_since(self, prove_since_tx: int):
+        if not 0 <= prove_since_tx <= self._writer.state.tx_id:
+            raise IllegalArgumentsError(
+                f"prove_since_tx {prove_since_tx} is not a committed tx "
+                f"(last is {self._writer.state.tx_id})")
+
+    def _check_open(self):
+        if self._closed:
+            raise DatabaseClosedError()
+
+    def _check_writable(self):
+        self._check_open()
+        if self.is_replica:
+            raise ReadOnlyReplicaError()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def close(self):
+        """Finish queued writes and the index step under way, then close both environments."""
+        if self._closed:
+            return
+        self._writer.close()
+        self._closed = True
+        self._indexer.close()
+        self._index_env.close()
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def _bytes(value, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise IllegalArgumentsError(f"{what} must be bytes, not {type(value).__name__}")
+
+
+def _entries(pairs: list, metadata: Metadata):
+    """(key, value, kv metadata bytes) per entry, and the tx's payload size in bytes."""
+    if isinstance(metadata, dict):
+        md_for = {k: m.to_bytes() for k, m in metadata.items()}
+        default = b""
+    else:
+        md_for = None
+        default = metadata.to_bytes() if metadata is not None else b""
+    entries, size = [], 0
+    for pair in pairs:
+        key, value = pair
+        key, value = _bytes(key, "key"), _bytes(value, "value")
+        entries.append((key, value, md_for.get(key, default) if md_for else default))
+        size += len(key) + len(value)
+    return entries, size
+
+
+def _keys_asc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
+    """Distinct index keys with ``stored_prefix`` from ``seek`` up to ``end``, ascending."""
+    start = max(stored_prefix, seek) if seek else stored_prefix
+    if not cursor.set_range(start):
+        return
+    while True:
+        key = bytes(cursor.key())
+        if not key.startswith(stored_prefix) or (end is not None and key > end):
+            return
+        yield key
+        if not cursor.next_nodup():
+            return
+
+
+def _keys_desc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
+    """Distinct index keys with ``stored_prefix`` from ``seek`` down to ``end``, descending."""
+    upper = seek if seek else _prefix_end(stored_prefix)
+    if upper is None or not cursor.set_range(upper):
+        positioned = cursor.last()            # every key is below the upper bound
+    elif seek and bytes(cursor.key()) == seek:
+        positioned = True                     # seek is inclusive
+    else:
+        positioned = cursor.prev_nodup()      # set_range landed above the bound
+    while positioned:
+        key = bytes(cursor.key())
+        if key < stored_prefix or (end is not None and key < end):
+            return
+        if key.startswith(stored_prefix):
+            yield key
+        positioned = cursor.prev_nodup()
+
+
+def _prefix_end(prefix: bytes) -> Optional[bytes]:
+    """The smallest key greater than every key starting with ``prefix`` (None: no such key)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return None
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
+def _tx_from_record(record) -> Tx:
+    header, _, entries = codec.decode_record(record)
+    return Tx(TxHeader(*header), tuple(
+        TxEntry(bytes(k), bytes(hv), 0 if v is None else len(v), KVMetadata.from_bytes(md))
+        for k, md, v, hv in entries))

@@ -1,0 +1,88 @@
+"""Proofs over the append-only hash tree (AHT), read from the nodes the store keeps in LMDB.
+
+Every tx appends one leaf, H(0x00 || Alh), and the parents it completes; the store keeps them as
+one value per tx in the ``aht`` database: ``u64 tx_id -> leaf hash || parent(level 1) || …``.
+The node at ``level`` covering leaves ``[index * 2**level, (index + 1) * 2**level)`` (0-based) is
+therefore completed by the tx whose id is ``(index + 1) * 2**level`` and sits at offset
+``level * 32`` of its value. Proofs are RFC 6962's, with immudb's one change to consistency
+proofs (the old root's own node always comes first; ../shared/reference/immudb-format.md §2.10).
+"""
+from __future__ import annotations
+
+import struct
+
+from .. import codec
+from ..constants import DIGEST_SIZE
+from ..errors import CorruptedDataError
+
+_U64 = struct.Struct(">Q")
+_NODE_PREFIX = b"\x01"
+
+
+class AhtReader:
+    """Reads AHT nodes through one LMDB read transaction and builds proofs from them."""
+
+    def __init__(self, txn, aht_db):
+        self._txn = txn
+        self._db = aht_db
+
+    def node(self, level: int, index: int) -> bytes:
+        tx_id = (index + 1) << level
+        group = self._txn.get(_U64.pack(tx_id), db=self._db)
+        if group is None or len(group) < (level + 1) * DIGEST_SIZE:
+            raise CorruptedDataError(f"data is corrupted: AHT node ({level}, {index}) is missing")
+        return bytes(group[level * DIGEST_SIZE:(level + 1) * DIGEST_SIZE])
+
+    def subtree_hash(self, lo: int, hi: int) -> bytes:
+        """RFC 6962 MTH of leaves [lo, hi) (0-based); stored directly when it is a full subtree."""
+        width = hi - lo
+        if width & (width - 1) == 0 and lo % width == 0:
+            return self.node(width.bit_length() - 1, lo // width)
+        split = 1 << ((width - 1).bit_length() - 1)     # largest power of two below width
+        return codec.sha256(_NODE_PREFIX + self.subtree_hash(lo, lo + split)
+                            + self.subtree_hash(lo + split, hi))
+
+    def root(self, size: int) -> bytes:
+        return self.subtree_hash(0, size) if size else bytes(DIGEST_SIZE)
+
+    def inclusion_proof(self, i: int, j: int) -> list:
+        """Audit path of leaf ``i`` (1-based) in the tree of the first ``j`` leaves, bottom-up."""
+        if not 0 < i <= j:
+            raise ValueError(f"inclusion proof needs 0 < i <= j, got i={i}, j={j}")
+        return self._path(i - 1, 0, j)
+
+    def _path(self, m: int, lo: int, hi: int) -> list:
+        if hi - lo == 1:
+            return []
+        split = 1 << ((hi - lo - 1).bit_length() - 1)
+        if m < split:
+            return self._path(m, lo, lo + split) + [self.subtree_hash(lo + split, hi)]
+        return self._path(m - split, lo + split, hi) + [self.subtree_hash(lo, lo + split)]
+
+    def consistency_proof(self, i: int, j: int) -> list:
+        """Proof that the tree of ``i`` leaves is a prefix of the tree of ``j`` (immudb's form)."""
+        if not 0 < i <= j:
+            raise ValueError(f"consistency proof needs 0 < i <= j, got i={i}, j={j}")
+        if i == j:
+            return []
+        return self._subproof(i, 0, j, False)
+
+    def _subproof(self, m: int, lo: int, hi: int, complete: bool) -> list:
+        # RFC 6962 SUBPROOF; immudb starts with complete=False so the old root is always included.
+        if m == hi - lo:
+            return [] if complete else [self.subtree_hash(lo, hi)]
+        split = 1 << ((hi - lo - 1).bit_length() - 1)
+        if m <= split:
+            return self._subproof(m, lo, lo + split, complete) + [self.subtree_hash(lo + split, hi)]
+        return (self._subproof(m - split, lo + split, hi, False)
+                + [self.subtree_hash(lo, lo + split)])
+
+
+def peaks_for(reader: AhtReader, size: int) -> list:
+    """The perfect-subtree roots of a tree of ``size`` leaves, largest first (the append state)."""
+    peaks, start = [], 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            peaks.append(reader.node(level, start >> level))
+            start += 1 << level
+    return peaks

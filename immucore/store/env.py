@@ -1,0 +1,122 @@
+"""Opening LMDB environments with every option explicit, and growing their map safely.
+
+LMDB may only be remapped (``set_mapsize``) while no transaction of this process is open, so every
+transaction goes through ``LmdbEnv.read()`` / ``LmdbEnv.write()``, which take a shared/exclusive
+guard. The guard costs two uncontended lock operations per transaction.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import lmdb
+
+from ..constants import MAP_SIZE_BYTES_INITIAL, MAP_SIZE_BYTES_MAX
+from ..errors import ImmucoreError
+
+
+class StorageFullError(ImmucoreError):
+    """The LMDB map cannot grow any further (MAP_SIZE_BYTES_MAX) or the disk is full."""
+
+
+class LmdbEnv:
+    """One LMDB environment (a folder holding data.mdb and lock.mdb) and its named databases."""
+
+    def __init__(self, path: str, db_specs: dict, *, durable: bool, map_size_bytes: int = 0):
+        os.makedirs(path, exist_ok=True)
+        map_size = max(map_size_bytes or MAP_SIZE_BYTES_INITIAL, _existing_size(path))
+        self.path = path
+        self.env = lmdb.open(
+            path,
+            map_size=map_size,
+            subdir=True,
+            readonly=False,
+            metasync=durable,          # durable: a commit is on disk before it is acknowledged
+            sync=durable,
+            map_async=False,
+            mode=0o600,
+            create=True,
+            readahead=False,           # random reads of records; readahead only evicts cache
+            writemap=False,            # a stray native write must not corrupt the map
+            meminit=False,
+            max_readers=510,
+            max_dbs=len(db_specs),
+            max_spare_txns=64,
+            lock=True,
+        )
+        self.dbs = {name: self.env.open_db(name.encode(), **spec) for name, spec in db_specs.items()}
+        self._guard = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+
+    @contextlib.contextmanager
+    def read(self, buffers: bool = False):
+        """A read-only LMDB transaction (``buffers=True`` returns memoryviews valid inside it)."""
+        self._enter()
+        try:
+            with self.env.begin(write=False, buffers=buffers) as txn:
+                yield txn
+        finally:
+            self._leave()
+
+    def write(self, body):
+        """Run ``body(txn)`` in one write transaction and commit, growing the map when it is full.
+
+        ``body`` may run more than once (after a MapFullError it is retried on a bigger map), so it
+        must only write, never keep state of its own.
+        """
+        while True:
+            self._enter()
+            try:
+                with self.env.begin(write=True) as txn:
+                    result = body(txn)
+                return result
+            except lmdb.MapFullError:
+                pass
+            finally:
+                self._leave()
+            self._grow()
+
+    def _enter(self):
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            self._readers += 1
+
+    def _leave(self):
+        with self._guard:
+            self._readers -= 1
+            if self._readers == 0:
+                self._guard.notify_all()
+
+    def _grow(self):
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._guard.wait()
+                current = self.env.info()["map_size"]
+                if current >= MAP_SIZE_BYTES_MAX:
+                    raise StorageFullError(
+                        f"storage full: LMDB map of {self.path} reached {current} bytes "
+                        f"(MAP_SIZE_BYTES_MAX)")
+                self.env.set_mapsize(min(current * 2, MAP_SIZE_BYTES_MAX))
+            finally:
+                self._resizing = False
+                self._guard.notify_all()
+
+    def sync(self):
+        self.env.sync(True)
+
+    def close(self):
+        self.env.close()
+
+
+def _existing_size(path: str) -> int:
+    try:
+        return os.path.getsize(os.path.join(path, "data.mdb"))
+    except OSError:
+        return 0

@@ -1,0 +1,140 @@
+"""The asynchronous key index: a thread that follows the log and indexes committed txs.
+
+The log is the source of truth and is written first; the index lives in its own LMDB
+environment (``<db>/index``) so that its commits, with their random-page write amplification,
+never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_index`` sit in a
+DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the highest
+indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes exactly
+where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's ``SinceTx``).
+Measurements behind this design: docs/storage.md.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from typing import Callable, Optional
+
+from .. import codec
+from ..constants import INDEX_BATCH_ENTRIES_MAX
+from ..errors import IndexTimeoutError
+
+log = logging.getLogger("immucore.indexer")
+_U64 = struct.Struct(">Q")
+INDEXED_TX_KEY = b"indexed_tx"
+_RECORD_BYTES_PER_BATCH_MAX = 64 << 20   # bounds the memory of one indexing step
+_RETRY_SECONDS_MAX = 5.0
+
+
+class Indexer:
+    def __init__(self, index_env, log_env, *, committed_tx_id: Callable[[], int], name: str):
+        self._env = index_env
+        self._log_env = log_env
+        self._keys_db = index_env.dbs["keys"]
+        self._meta_db = index_env.dbs["meta"]
+        self._tx_db = log_env.dbs["tx"]
+        self._committed_tx_id = committed_tx_id
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.last_error: Optional[str] = None
+        with index_env.read() as txn:
+            raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
+        self.indexed_tx_id = _U64.unpack(raw)[0] if raw else 0
+        if self.indexed_tx_id > committed_tx_id():
+            # The index claims txs the log does not hold (a log restored from an older copy):
+            # it cannot be trusted, so it is rebuilt from the log.
+            log.warning("index of %s is ahead of its log (%d > %d); rebuilding it", name,
+                        self.indexed_tx_id, committed_tx_id())
+            self._env.write(self._drop_all)
+            self.indexed_tx_id = 0
+        self._thread = threading.Thread(target=self._run, name=f"immucore-indexer-{name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drop_all(self, txn):
+        txn.drop(self._keys_db, delete=False)
+        txn.delete(INDEXED_TX_KEY, db=self._meta_db)
+
+    def notify(self):
+        """Called by the writer after each commit."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, tx_id: int, timeout_seconds: float):
+        """Block until every tx up to ``tx_id`` is indexed."""
+        if self.indexed_tx_id >= tx_id:
+            return
+        deadline = time.monotonic() + timeout_seconds
+        with self._cond:
+            while self.indexed_tx_id < tx_id:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    detail = f" (last error: {self.last_error})" if self.last_error else ""
+                    raise IndexTimeoutError(
+                        f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "
+                        f"to tx {self.indexed_tx_id}{detail}")
+                self._cond.wait(remaining)
+
+    def close(self):
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self):
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._stopping and self.indexed_tx_id >= self._committed_tx_id():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._index_step()
+                failures = 0
+                self.last_error = None
+            except Exception as exc:  # noqa: BLE001 - kept visible, retried with backoff
+                failures += 1
+                self.last_error = str(exc)
+                log.error("indexing failed (%d in a row): %s", failures, exc)
+                with self._cond:
+                    self._cond.wait(min(0.01 * 2 ** failures, _RETRY_SECONDS_MAX))
+
+    def _index_step(self):
+        first = self.indexed_tx_id + 1
+        last_wanted = self._committed_tx_id()
+        records, entries, size = [], 0, 0
+        with self._log_env.read() as txn:
+            cursor = txn.cursor(self._tx_db)
+            if cursor.set_key(_U64.pack(first)):
+                for key, record in cursor:
+                    tx_id = _U64.unpack(key)[0]
+                    if tx_id > last_wanted:
+                        break
+                    records.append(record)
+                    entries += _entry_count(record)
+                    size += len(record)
+                    if entries >= INDEX_BATCH_ENTRIES_MAX or size >= _RECORD_BYTES_PER_BATCH_MAX:
+                        break
+        if not records:
+            raise RuntimeError(f"log has no tx {first} although tx {last_wanted} is committed")
+        rows = codec.index_items(first, records)
+        last = first + len(records) - 1
+
+        def write(txn):
+            txn.cursor(self._keys_db).putmulti(rows, dupdata=True, overwrite=True)
+            txn.put(INDEXED_TX_KEY, _U64.pack(last), db=self._meta_db)
+
+        self._env.write(write)
+        with self._cond:
+            self.indexed_tx_id = last
+            self._cond.notify_all()
+
+
+def _entry_count(record) -> int:
+    # header starts at offset 4 (after u32 hdrLen); its version decides where NEntries sits
+    if record[52] == 0 and record[53] == 0:        # version 0: u16 NEntries at header offset 50
+        return int.from_bytes(record[54:56], "big")
+    md_len = int.from_bytes(record[54:56], "big")
+    return int.from_bytes(record[56 + md_len:60 + md_len], "big")
