@@ -255,7 +255,8 @@ def verify_dual_proof(proof: DualProof, source_tx_id: int, target_tx_id: int,
         return False
     if target.bl_tx_id > 0 and proof.target_bl_tx_alh != target.prev_alh:
         return False
-    # Parts immudb only builds when they prove something must be absent otherwise.
+    # immudb builds each of these parts only when it is checked below; one that would go
+    # unchecked is not part of an honest proof.
     if source_tx_id >= target.bl_tx_id and proof.inclusion_proof:
         return False
     if source.bl_tx_id == 0 and proof.consistency_proof:

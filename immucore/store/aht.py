@@ -60,22 +60,42 @@ class AhtReader:
         return self._path(m - split, lo + split, hi) + [self.subtree_hash(lo, lo + split)]
 
     def consistency_proof(self, i: int, j: int) -> list:
-        """Proof that the tree of ``i`` leaves is a prefix of the tree of ``j`` (immudb's form)."""
+        """Proof that the tree of ``i`` leaves is a prefix of the tree of ``j``, in immudb's form.
+
+        It walks the set bits of ``j - 1`` from the top, as immudb's ahtree does: at each split
+        the part the old tree does not reach contributes its root; where the old tree ends on a
+        split, the root of its last part comes first. Unlike RFC 6962 it always starts with that
+        node, and for ``i == j > 1`` it still returns terms (the golden vectors pin all of it).
+        """
         if not 0 < i <= j:
             raise ValueError(f"consistency proof needs 0 < i <= j, got i={i}, j={j}")
-        if i == j:
-            return []
-        return self._subproof(i, 0, j, False)
+        return self._consistency(i, j, (j - 1).bit_length())
 
-    def _subproof(self, m: int, lo: int, hi: int, complete: bool) -> list:
-        # RFC 6962 SUBPROOF; immudb starts with complete=False so the old root is always included.
-        if m == hi - lo:
-            return [] if complete else [self.subtree_hash(lo, hi)]
-        split = 1 << ((hi - lo - 1).bit_length() - 1)
-        if m <= split:
-            return self._subproof(m, lo, lo + split, complete) + [self.subtree_hash(lo + split, hi)]
-        return (self._subproof(m - split, lo + split, hi, False)
-                + [self.subtree_hash(lo, lo + split)])
+    def _consistency(self, i: int, j: int, height: int) -> list:
+        tail = []                      # built from the root down; returned reversed
+        for level in range(height - 1, -1, -1):
+            if not (j - 1) >> level & 1:
+                continue
+            split = ((j - 1) >> level) << level
+            if i <= split:
+                tail.append(self._highest_node(j, level))
+                if i < split:
+                    return self._consistency(i, split, level) + tail[::-1]
+                tail.append(self._highest_node(i, level))
+                return tail[::-1]
+            tail.append(self._node_ending(split, level))
+            if i == j:
+                tail.append(self._highest_node(i, level))
+                return tail[::-1]
+        return tail[::-1]
+
+    def _node_ending(self, n: int, level: int) -> bytes:
+        """The stored node of height ``level`` whose last leaf is leaf ``n`` (1-based)."""
+        return self.subtree_hash(n - (1 << level), n)
+
+    def _highest_node(self, n: int, depth: int) -> bytes:
+        """Root of the leaves after the last split of height ``depth`` up to leaf ``n`` (1-based)."""
+        return self.subtree_hash(((n - 1) >> depth) << depth, n)
 
 
 def peaks_for(reader: AhtReader, size: int) -> list:
