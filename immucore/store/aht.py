@@ -4,8 +4,8 @@ Every tx appends one leaf, H(0x00 || Alh), and the parents it completes; the sto
 one value per tx in the ``aht`` database: ``u64 tx_id -> leaf hash || parent(level 1) || …``.
 The node at ``level`` covering leaves ``[index * 2**level, (index + 1) * 2**level)`` (0-based) is
 therefore completed by the tx whose id is ``(index + 1) * 2**level`` and sits at offset
-``level * 32`` of its value. Proofs are RFC 6962's, with immudb's one change to consistency
-proofs (the old root's own node always comes first; ../shared/reference/immudb-format.md §2.10).
+``level * 32`` of its value. Inclusion proofs are RFC 6962 audit paths; consistency proofs
+follow immudb's variant (../shared/reference/immudb-format.md §2.10).
 """
 from __future__ import annotations
 
