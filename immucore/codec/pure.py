@@ -254,7 +254,12 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
             raise IllegalArgumentsError(
                 f"{len(entries)} entries exceed the limit of {limits[0]} entries per tx")
         stored = []
-        for key, value, md in entries:
+        for entry in entries:
+            if type(entry) is not tuple or len(entry) != 3:
+                raise IllegalArgumentsError("each entry must be a (key, value, metadata) tuple")
+            key, value, md = entry
+            if type(key) is not bytes or type(value) is not bytes or type(md) is not bytes:
+                raise IllegalArgumentsError("keys, values and metadata must be bytes")
             stored_key, stored_value = _KV_PREFIX + key, _KV_PREFIX + value
             _check_entry(stored_key, len(stored_value), md, limits)
             if version == 0 and md:
