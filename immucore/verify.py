@@ -5,12 +5,14 @@ sizes, wrong term counts, absurd ids, wrong types — is an unverified proof, no
 
 Where immudb (and more so immudb-py 1.5.0) is lenient, immucore is stricter, because it knows
 how its own chain is shaped (every tx has ``bl_tx_id == id - 1``):
-  * tree proofs must have exactly (or, for consistency proofs, at most) as many terms as the
-    tree is tall, which also bounds the hashing a hostile proof can make us do;
+  * an inclusion path must have exactly its RFC 6962 length and a consistency proof at most
+    one term per tree level plus one, which also bounds the hashing a hostile proof costs us;
   * a linear proof must have exactly ``target - source + 1`` terms (immudb-py skips this);
-  * a dual proof's headers must be synchronously linked, so the linear proof covers at most one
-    step and no transaction can sit outside the binary-linking tree (the CVE-2022-36111
-    "linear-fake" shape); immudb needs its LinearAdvanceProof for that, immucore never does.
+  * a dual proof's headers must be synchronously linked, the target tree's last leaf must be
+    the target's prev_alh, and parts immudb would not send must be empty. So the linear proof
+    covers at most one step and no transaction can sit outside the binary-linking tree (the
+    CVE-2022-36111 "linear-fake" shape): immudb needs its LinearAdvanceProof for that, immucore
+    never does.
 
 Reference: embedded/htree/htree.go, embedded/ahtree/verification.go and
 embedded/store/verification.go in the immudb repository.
@@ -53,16 +55,13 @@ def _header_alh(header) -> bytes | None:
     if not (_is_digest(header.prev_alh) and _is_digest(header.eh) and _is_digest(header.bl_root)):
         return None
     version = header.version
-    if not (isinstance(version, int) and not isinstance(version, bool)
-            and 0 <= version <= HEADER_VERSION_MAX):
+    if not (_is_u64(version) and version <= HEADER_VERSION_MAX):
         return None
     if not isinstance(header.metadata, bytes) or len(header.metadata) > TX_METADATA_SIZE_MAX:
         return None
     if version == 0 and header.metadata:     # v0 headers have no metadata field at all
         return None
-    nentries = header.nentries
-    if not (isinstance(nentries, int) and not isinstance(nentries, bool)
-            and 0 <= nentries < _ENTRY_COUNT_LIMITS[version]):
+    if not (_is_u64(header.nentries) and header.nentries < _ENTRY_COUNT_LIMITS[version]):
         return None
     return header.alh()
 
@@ -108,7 +107,9 @@ def verify_inclusion(proof: InclusionProof, entry_digest: bytes, eh: bytes) -> b
     """An entry digest is leaf ``proof.leaf`` of the tx's entries tree whose root is ``eh``.
 
     Mirrors immudb's ``htree.VerifyInclusion`` (and ``store.VerifyInclusion``, which passes it
-    ``kv.Digest()``), plus an exact term count.
+    ``kv.Digest()``), plus an exact term count. The path binds the leaf's position, not the
+    tree's size (same-shape widths accept it too): compare ``proof.width`` with the header's
+    ``nentries`` where the size matters.
     """
     if not isinstance(proof, InclusionProof):
         return False
@@ -228,9 +229,10 @@ def verify_dual_proof(proof: DualProof, source_tx_id: int, target_tx_id: int,
     """Tx ``target_tx_id`` (Alh ``target_alh``) extends the history ending at ``source_tx_id``.
 
     Mirrors immudb's ``store.VerifyDualProof``, after immucore's own checks: both headers are
-    synchronously linked (``bl_tx_id == id - 1``), the proof's parts that immudb would not send
-    are empty, and the linear proof has exactly ``target - max(source, target.bl_tx_id) + 1``
-    terms. With synchronous linking the LinearAdvanceProof is never needed, so none is read.
+    synchronously linked (``bl_tx_id == id - 1``), ``target_bl_tx_alh`` is the target's
+    ``prev_alh``, the parts immudb would not send are empty, and the linear proof has exactly
+    ``target - max(source, target.bl_tx_id) + 1`` terms. With synchronous linking the
+    LinearAdvanceProof is never needed, so none is read.
     """
     if not isinstance(proof, DualProof):
         return False
