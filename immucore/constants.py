@@ -18,17 +18,14 @@ EXPORT_TRAILER_SIZE = 3           # u16 trailer length (=1) + u8 truncated flag
 TX_ENTRIES_MAX = 1024             # immudb MaxTxEntries
 KEY_SIZE_BYTES_MAX = 1024         # immudb MaxKeyLen, counted on the stored (prefixed) key
 VALUE_SIZE_BYTES_MAX = 32 << 20   # immudb server MaxValueLen (32 MiB), counted on the stored value
-# An export blob can never be larger than its header plus every entry at its maximum size.
-EXPORT_BLOB_SIZE_BYTES_MAX = (
-    4 + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX
-    + TX_ENTRIES_MAX * (2 + KEY_SIZE_BYTES_MAX + 2 + KV_METADATA_SIZE_MAX + 4 + VALUE_SIZE_BYTES_MAX)
-    + EXPORT_TRAILER_SIZE
-)
 
 # --- storage -----------------------------------------------------------------------------------
-# LMDB keys are limited to 511 bytes (MDB_MAXKEYSIZE in py-lmdb's bundled build); the key index
-# keeps keys up to this size as they are and folds longer ones (see immucore/store/index.py).
+# LMDB keys are limited to 511 bytes (MDB_MAXKEYSIZE in py-lmdb's bundled build). The key index
+# keeps stored keys of up to INDEX_KEY_UNFOLDED_BYTES_MAX bytes as they are and folds longer ones
+# to their first INDEX_KEY_UNFOLDED_BYTES_MAX bytes + SHA-256, so a folded key is always longer
+# than any unfolded one and the two can never collide (docs/storage.md).
 INDEX_KEY_SIZE_BYTES_MAX = 480
+INDEX_KEY_UNFOLDED_BYTES_MAX = INDEX_KEY_SIZE_BYTES_MAX - DIGEST_SIZE
 MAP_SIZE_BYTES_INITIAL = 64 << 20     # LMDB map; grows by doubling on MapFullError
 MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growth, not a reservation
 # Group commit: how much the writer thread takes from its queue for one LMDB transaction/fsync.
@@ -38,8 +35,9 @@ WRITE_QUEUE_TXS_MAX = 65536           # callers block (back-pressure) beyond thi
 # The asynchronous key indexer: entries per LMDB transaction of the index environment.
 INDEX_BATCH_ENTRIES_MAX = 200_000
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
-# Replication apply: txs per replicate_txs call (one LMDB transaction).
+# Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
+REPLICATE_BATCH_BYTES_MAX = 256 << 20
 
 
 

@@ -8,15 +8,17 @@ Writes go through the writer thread (group commit); the key index follows asynch
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 import time
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_WAIT_SECONDS_DEFAULT,
-                        KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX,
-                        TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX)
+from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_KEY_UNFOLDED_BYTES_MAX,
+                        INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
+                        REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
+                        VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .store.aht import AhtReader, peaks_for
@@ -31,6 +33,8 @@ _U16 = struct.Struct(">H")
 _EMPTY_ALH = codec.sha256(b"")
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 _KV_PREFIX = b"\x00"
+# A folded index key keeps this many bytes of the stored key; the rest of it is a hash.
+_INDEX_KEY_KEPT_BYTES = INDEX_KEY_UNFOLDED_BYTES_MAX
 _SETTINGS_KEY = b"settings"
 _FORMAT = "immucore-1"
 
@@ -211,7 +215,11 @@ class Database:
         if len(blobs) > REPLICATE_BATCH_TXS_MAX:
             raise IllegalArgumentsError(
                 f"{len(blobs)} txs exceed the limit of {REPLICATE_BATCH_TXS_MAX} per batch")
-        blobs = [bytes(b) if not isinstance(b, bytes) else b for b in blobs]
+        blobs = [_bytes(b, "export blob") for b in blobs]
+        size = sum(map(len, blobs))
+        if size > REPLICATE_BATCH_BYTES_MAX:
+            raise IllegalArgumentsError(
+                f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
         return [TxHeader(*h) for h in self._writer.submit_replicate(blobs).result()]
 
     # --- reads ----------------------------------------------------------------------------
@@ -267,6 +275,10 @@ class Database:
         limit = self._result_limit(limit)
         self._wait_index(since_tx)
         stored_prefix = _KV_PREFIX + prefix
+        # Folded index keys hold only the first bytes of their key: a longer prefix is walked by
+        # those bytes, and each key found is then matched whole.
+        index_prefix = stored_prefix[:_INDEX_KEY_KEPT_BYTES]
+        match_whole_key = len(stored_prefix) > _INDEX_KEY_KEPT_BYTES
         seek = codec.index_key(_KV_PREFIX + seek_key) if seek_key else None
         end = codec.index_key(_KV_PREFIX + end_key) if end_key else None
         results: List[Entry] = []
@@ -274,13 +286,15 @@ class Database:
             keys_db = self._index_env.dbs["keys"]
             walk = _keys_desc if desc else _keys_asc
             versions = itxn.cursor(keys_db)
-            for index_key in walk(itxn.cursor(keys_db), stored_prefix, seek, end):
+            for index_key in walk(itxn.cursor(keys_db), index_prefix, seek, end):
                 versions.set_key(index_key)
                 versions.last_dup()
                 try:
                     entry = self._entry_at(None, versions.value(), versions.count(),
                                            include_deleted=False)
                 except KeyNotFoundError:       # deleted or expired: not part of a scan
+                    continue
+                if match_whole_key and not entry.key.startswith(prefix):
                     continue
                 results.append(entry)
                 if len(results) >= limit:
@@ -505,6 +519,9 @@ def _bytes(value, what: str) -> bytes:
     raise IllegalArgumentsError(f"{what} must be bytes, not {type(value).__name__}")
 
 
+_value_of = operator.itemgetter(1)
+
+
 def _entries(kvs: KVs, metadata: Metadata):
     """(key, value, kv metadata bytes) per entry, and the tx's value bytes (for batch bounds).
 
@@ -519,10 +536,11 @@ def _entries(kvs: KVs, metadata: Metadata):
         else:
             md = metadata.to_bytes() if metadata is not None else b""
             entries = [(k, v, md) for k, v in items]
+        # Every value counts toward the writer's batch bound, however the pairs came.
+        size = sum(map(len, map(_value_of, entries)))
     except (TypeError, ValueError) as exc:
         raise IllegalArgumentsError(
-            f"kvs must be a dict or a list of (key, value) pairs ({exc})") from None
-    size = sum(map(len, kvs.values())) if isinstance(kvs, dict) else 0
+            f"kvs must be a dict or a list of (key, value) pairs of bytes ({exc})") from None
     return entries, size
 
 

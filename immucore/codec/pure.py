@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from ..constants import (DIGEST_SIZE, INDEX_KEY_SIZE_BYTES_MAX,
+from ..constants import (DIGEST_SIZE, INDEX_KEY_UNFOLDED_BYTES_MAX,
                          KV_METADATA_SIZE_MAX, TX_METADATA_SIZE_MAX)
 from ..errors import CorruptedDataError, IllegalArgumentsError
 
@@ -260,6 +260,8 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
             key, value, md = entry
             if type(key) is not bytes or type(value) is not bytes or type(md) is not bytes:
                 raise IllegalArgumentsError("keys, values and metadata must be bytes")
+            if not key:
+                raise IllegalArgumentsError("key can not be empty")
             stored_key, stored_value = _KV_PREFIX + key, _KV_PREFIX + value
             _check_entry(stored_key, len(stored_value), md, limits)
             if version == 0 and md:
@@ -430,10 +432,9 @@ def record_digests(record: bytes) -> list:
 
 def index_key(stored_key: bytes) -> bytes:
     """The LMDB key under which a stored key is indexed (long keys are folded with their hash)."""
-    if len(stored_key) <= INDEX_KEY_SIZE_BYTES_MAX:
+    if len(stored_key) <= INDEX_KEY_UNFOLDED_BYTES_MAX:
         return bytes(stored_key)
-    keep = INDEX_KEY_SIZE_BYTES_MAX - DIGEST_SIZE
-    return bytes(stored_key[:keep]) + sha256(stored_key)
+    return bytes(stored_key[:INDEX_KEY_UNFOLDED_BYTES_MAX]) + sha256(stored_key)
 
 
 def index_items(first_tx_id: int, records) -> list:

@@ -132,9 +132,18 @@ class Writer:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
                 return
-            # One bad request must not fail its neighbours: seal them one by one.
+            # One bad request must not fail its neighbours: find the bad ones by sealing each on
+            # a scratch chain, fail them, and commit the rest together (still one fsync).
+            good = []
             for request in batch:
-                self._commit_sets([request])
+                try:
+                    codec.build_txs(self._header_version, 1, state.alh, [], 0,
+                                    [request.payload], self._limits)
+                    good.append(request)
+                except IllegalArgumentsError as bad:
+                    request.future.set_exception(bad)
+            if good:
+                self._commit_sets(good)
             return
         self._append(batch, sealed, peaks)
 

@@ -1,0 +1,119 @@
+"""The store's mechanisms: map growth, group commit, index recovery, bad requests in a batch."""
+import struct
+import threading
+
+import lmdb
+import pytest
+
+from immucore import IllegalArgumentsError, codec
+from immucore.database import open_database
+from immucore.store.indexer import INDEXED_TX_KEY
+
+
+def test_map_grows_when_full_while_readers_run(tmp_path):
+    db = open_database(str(tmp_path / "db"), map_size_bytes=256 * 1024)
+    stop = threading.Event()
+    read_errors = []
+
+    def reader():
+        # Short sleeps between reads: busy Python loops would starve the writer of the GIL.
+        while not stop.wait(0.0005):
+            try:
+                db.current_state()
+                if db.current_state().tx_id:
+                    db.tx_by_id(1)
+            except Exception as exc:  # noqa: BLE001 - any error fails the test below
+                read_errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(40):     # ~4 MiB into a 256 KiB map: several doublings
+            db.set({f"k{n}-{i}".encode(): bytes(1000) for i in range(100)})
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not read_errors
+    assert db._log.env.info()["map_size"] > 256 * 1024
+    assert db.get(b"k39-99").value == bytes(1000)
+    assert db.audit() == 40
+    db.close()
+
+
+def test_concurrent_writers_get_contiguous_ids_and_their_own_headers(tmp_path):
+    db = open_database(str(tmp_path / "db"))
+    results = {}
+
+    def writer(worker):
+        for n in range(50):
+            key = f"w{worker}-{n}".encode()
+            results[key] = db.set({key: key})
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = sorted(h.id for h in results.values())
+    assert ids == list(range(1, 16 * 50 + 1))
+    for key, header in results.items():     # each caller got the header of its own tx
+        tx = db.tx_by_id(header.id)
+        assert tx.header == header and tx.entries[0].key == b"\x00" + key
+    assert db.audit() == 800
+    db.close()
+
+
+def test_one_bad_request_in_a_group_commit_fails_alone(tmp_path):
+    db = open_database(str(tmp_path / "db"), max_value_len=100)
+    futures = [db.set_async({f"ok{n}".encode(): b"v"}) for n in range(20)]
+    bad = db.set_async({b"too-big": bytes(200)})
+    futures += [db.set_async({f"ok{n}".encode(): b"v"}) for n in range(20, 40)]
+    with pytest.raises(IllegalArgumentsError, match="value length"):
+        bad.result()
+    assert all(len(f.result()) == 1 for f in futures)
+    assert db.current_state().tx_id == 40
+    assert db.audit() == 40
+    db.close()
+
+
+def test_index_ahead_of_log_is_rebuilt(tmp_path):
+    path = str(tmp_path / "db")
+    with open_database(path) as db:
+        for n in range(5):
+            db.set({f"k{n}".encode(): b"v"})
+    env = lmdb.open(str(tmp_path / "db" / "index"), max_dbs=2)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(INDEXED_TX_KEY, struct.pack(">Q", 999), db=meta)
+    env.close()
+    with open_database(path) as db:
+        assert db.get(b"k4").tx == 5
+        assert db.indexed_tx_id == 5
+
+
+def test_reads_see_writes_made_before_them(tmp_path):
+    with open_database(str(tmp_path / "db")) as db:
+        for n in range(200):
+            db.set({b"counter": str(n).encode()})
+            assert db.get(b"counter").value == str(n).encode()
+
+
+def test_settings_persist_and_header_version_is_fixed(tmp_path):
+    path = str(tmp_path / "db")
+    with open_database(path, header_version=0, replica=True) as db:
+        assert db.is_replica and db.header_version == 0
+    with open_database(path) as db:
+        assert db.is_replica and db.header_version == 0
+        db.set_replica(False)
+        header = db.set({b"k": b"v"})
+        assert header.version == 0
+    with pytest.raises(IllegalArgumentsError, match="can not be changed"):
+        open_database(path, header_version=1)
+    with open_database(path) as db:
+        assert not db.is_replica
+
+
+def test_codec_in_use_is_reported():
+    assert codec.IMPLEMENTATION in ("native", "pure")
