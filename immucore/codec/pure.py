@@ -264,6 +264,11 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
                 raise IllegalArgumentsError("key can not be empty")
             stored_key, stored_value = _KV_PREFIX + key, _KV_PREFIX + value
             _check_entry(stored_key, len(stored_value), md, limits)
+            if md:
+                try:        # metadata that does not parse would seal an unreadable tx
+                    parse_kv_metadata(md)
+                except CorruptedDataError as exc:
+                    raise IllegalArgumentsError(f"invalid kv metadata: {exc}") from None
             if version == 0 and md:
                 raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
             stored.append((stored_key, md, stored_value))
@@ -389,11 +394,19 @@ def replicate_blobs(blobs, first_id: int, prev_alh: bytes, peaks: list, limits):
 
 def _record_blob_len(record: bytes) -> int:
     """A record's export blob is followed by one hvalue per entry and the alh."""
+    if len(record) < 4 + 52:
+        raise CorruptedDataError("data is corrupted: record too short")
     if _U16.unpack_from(record, 4 + 48)[0] == 0:      # header starts after the u32 hdrLen
         nentries = _U16.unpack_from(record, 4 + 50)[0]
     else:
-        nentries = _U32.unpack_from(record, 4 + 52 + _U16.unpack_from(record, 4 + 50)[0])[0]
-    return len(record) - DIGEST_SIZE * (nentries + 1)
+        md_len = _U16.unpack_from(record, 4 + 50)[0]
+        if len(record) < 4 + 56 + md_len:
+            raise CorruptedDataError("data is corrupted: record too short")
+        nentries = _U32.unpack_from(record, 4 + 52 + md_len)[0]
+    blob_len = len(record) - DIGEST_SIZE * (nentries + 1)
+    if blob_len < 0:
+        raise CorruptedDataError("data is corrupted: record too short")
+    return blob_len
 
 
 def record_export_blob(record: bytes) -> bytes:
