@@ -1,0 +1,1 @@
+"""The node: databases, users and permissions, sessions, and the network server."""
