@@ -53,3 +53,21 @@ _check(KEY_SIZE_BYTES_MAX < 1 << 16 and VALUE_SIZE_BYTES_MAX < 1 << 32, "u16/u32
 _check(TX_ENTRIES_MAX < 1 << 16, "entry count must fit a v0 header's u16")
 _check(COMMIT_BATCH_TXS_MAX <= WRITE_QUEUE_TXS_MAX, "a commit batch comes from the write queue")
 SCAN_RESULTS_MAX = 1000              # immudb MaxResultSize: entries returned by one scan/history
+
+# --- wire protocol (docs/wire-protocol.md) ------------------------------------------------------
+FRAME_MAGIC = b"IMC1"
+PROTOCOL_VERSION = 1
+FRAME_HEADER_SIZE = 40
+FRAME_BODY_BYTES_MAX = 64 << 20          # any frame after login (a replicate batch fits)
+PREAUTH_FRAME_BODY_BYTES_MAX = 16 << 10  # before login: health, server info and login only
+CONNECTION_INFLIGHT_REQUESTS_MAX = 128   # pipelined requests being served per connection
+CONNECTION_SEND_BUFFER_BYTES_MAX = 64 << 20   # unread responses before a connection is paused
+CONNECTION_IDLE_SECONDS = 600            # a connection with no frame for this long is closed
+PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
+SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
+SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3 min)
+TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
+CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+
+_check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
+       "pre-auth frames must be smaller than authenticated ones")

@@ -1,0 +1,1 @@
+"""Command-line tools: ``immucore`` (the node), ``immuadmin`` and ``immuclient``."""

@@ -1,0 +1,72 @@
+"""Flag helpers shared by the CLIs: immudb's boolean style (``--flag``, ``--flag=true``,
+``--flag=false``) and aliases (a flag's seed-guide name and immudb's current name)."""
+from __future__ import annotations
+
+import argparse
+
+_TRUE = {"true", "1", "yes", "on", "t"}
+_FALSE = {"false", "0", "no", "off", "f"}
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_bool(parser, *names, dest, help, default=False):
+    """``--name`` alone means true; ``--name=false`` and ``--name false`` are accepted too."""
+    parser.add_argument(*names, dest=dest, nargs="?", const=True, default=default,
+                        type=parse_bool, metavar="true|false", help=help)
+
+
+# Replication settings of a database, under both names (seed guide / immudb ≥ 1.4).
+# (wire setting, flag names, kind, help)
+REPLICATION_FLAGS = (
+    ("replica", ("--replication-is-replica", "--replication-enabled"), bool,
+     "set database as a replica"),
+    ("sync_replication", ("--replication-sync-enabled",), bool,
+     "enable synchronous replication"),
+    ("sync_acks", ("--replication-sync-acks",), int,
+     "number of synchronous replicas that must acknowledge a commit (primary only)"),
+    ("primary_database", ("--replication-primary-database", "--replication-master-database"), str,
+     "primary database name (replica only)"),
+    ("primary_host", ("--replication-primary-host", "--replication-master-address"), str,
+     "primary host (replica only)"),
+    ("primary_port", ("--replication-primary-port", "--replication-master-port"), int,
+     "primary port (replica only)"),
+    ("primary_username", ("--replication-primary-username", "--replication-follower-username"),
+     str, "user on the primary used by the replicator"),
+    ("primary_password", ("--replication-primary-password", "--replication-follower-password"),
+     str, "password of that user"),
+    ("prefetch_tx_buffer_size", ("--replication-prefetch-tx-buffer-size",), int,
+     "maximum number of prefetched transactions (default 100 on replicas)"),
+    ("replication_commit_concurrency", ("--replication-commit-concurrency",), int,
+     "number of concurrent replications (default 10 on replicas)"),
+    ("allow_tx_discarding", ("--replication-allow-tx-discarding",), bool,
+     "allow precommitted transactions to be discarded if the replica diverges"),
+    ("skip_integrity_check", ("--replication-skip-integrity-check",), bool,
+     "skip integrity checks when reading data during replication"),
+    ("wait_for_indexing", ("--replication-wait-for-indexing",), bool,
+     "wait for indexing to be up to date during replication"),
+)
+
+
+def add_replication_flags(parser, *, unset_default=True):
+    """Add every replication flag; with ``unset_default`` a flag not given stays None, so only
+    the flags a user actually set are sent (immudb's nullable settings)."""
+    for setting, names, kind, help_text in REPLICATION_FLAGS:
+        dest = f"repl_{setting}"
+        if kind is bool:
+            add_bool(parser, *names, dest=dest, help=help_text,
+                     default=None if unset_default else False)
+        else:
+            parser.add_argument(*names, dest=dest, type=kind, default=None, help=help_text)
+
+
+def replication_settings(args) -> dict:
+    return {setting: getattr(args, f"repl_{setting}") for setting, *_ in REPLICATION_FLAGS
+            if getattr(args, f"repl_{setting}") is not None}

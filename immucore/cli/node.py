@@ -1,0 +1,112 @@
+"""``immucore``: run a node. Flags follow immudb's server flags; each can also be set by an
+environment variable ``IMMUCORE_<FLAG>`` (dashes as underscores) or a TOML file (``--config``,
+same names as keys). Precedence: command line, then environment, then the file, then defaults."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ..constants import SESSIONS_MAX_DEFAULT
+from .flags import REPLICATION_FLAGS, add_bool, add_replication_flags, parse_bool
+
+log = logging.getLogger("immucore")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="immucore", description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=None, help="data folder (default ./data)")
+    parser.add_argument("-a", "--address", default=None, help="bind address (default 0.0.0.0)")
+    parser.add_argument("-p", "--port", type=int, default=None, help="port (default 3322)")
+    parser.add_argument("--admin-password", default=None,
+                        help="password of the immudb sysadmin user on first start "
+                             "(default immudb)")
+    add_bool(parser, "--synced", dest="synced", default=None,
+             help="fsync every commit before acknowledging it (default true)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help=f"maximum open sessions (default {SESSIONS_MAX_DEFAULT})")
+    add_bool(parser, "--metrics-server", dest="metrics_server", default=None,
+             help="serve Prometheus metrics (default true)")
+    parser.add_argument("--metrics-server-port", type=int, default=None,
+                        help="metrics port (default 9497)")
+    parser.add_argument("--pidfile", default=None, help="write the process id to this file")
+    parser.add_argument("--logfile", default=None, help="log to this file (default stderr)")
+    parser.add_argument("--config", default=None, help="TOML file with any of these flags")
+    parser.add_argument("--signingKey", dest="signing_key", default=None,
+                        help="ECDSA P-256 private key (PEM) used to sign states")
+    add_replication_flags(parser)
+    return parser
+
+
+_DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_password": "immudb",
+             "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT, "metrics_server": True,
+             "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": ""}
+
+
+def resolve(args, environ=os.environ) -> dict:
+    """Merge command line, IMMUCORE_* environment and the TOML file into one options dict."""
+    file_values = {}
+    config = args.config or environ.get("IMMUCORE_CONFIG")
+    if config:
+        import tomllib
+        with open(config, "rb") as f:
+            file_values = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+    options = {}
+    dests = list(_DEFAULTS) + [f"repl_{s}" for s, *_ in REPLICATION_FLAGS]
+    for dest in dests:
+        value = getattr(args, dest, None)
+        flag = dest.removeprefix("repl_") if dest.startswith("repl_") else dest
+        env_name = "IMMUCORE_" + _flag_name(dest).upper().replace("-", "_")
+        if value is None and env_name in environ:
+            value = _convert(dest, environ[env_name])
+        if value is None and _flag_name(dest).replace("-", "_") in file_values:
+            value = file_values[_flag_name(dest).replace("-", "_")]
+        if value is None:
+            value = _DEFAULTS.get(dest)
+        options[dest if not dest.startswith("repl_") else flag] = value
+    return options
+
+
+def _flag_name(dest: str) -> str:
+    if dest.startswith("repl_"):
+        setting = dest.removeprefix("repl_")
+        for name, flags, *_ in REPLICATION_FLAGS:
+            if name == setting:
+                return flags[0].lstrip("-")
+    return dest.replace("_", "-")
+
+
+def _convert(dest: str, text: str):
+    kinds = {s: k for s, _, k, _ in REPLICATION_FLAGS}
+    if dest.startswith("repl_"):
+        kind = kinds[dest.removeprefix("repl_")]
+    else:
+        kind = type(_DEFAULTS[dest])
+    if kind is bool:
+        return parse_bool(text)
+    return kind(text)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = resolve(args)
+    except (OSError, ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"immucore: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, filename=options["logfile"] or None,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..server.app import run_node
+    try:
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:       # uvloop is a dependency; the stdlib loop still works without it
+        pass
+    return asyncio.run(run_node(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

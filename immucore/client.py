@@ -1,0 +1,443 @@
+"""Clients of an immucore node: ``AsyncClient`` (asyncio) and ``Client`` (blocking).
+
+Both have the embedded ``Database`` API's method names and result types, plus ``login``,
+``logout``, ``use_database``, database and user administration, and ``verified_*`` calls that
+check every proof client-side against a locally kept trusted state (``StateStore``).
+
+Requests are pipelined: any number of calls may be in flight on one connection (the node
+answers each by request id), so ``asyncio.gather`` of many ``get``s costs one round trip.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import threading
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from . import codec, verify
+from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
+from .errors import ImmucoreError, VerificationError
+from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
+from .protocol.messages import Msg, from_wire, pack, raise_error, to_wire, unpack
+from .types import KVMetadata, State
+
+_EMPTY_HASH = codec.sha256(b"")
+
+
+class ConnectionClosedError(ImmucoreError):
+    """The connection to the node closed before the answer came."""
+
+
+class StateStore:
+    """Trusted states per (server, database), kept in a JSON file (like immudb's SDK state dir)."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path
+        self._states: Dict[str, dict] = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self._states = json.load(f)
+        self._lock = threading.Lock()
+
+    def get(self, server: str, database: str) -> State:
+        raw = self._states.get(f"{server}/{database}")
+        if raw is None:
+            return State(database, 0, _EMPTY_HASH)
+        return State(database, raw["tx_id"], bytes.fromhex(raw["tx_hash"]))
+
+    def put(self, server: str, state: State):
+        with self._lock:
+            self._states[f"{server}/{state.db}"] = {"tx_id": state.tx_id,
+                                                    "tx_hash": state.tx_hash.hex()}
+            if self.path:
+                tmp = self.path + ".tmp"
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                    json.dump(self._states, f)
+                os.replace(tmp, self.path)
+
+
+class AsyncClient:
+    def __init__(self, host: str = "127.0.0.1", port: int = 3322, *,
+                 timeout: float = CLIENT_TIMEOUT_SECONDS_DEFAULT, ssl=None,
+                 state_store: Optional[StateStore] = None):
+        self.host, self.port, self.timeout, self._ssl = host, port, timeout, ssl
+        self.state_store = state_store or StateStore()
+        self.database: Optional[str] = None
+        self.session_token: Optional[str] = None
+        self._reader = self._writer = None
+        self._pending: Dict[int, Any] = {}
+        self._ids = itertools.count(1)
+        self._read_task = None
+        self._closed_error: Optional[BaseException] = None
+
+    # --- connection -------------------------------------------------------------------
+
+    async def connect(self):
+        if self._writer is not None:
+            return
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port, ssl=self._ssl), self.timeout)
+        self._closed_error = None
+        self._read_task = asyncio.ensure_future(self._read_loop())
+
+    async def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except OSError:
+                pass
+        if self._read_task is not None:
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        self._writer = None
+
+    async def __aenter__(self):
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _read_loop(self):
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        error: BaseException = ConnectionClosedError("connection closed by the node")
+        try:
+            while True:
+                data = await self._reader.read(1 << 20)
+                if not data:
+                    break
+                for msg_type, flags, request_id, raw in decoder.feed(data):
+                    body = unpack(raw) if raw else {}
+                    waiter = self._pending.get(request_id)
+                    if waiter is None:
+                        if flags & FLAG_ERROR and isinstance(body, dict):
+                            error = ConnectionClosedError(
+                                f"node closed the connection: {body.get('message')}")
+                        continue
+                    if isinstance(waiter, asyncio.Queue):      # a stream
+                        waiter.put_nowait((flags, body))
+                        if flags & (FLAG_END | FLAG_ERROR):
+                            self._pending.pop(request_id, None)
+                    else:
+                        self._pending.pop(request_id, None)
+                        if not waiter.done():
+                            waiter.set_result((flags, body))
+        except (OSError, ImmucoreError) as exc:
+            error = ConnectionClosedError(f"connection to the node failed: {exc}")
+        finally:
+            self._closed_error = error
+            for waiter in self._pending.values():
+                if isinstance(waiter, asyncio.Queue):
+                    waiter.put_nowait((FLAG_ERROR, {"code": "connection_closed",
+                                                    "message": str(error)}))
+                elif not waiter.done():
+                    waiter.set_exception(error)
+            self._pending.clear()
+            self._writer = None
+
+    async def call(self, msg: Msg, body: Optional[dict] = None) -> Any:
+        """Send one request and wait for its answer (raising the node's error, if any)."""
+        await self.connect()
+        request_id = next(self._ids)
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = waiter
+        self._writer.write(encode_frame(int(msg), 0, request_id, pack(body or {})))
+        try:
+            flags, answer = await asyncio.wait_for(waiter, self.timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(request_id, None)
+            raise TimeoutError(f"{msg.name} got no answer within {self.timeout:g}s") from None
+        if flags & FLAG_ERROR:
+            raise_error(answer)
+        return answer
+
+    async def stream(self, msg: Msg, body: dict) -> AsyncIterator[Any]:
+        """Send one request answered by a server stream; yields each item's body."""
+        await self.connect()
+        request_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending[request_id] = queue
+        self._writer.write(encode_frame(int(msg), 0, request_id, pack(body)))
+        while True:
+            flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+            if flags & FLAG_ERROR:
+                raise_error(item)
+            if flags & FLAG_END:
+                return
+            if flags & FLAG_STREAM:
+                yield item
+
+    # --- session ----------------------------------------------------------------------
+
+    async def health(self) -> dict:
+        return await self.call(Msg.HEALTH)
+
+    async def server_info(self) -> dict:
+        return await self.call(Msg.SERVER_INFO)
+
+    async def login(self, user: str, password: str, database: str = "defaultdb", *,
+                    detached: bool = False) -> dict:
+        """Log in; ``detached`` sessions outlive the connection (CLIs keep their token)."""
+        answer = await self.call(Msg.LOGIN, {"user": user, "password": password,
+                                             "database": database, "detached": detached})
+        self.database, self.session_token = answer["database"], answer["token"]
+        return answer
+
+    async def resume(self, token: str) -> dict:
+        """Bind this connection to an existing session (a CLI's saved token)."""
+        answer = await self.call(Msg.LOGIN, {"token": token})
+        self.database, self.session_token = answer["database"], token
+        return answer
+
+    async def logout(self):
+        await self.call(Msg.LOGOUT)
+        self.session_token = None
+
+    async def keepalive(self):
+        await self.call(Msg.KEEPALIVE)
+
+    async def use_database(self, name: str):
+        answer = await self.call(Msg.USE_DATABASE, {"database": name})
+        self.database = answer["database"]
+        return answer
+
+    # --- data -------------------------------------------------------------------------
+
+    async def set(self, kvs, *, metadata=None):
+        return from_wire((await self.call(Msg.SET, _set_body(kvs, metadata)))["header"])
+
+    async def delete(self, keys: List[bytes]):
+        return from_wire((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
+
+    async def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0, at_revision: int = 0):
+        return from_wire((await self.call(Msg.GET, {
+            "key": key, "at_tx": at_tx, "since_tx": since_tx, "at_revision": at_revision}))["entry"])
+
+    async def history(self, key: bytes, *, offset: int = 0, limit: int = 0, desc: bool = False):
+        return from_wire((await self.call(Msg.HISTORY, {
+            "key": key, "offset": offset, "limit": limit, "desc": desc}))["entries"])
+
+    async def scan(self, *, prefix: bytes = b"", seek_key: bytes = b"", end_key: bytes = b"",
+                   desc: bool = False, limit: int = 0, since_tx: int = 0):
+        return from_wire((await self.call(Msg.SCAN, {
+            "prefix": prefix, "seek_key": seek_key, "end_key": end_key, "desc": desc,
+            "limit": limit, "since_tx": since_tx}))["entries"])
+
+    async def tx_by_id(self, tx_id: int):
+        return from_wire((await self.call(Msg.TX_BY_ID, {"tx_id": tx_id}))["tx"])
+
+    async def current_state(self) -> State:
+        return from_wire((await self.call(Msg.CURRENT_STATE))["state"])
+
+    async def verifiable_set(self, kvs, *, prove_since_tx: int, metadata=None):
+        body = _set_body(kvs, metadata)
+        body["prove_since_tx"] = prove_since_tx
+        return from_wire((await self.call(Msg.VERIFIABLE_SET, body))["verifiable_tx"])
+
+    async def verifiable_get(self, key: bytes, *, prove_since_tx: int, at_tx: int = 0,
+                             since_tx: int = 0, at_revision: int = 0):
+        return from_wire((await self.call(Msg.VERIFIABLE_GET, {
+            "key": key, "prove_since_tx": prove_since_tx, "at_tx": at_tx, "since_tx": since_tx,
+            "at_revision": at_revision}))["verifiable_entry"])
+
+    async def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int):
+        return from_wire((await self.call(Msg.VERIFIABLE_TX_BY_ID, {
+            "tx_id": tx_id, "prove_since_tx": prove_since_tx}))["verifiable_tx"])
+
+    async def export_tx(self, tx_id: int) -> bytes:
+        return (await self.call(Msg.EXPORT_TX, {"tx_id": tx_id}))["blob"]
+
+    async def export_txs(self, first_tx_id: int, count: int) -> List[bytes]:
+        return (await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id,
+                                                 "count": count}))["blobs"]
+
+    async def replicate_tx(self, blob: bytes):
+        return (await self.replicate_txs([blob]))[0]
+
+    async def replicate_txs(self, blobs: List[bytes]):
+        return from_wire((await self.call(Msg.REPLICATE_TX, {"blobs": list(blobs)}))["headers"])
+
+    # --- verified calls ---------------------------------------------------------------
+
+    def _server_id(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def verified_set(self, kvs, *, metadata=None):
+        trusted = self.state_store.get(self._server_id(), self.database)
+        vtx = await self.verifiable_set(kvs, prove_since_tx=trusted.tx_id, metadata=metadata)
+        self._check_and_advance(trusted, vtx)
+        return vtx.tx.header
+
+    async def verified_tx_by_id(self, tx_id: int):
+        trusted = self.state_store.get(self._server_id(), self.database)
+        vtx = await self.verifiable_tx_by_id(tx_id, prove_since_tx=trusted.tx_id)
+        self._check_and_advance(trusted, vtx)
+        return vtx.tx
+
+    async def verified_get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0,
+                           at_revision: int = 0):
+        trusted = self.state_store.get(self._server_id(), self.database)
+        ventry = await self.verifiable_get(key, prove_since_tx=trusted.tx_id, at_tx=at_tx,
+                                           since_tx=since_tx, at_revision=at_revision)
+        entry, vtx = ventry.entry, ventry.verifiable_tx
+        header = vtx.tx.header
+        if entry.tx != header.id:
+            raise VerificationError("entry's tx differs from the proven tx")
+        index = ventry.inclusion_proof.leaf
+        if not 0 <= index < len(vtx.tx.entries) or ventry.inclusion_proof.width != header.nentries:
+            raise VerificationError("entry inclusion proof does not fit its tx")
+        tx_entry = vtx.tx.entries[index]
+        md = entry.metadata.to_bytes() if entry.metadata else b""
+        if tx_entry.key != b"\x00" + entry.key or \
+                tx_entry.hvalue != codec.sha256(b"\x00" + entry.value):
+            raise VerificationError("entry differs from the tx entry it claims to be")
+        digest = codec.entry_digest(header.version, tx_entry.key, md, tx_entry.hvalue)
+        if not verify.verify_inclusion(ventry.inclusion_proof, digest, header.eh):
+            raise VerificationError("entry inclusion proof does not verify")
+        self._check_and_advance(trusted, vtx)
+        return entry
+
+    def _check_and_advance(self, trusted: State, vtx):
+        """Verify the dual proof from the trusted state and the tx's own entries; then trust
+        the newer of the two states."""
+        tx, proof = vtx.tx, vtx.dual_proof
+        header = tx.header
+        digests = [codec.entry_digest(header.version, e.key,
+                                      e.metadata.to_bytes() if e.metadata else b"", e.hvalue)
+                   for e in tx.entries]
+        if len(digests) != header.nentries or codec.entries_hash(digests) != header.eh:
+            raise VerificationError("tx entries do not hash to the header's Eh")
+        if trusted.tx_id == 0:
+            newest = header if proof.target_tx_header.id <= header.id else proof.target_tx_header
+            # trust on first use: still check the proof is internally consistent
+            source, target = proof.source_tx_header, proof.target_tx_header
+            if not verify.verify_dual_proof(proof, source.id, target.id, source.alh(),
+                                            target.alh()):
+                raise VerificationError("dual proof does not verify")
+        else:
+            source, target = proof.source_tx_header, proof.target_tx_header
+            ok_ends = ((source.id == trusted.tx_id and target.id == header.id) or
+                       (source.id == header.id and target.id == trusted.tx_id))
+            trusted_alh = source.alh() if source.id == trusted.tx_id else target.alh()
+            if not ok_ends or trusted_alh != trusted.tx_hash:
+                raise VerificationError("proof does not start from the trusted state")
+            if not verify.verify_dual_proof(proof, source.id, target.id, source.alh(),
+                                            target.alh()):
+                raise VerificationError("dual proof does not verify")
+            newest = target
+        if newest.id > trusted.tx_id:
+            self.state_store.put(self._server_id(), State(self.database, newest.id, newest.alh()))
+
+    # --- administration ---------------------------------------------------------------
+
+    async def create_database(self, name: str, settings: Optional[dict] = None,
+                              if_not_exists: bool = False) -> dict:
+        return await self.call(Msg.DATABASE_CREATE, {"database": name, "settings": settings or {},
+                                                     "if_not_exists": if_not_exists})
+
+    async def update_database(self, name: str, settings: dict) -> dict:
+        return await self.call(Msg.DATABASE_UPDATE, {"database": name, "settings": settings})
+
+    async def list_databases(self) -> List[dict]:
+        return (await self.call(Msg.DATABASE_LIST))["databases"]
+
+    async def database_settings(self, name: str) -> dict:
+        return await self.call(Msg.DATABASE_SETTINGS, {"database": name})
+
+    async def load_database(self, name: str) -> dict:
+        return await self.call(Msg.DATABASE_LOAD, {"database": name})
+
+    async def unload_database(self, name: str) -> dict:
+        return await self.call(Msg.DATABASE_UNLOAD, {"database": name})
+
+    async def delete_database(self, name: str) -> dict:
+        return await self.call(Msg.DATABASE_DELETE, {"database": name})
+
+    async def create_user(self, user: str, password: str, permission: str,
+                          database: str = "") -> dict:
+        return await self.call(Msg.USER_CREATE, {"user": user, "password": password,
+                                                 "permission": permission, "database": database})
+
+    async def list_users(self) -> List[dict]:
+        return (await self.call(Msg.USER_LIST))["users"]
+
+    async def change_password(self, user: str, old_password: str, new_password: str) -> dict:
+        return await self.call(Msg.USER_CHANGE_PASSWORD, {
+            "user": user, "old_password": old_password, "new_password": new_password})
+
+    async def grant(self, user: str, permission: str, database: str) -> dict:
+        return await self.call(Msg.USER_PERMISSION, {"user": user, "action": "grant",
+                                                     "permission": permission,
+                                                     "database": database})
+
+    async def revoke(self, user: str, permission: str, database: str) -> dict:
+        return await self.call(Msg.USER_PERMISSION, {"user": user, "action": "revoke",
+                                                     "permission": permission,
+                                                     "database": database})
+
+    async def set_user_active(self, user: str, active: bool) -> dict:
+        return await self.call(Msg.USER_SET_ACTIVE, {"user": user, "active": active})
+
+
+def _set_body(kvs, metadata) -> dict:
+    items = kvs.items() if isinstance(kvs, dict) else kvs
+    body = {"kvs": [[k, v] for k, v in items]}
+    if isinstance(metadata, KVMetadata):
+        body["metadata"] = to_wire(metadata)
+    elif isinstance(metadata, dict):
+        body["metadata_by_key"] = [[k, to_wire(m)] for k, m in metadata.items()]
+    return body
+
+
+_BLOCKING_METHODS = (
+    "health", "server_info", "login", "resume", "logout", "keepalive", "use_database", "set",
+    "delete", "get", "history", "scan", "tx_by_id", "current_state", "verifiable_set",
+    "verifiable_get", "verifiable_tx_by_id", "export_tx", "export_txs", "replicate_tx",
+    "replicate_txs", "verified_set", "verified_get", "verified_tx_by_id", "create_database",
+    "update_database", "list_databases", "database_settings", "load_database",
+    "unload_database", "delete_database", "create_user", "list_users", "change_password",
+    "grant", "revoke", "set_user_active", "call")
+
+
+class Client:
+    """A blocking client: the same methods as ``AsyncClient``, run on a private event loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 3322, **options):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="immucore-client",
+                                        daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(host, port, **options)
+        try:
+            self._run(self._async.connect())
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name):
+        if name in _BLOCKING_METHODS:
+            method = getattr(self._async, name)
+            return lambda *args, **kwargs: self._run(method(*args, **kwargs))
+        if name in ("database", "session_token", "state_store", "host", "port"):
+            return getattr(self._async, name)
+        raise AttributeError(name)
+
+    def close(self):
+        if self._loop.is_running():
+            try:
+                self._run(self._async.close())
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join()
+        self._loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,1 @@
+"""The wire protocol: frames (``frames``), the message table (``messages``) and its errors."""

@@ -1,0 +1,166 @@
+"""The message table and body encoding (msgpack) shared by the node and its clients.
+
+Every request gets exactly one response frame with the same ``request_id`` and ``msg_type``
+(``FLAG_ERROR`` set on failure), except ``EXPORT_STREAM``, which answers with frames flagged
+``FLAG_STREAM`` and a last one flagged ``FLAG_END``. Bodies are msgpack maps; byte strings stay
+byte strings. Result types travel as maps of their dataclass fields (``to_wire``/``from_wire``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any
+
+import msgpack
+
+from .. import errors, types
+
+
+class Msg(enum.IntEnum):
+    # --- no session needed --------------------------------------------------------------
+    HEALTH = 1
+    SERVER_INFO = 2
+    LOGIN = 3
+    # --- session ------------------------------------------------------------------------
+    LOGOUT = 4
+    KEEPALIVE = 5
+    USE_DATABASE = 6
+    # --- data (the Database API) --------------------------------------------------------
+    SET = 10
+    GET = 11
+    DELETE = 12
+    HISTORY = 13
+    SCAN = 14
+    TX_BY_ID = 15
+    CURRENT_STATE = 16
+    VERIFIABLE_SET = 17
+    VERIFIABLE_GET = 18
+    VERIFIABLE_TX_BY_ID = 19
+    EXPORT_TX = 20
+    REPLICATE_TX = 21
+    EXPORT_TXS = 22
+    # --- databases ----------------------------------------------------------------------
+    DATABASE_CREATE = 30
+    DATABASE_LIST = 31
+    DATABASE_LOAD = 32
+    DATABASE_UNLOAD = 33
+    DATABASE_DELETE = 34
+    DATABASE_UPDATE = 35
+    DATABASE_SETTINGS = 36
+    # --- users --------------------------------------------------------------------------
+    USER_CREATE = 40
+    USER_LIST = 41
+    USER_CHANGE_PASSWORD = 42
+    USER_PERMISSION = 43
+    USER_SET_ACTIVE = 44
+
+
+PREAUTH_MESSAGES = frozenset({Msg.HEALTH, Msg.SERVER_INFO, Msg.LOGIN})
+
+
+def pack(body: Any) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    """Decode a body. ``unpackb`` bounds every declared length and count by the body's own size
+    (already checked against the frame limit), so a forged count cannot allocate more."""
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False, max_ext_len=0)
+
+
+# --- result types <-> plain maps ------------------------------------------------------------
+
+_TYPES = {cls.__name__: cls for cls in (
+    types.TxHeader, types.TxEntry, types.Tx, types.Entry, types.KVMetadata,
+    types.InclusionProof, types.LinearProof, types.DualProof, types.VerifiableTx,
+    types.VerifiableEntry, types.State)}
+
+
+def to_wire(value: Any) -> Any:
+    """Dataclasses become ``{"_t": name, field: value, ...}``; tuples become lists."""
+    if dataclasses.is_dataclass(value):
+        out = {"_t": type(value).__name__}
+        for field in dataclasses.fields(value):
+            out[field.name] = to_wire(getattr(value, field.name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_wire(v) for v in value]
+    return value
+
+
+def from_wire(value: Any) -> Any:
+    if isinstance(value, dict) and "_t" in value:
+        cls = _TYPES.get(value["_t"])
+        if cls is None:
+            raise errors.IllegalArgumentsError(f"unknown result type {value['_t']!r}")
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            item = from_wire(value.get(field.name))
+            if isinstance(item, list):
+                item = tuple(item)
+            kwargs[field.name] = item
+        return cls(**kwargs)
+    if isinstance(value, list):
+        return [from_wire(v) for v in value]
+    return value
+
+
+# --- errors <-> codes ------------------------------------------------------------------------
+
+ERROR_CODES = {
+    errors.IllegalArgumentsError: "illegal_arguments",
+    errors.KeyNotFoundError: "key_not_found",
+    errors.TxNotFoundError: "tx_not_found",
+    errors.ReadOnlyReplicaError: "read_only_replica",
+    errors.NotReplicaError: "not_replica",
+    errors.ReplicaDivergedError: "replica_diverged",
+    errors.CorruptedDataError: "corrupted_data",
+    errors.VerificationError: "verification_failed",
+    errors.IndexTimeoutError: "index_timeout",
+    errors.DatabaseClosedError: "database_closed",
+}
+_BY_CODE = {code: cls for cls, code in ERROR_CODES.items()}
+
+
+class RemoteError(errors.ImmucoreError):
+    """An error the node reported; ``code`` says which, the message is the node's own text."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error_code(exc: BaseException) -> str:
+    """A machine-readable code: the table above, an explicit ``code`` attribute, or for any other
+    immucore error its class name in snake_case (``UserNotActiveError`` -> ``user_not_active``)."""
+    code = getattr(exc, "code", None)
+    if code is None:
+        code = next((c for cls, c in ERROR_CODES.items() if isinstance(exc, cls)), None)
+    if code is None and isinstance(exc, errors.ImmucoreError):
+        name = type(exc).__name__.removesuffix("Error")
+        code = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return code or "internal"
+
+
+def error_body(exc: BaseException) -> dict:
+    code = error_code(exc)
+    return {"code": code, "message": str(exc) if code != "internal" else
+            f"internal error: {type(exc).__name__}: {exc}"}
+
+
+def raise_error(body: dict):
+    """Re-raise a node's error as the matching local exception class where there is one."""
+    code, message = body.get("code", "internal"), body.get("message", "")
+    cls = _BY_CODE.get(code)
+    if cls is errors.IllegalArgumentsError:
+        exc = RemoteError(code, message)
+        raise errors.IllegalArgumentsError(message.removeprefix("illegal arguments: ")) from exc
+    if cls is not None:
+        try:
+            exc = cls(message)
+        except TypeError:
+            exc = RemoteError(code, message)
+        exc.code = code
+        raise exc
+    raise RemoteError(code, message)

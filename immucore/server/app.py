@@ -1,0 +1,62 @@
+"""Running a node process: start, banner, signals, pidfile, metrics, graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from .handlers import Dispatcher
+from .node import Node, NodeOptions
+
+log = logging.getLogger("immucore")
+
+
+async def run_node(options: dict, *, ready=None) -> int:
+    """Run until SIGTERM/SIGINT; in-flight requests finish and every database closes cleanly."""
+    node_options = NodeOptions(
+        dir=options["dir"], address=options["address"], port=options["port"],
+        admin_password=options["admin_password"], synced=options["synced"],
+        max_sessions=options["max_sessions"], metrics_server=options["metrics_server"],
+        metrics_server_port=options["metrics_server_port"], pidfile=options["pidfile"],
+        logfile=options["logfile"], signing_key=options["signing_key"],
+        replication={k: v for k, v in options.items() if k not in _NODE_KEYS})
+    node = Node(node_options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.serve(Dispatcher(node))
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", node_options.address, node_options.port, exc)
+        await node.close()
+        return 1
+    if node_options.metrics_server:
+        from .metrics import start_metrics_server
+        start_metrics_server(node, node_options.address, node_options.metrics_server_port)
+    if node_options.pidfile:
+        with open(node_options.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    print(node.banner(), flush=True)
+    from . import auth
+    if auth.using_default_password(node.users):
+        log.warning("the sysadmin user 'immudb' still has the default password: change it "
+                    "(immuadmin user changepassword immudb); until then only loopback "
+                    "connections are accepted")
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    await node.close()
+    if node_options.pidfile:
+        try:
+            os.unlink(node_options.pidfile)
+        except OSError:
+            pass
+    log.info("stopped")
+    return 0
+
+
+_NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
+              "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key"}

@@ -1,0 +1,177 @@
+"""One client connection: frames in, pipelined requests dispatched, responses out by request id.
+
+Bounds (immucore/constants.py): pre-login frames are tiny (PREAUTH_FRAME_BODY_BYTES_MAX) and only
+HEALTH, SERVER_INFO and LOGIN are accepted; at most CONNECTION_INFLIGHT_REQUESTS_MAX requests are
+served at once (reading pauses beyond that); when the peer does not read its responses and the
+transport buffer passes CONNECTION_SEND_BUFFER_BYTES_MAX, reading pauses too, so a slow reader
+cannot grow the node's memory. A bad frame gets an error frame and closes this connection only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
+                         CONNECTION_SEND_BUFFER_BYTES_MAX, FRAME_BODY_BYTES_MAX,
+                         PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
+from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
+                               encode_frame)
+from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
+
+log = logging.getLogger("immucore.server")
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, node, dispatch):
+        self.node = node
+        self._dispatch = dispatch
+        self.session = None             # the session id, set by LOGIN
+        self.detached = False           # a CLI token session (outlives the connection)
+        self.peer = None
+        self.transport = None
+        self._decoder = FrameDecoder(PREAUTH_FRAME_BODY_BYTES_MAX)
+        self._inflight = 0
+        self._reading_paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._last_frame = time.monotonic()
+        self._idle_handle = None
+        self._closed = False
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(high=CONNECTION_SEND_BUFFER_BYTES_MAX)
+        refusal = self.node.refuse_connection(self.peer)
+        if refusal:
+            self._fail("protected_mode", refusal)
+            return
+        self.node.connections.add(self)
+        self._schedule_idle_check()
+
+    def connection_lost(self, exc):
+        self._closed = True
+        if self.session is not None and not self.detached:
+            self.node.sessions.close(self.session)     # a connection's session dies with it
+        self.node.connections.discard(self)
+        if self._idle_handle:
+            self._idle_handle.cancel()
+        self._writable.set()
+
+    def pause_writing(self):
+        self._writable.clear()
+        self._pause_reading()
+
+    def resume_writing(self):
+        self._writable.set()
+        self._maybe_resume_reading()
+
+    def data_received(self, data: bytes):
+        self._last_frame = time.monotonic()
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc))
+            return
+        for msg_type, flags, request_id, body in frames:
+            if not self._accept(msg_type, request_id):
+                return
+            self._inflight += 1
+            if self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
+                self._pause_reading()
+            asyncio.ensure_future(self._serve(msg_type, request_id, body))
+
+    # --- serving --------------------------------------------------------------------------
+
+    def _accept(self, msg_type: int, request_id: int) -> bool:
+        try:
+            msg = Msg(msg_type)
+        except ValueError:
+            self._fail("unknown_message", f"unknown message type {msg_type}", request_id)
+            return False
+        if self.session is None and msg not in PREAUTH_MESSAGES:
+            self._fail("not_logged_in", "not logged in", request_id, msg)
+            return False
+        return True
+
+    async def _serve(self, msg_type: int, request_id: int, raw: bytes):
+        msg = Msg(msg_type)
+        try:
+            body = unpack(raw) if raw else {}
+            if not isinstance(body, dict):
+                raise ProtocolError("bad_body", "a request body must be a map")
+            result = await self._dispatch(self, msg, body)
+            if hasattr(result, "__aiter__"):         # a server stream
+                async for item in result:
+                    await self._send_when_writable(msg, FLAG_STREAM, request_id, item)
+                self._send(msg, FLAG_END, request_id, {})
+            else:
+                self._send(msg, 0, request_id, result)
+        except ProtocolError as exc:
+            self._fail(exc.code, str(exc), request_id, msg)
+        except Exception as exc:  # noqa: BLE001 - every error is answered, the node keeps going
+            body = error_body(exc)
+            if body["code"] == "internal":
+                log.exception("%s from %s failed", msg.name, self.peer)
+            self._send(msg, FLAG_ERROR, request_id, body)
+        finally:
+            self._inflight -= 1
+            self._maybe_resume_reading()
+
+    def logged_in(self, session_id: str, detached: bool):
+        """LOGIN succeeded: authenticated frames may now be large."""
+        self.session, self.detached = session_id, detached
+        self._decoder.body_bytes_max = FRAME_BODY_BYTES_MAX
+
+    def logged_out(self):
+        self.session, self.detached = None, False
+        self._decoder.body_bytes_max = PREAUTH_FRAME_BODY_BYTES_MAX
+
+    # --- output ---------------------------------------------------------------------------
+
+    def _send(self, msg, flags: int, request_id: int, body):
+        if self._closed or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(encode_frame(int(msg), flags, request_id, pack(body)))
+
+    async def _send_when_writable(self, msg, flags, request_id, body):
+        await self._writable.wait()
+        self._send(msg, flags, request_id, body)
+
+    def _fail(self, code: str, message: str, request_id: int = 0, msg=Msg.HEALTH):
+        """Protocol violation: answer once with an error frame, then close this connection."""
+        log.info("closing connection from %s: %s", self.peer, message)
+        self._send(msg, FLAG_ERROR, request_id, {"code": code, "message": message})
+        if self.transport is not None:
+            self.transport.close()
+        self._closed = True
+
+    # --- flow control and idleness --------------------------------------------------------
+
+    def _pause_reading(self):
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self):
+        if (self._reading_paused and not self._closed and self._writable.is_set()
+                and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX):
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _schedule_idle_check(self):
+        limit = CONNECTION_IDLE_SECONDS if self.session else PREAUTH_IDLE_SECONDS
+        self._idle_handle = asyncio.get_running_loop().call_later(limit / 2, self._check_idle)
+
+    def _check_idle(self):
+        if self._closed:
+            return
+        limit = CONNECTION_IDLE_SECONDS if self.session else PREAUTH_IDLE_SECONDS
+        if self._inflight == 0 and time.monotonic() - self._last_frame > limit:
+            log.info("closing idle connection from %s", self.peer)
+            self.transport.close()
+            return
+        self._schedule_idle_check()

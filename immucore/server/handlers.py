@@ -1,0 +1,375 @@
+"""One handler per message: check the session, the database and the permission on every
+request, then call the embedded API. Reads run on the node's read threads (an index wait must
+never block the event loop); writes await the writer's future directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from .. import __version__
+from ..errors import IllegalArgumentsError
+from ..protocol.frames import ProtocolError
+from ..protocol.messages import Msg, from_wire, to_wire
+from ..types import KVMetadata, TxHeader
+from . import auth, settings as dbsettings
+from .node import DatabaseError, Node
+
+
+PermissionDeniedError = auth.PermissionDeniedError
+
+
+def _field(body: dict, name: str, kind, default=None):
+    value = body.get(name, default)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise IllegalArgumentsError(f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+def _metadata(body: dict):
+    if "metadata" in body:
+        md = from_wire(body["metadata"])
+        if not isinstance(md, KVMetadata):
+            raise IllegalArgumentsError("metadata must be a KVMetadata")
+        return md
+    if "metadata_by_key" in body:
+        out = {}
+        for key, md in _field(body, "metadata_by_key", list):
+            md = from_wire(md)
+            if not isinstance(key, bytes) or not isinstance(md, KVMetadata):
+                raise IllegalArgumentsError("metadata_by_key must be [key, KVMetadata] pairs")
+            out[key] = md
+        return out
+    return None
+
+
+def _kvs(body: dict) -> list:
+    pairs = _field(body, "kvs", list)
+    if not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise IllegalArgumentsError("kvs must be a list of [key, value] pairs")
+    return [(k, v) for k, v in pairs]
+
+
+class Dispatcher:
+    def __init__(self, node: Node):
+        self.node = node
+        self._handlers = {
+            Msg.HEALTH: self.health, Msg.SERVER_INFO: self.server_info, Msg.LOGIN: self.login,
+            Msg.LOGOUT: self.logout, Msg.KEEPALIVE: self.keepalive,
+            Msg.USE_DATABASE: self.use_database,
+            Msg.SET: self.set, Msg.GET: self.get, Msg.DELETE: self.delete,
+            Msg.HISTORY: self.history, Msg.SCAN: self.scan, Msg.TX_BY_ID: self.tx_by_id,
+            Msg.CURRENT_STATE: self.current_state, Msg.VERIFIABLE_SET: self.verifiable_set,
+            Msg.VERIFIABLE_GET: self.verifiable_get,
+            Msg.VERIFIABLE_TX_BY_ID: self.verifiable_tx_by_id, Msg.EXPORT_TX: self.export_tx,
+            Msg.EXPORT_TXS: self.export_txs, Msg.REPLICATE_TX: self.replicate_tx,
+            Msg.DATABASE_CREATE: self.database_create, Msg.DATABASE_LIST: self.database_list,
+            Msg.DATABASE_LOAD: self.database_load, Msg.DATABASE_UNLOAD: self.database_unload,
+            Msg.DATABASE_DELETE: self.database_delete, Msg.DATABASE_UPDATE: self.database_update,
+            Msg.DATABASE_SETTINGS: self.database_settings,
+            Msg.USER_CREATE: self.user_create, Msg.USER_LIST: self.user_list,
+            Msg.USER_CHANGE_PASSWORD: self.user_change_password,
+            Msg.USER_PERMISSION: self.user_permission, Msg.USER_SET_ACTIVE: self.user_set_active,
+        }
+
+    async def __call__(self, conn, msg: Msg, body: dict):
+        handler = self._handlers.get(msg)
+        if handler is None:
+            raise ProtocolError("unknown_message", f"message {msg.name} is not served")
+        return await handler(conn, body)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _manager(self, conn):
+        return self.node.token_sessions if conn.detached else self.node.sessions
+
+    def _session(self, conn):
+        """The connection's session and user, re-checked on every request: the session must be
+        live (not logged out, expired or ended by a change of its user) and the user active."""
+        try:
+            session = self._manager(conn).get(conn.session)
+            user = self.node.users.get_user(session.username)
+        except auth.AuthError:
+            conn.logged_out()
+            raise
+        if not user.active:
+            self._manager(conn).close(session.id)
+            conn.logged_out()
+            raise auth.UserNotActiveError()
+        return session, user
+
+    def _authorize(self, conn, action: str, database: str = None):
+        session, user = self._session(conn)
+        name = database or session.database
+        if not user.can(name, action):
+            raise PermissionDeniedError("permission denied")
+        return session, user, name
+
+    def _db(self, conn, action: str):
+        _, _, name = self._authorize(conn, action)
+        return self.node.database(name)
+
+    async def _read(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.node.read_pool,
+                                          functools.partial(fn, *args, **kwargs))
+
+    # --- session --------------------------------------------------------------------------
+
+    async def health(self, conn, body):
+        return {"status": "ok", "version": __version__}
+
+    async def server_info(self, conn, body):
+        return {"version": __version__, "protocol": 1, "started_at": self.node.started_at}
+
+    async def login(self, conn, body):
+        """Log in with user and password, or bind this connection to a detached session (a
+        CLI's saved token). Detached sessions outlive their connection (24 h of inactivity)."""
+        if "token" in body:
+            detached = True
+            session = self.node.token_sessions.get(_field(body, "token", str))
+        else:
+            user_name = _field(body, "user", str)
+            password = _field(body, "password", str)
+            database = _field(body, "database", str, "defaultdb")
+            detached = bool(body.get("detached", False))
+            user = await self._read(self.node.users.authenticate, user_name, password)
+            if database != "systemdb":
+                self.node.database(database)          # must exist and be loaded
+            if not user.can(database, "read"):
+                raise auth.NoDatabasePermissionError()
+            session = (self.node.token_sessions if detached else self.node.sessions).open(
+                user, database)
+        conn.logged_in(session.id, detached)
+        warning = ""
+        if session.username == auth.SYSADMIN_USERNAME and await self._read(
+                auth.using_default_password, self.node.users):
+            warning = auth.DEFAULT_PASSWORD_WARNING
+        return {"token": session.id, "database": session.database, "user": session.username,
+                "warning": warning}
+
+    async def logout(self, conn, body):
+        self._manager(conn).close(conn.session)
+        conn.logged_out()
+        return {}
+
+    async def keepalive(self, conn, body):
+        self._session(conn)
+        return {}
+
+    async def use_database(self, conn, body):
+        name = _field(body, "database", str)
+        _, user = self._session(conn)
+        if name != "systemdb":
+            self.node.database(name)
+        if not user.can(name, "read"):
+            raise auth.NoDatabasePermissionError()
+        self._manager(conn).use_database(conn.session, name)
+        return {"database": name}
+
+    # --- data -----------------------------------------------------------------------------
+
+    async def set(self, conn, body):
+        db = self._db(conn, "write")
+        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body)))
+        return {"header": to_wire(TxHeader(*headers[0]))}
+
+    async def delete(self, conn, body):
+        db = self._db(conn, "write")
+        keys = _field(body, "keys", list)
+        return {"header": to_wire(await self._read(db.delete, keys))}
+
+    async def get(self, conn, body):
+        db = self._db(conn, "read")
+        entry = await self._read(db.get, _field(body, "key", bytes),
+                                 at_tx=_field(body, "at_tx", int, 0),
+                                 since_tx=_field(body, "since_tx", int, 0),
+                                 at_revision=_field(body, "at_revision", int, 0))
+        return {"entry": to_wire(entry)}
+
+    async def history(self, conn, body):
+        db = self._db(conn, "read")
+        entries = await self._read(db.history, _field(body, "key", bytes),
+                                   offset=_field(body, "offset", int, 0),
+                                   limit=_field(body, "limit", int, 0),
+                                   desc=bool(body.get("desc", False)))
+        return {"entries": to_wire(entries)}
+
+    async def scan(self, conn, body):
+        db = self._db(conn, "read")
+        entries = await self._read(db.scan, prefix=_field(body, "prefix", bytes, b""),
+                                   seek_key=_field(body, "seek_key", bytes, b""),
+                                   end_key=_field(body, "end_key", bytes, b""),
+                                   desc=bool(body.get("desc", False)),
+                                   limit=_field(body, "limit", int, 0),
+                                   since_tx=_field(body, "since_tx", int, 0))
+        return {"entries": to_wire(entries)}
+
+    async def tx_by_id(self, conn, body):
+        db = self._db(conn, "read")
+        return {"tx": to_wire(await self._read(db.tx_by_id, _field(body, "tx_id", int)))}
+
+    async def current_state(self, conn, body):
+        return {"state": to_wire(self._db(conn, "read").current_state())}
+
+    async def verifiable_set(self, conn, body):
+        db = self._db(conn, "write")
+        prove_since = _field(body, "prove_since_tx", int)
+        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body)))
+        vtx = await self._read(db.verifiable_tx_by_id, headers[0][0], prove_since_tx=prove_since)
+        return {"verifiable_tx": to_wire(vtx)}
+
+    async def verifiable_get(self, conn, body):
+        db = self._db(conn, "read")
+        ventry = await self._read(db.verifiable_get, _field(body, "key", bytes),
+                                  prove_since_tx=_field(body, "prove_since_tx", int),
+                                  at_tx=_field(body, "at_tx", int, 0),
+                                  since_tx=_field(body, "since_tx", int, 0),
+                                  at_revision=_field(body, "at_revision", int, 0))
+        return {"verifiable_entry": to_wire(ventry)}
+
+    async def verifiable_tx_by_id(self, conn, body):
+        db = self._db(conn, "read")
+        vtx = await self._read(db.verifiable_tx_by_id, _field(body, "tx_id", int),
+                               prove_since_tx=_field(body, "prove_since_tx", int))
+        return {"verifiable_tx": to_wire(vtx)}
+
+    async def export_tx(self, conn, body):
+        db = self._db(conn, "admin")
+        return {"blob": await self._read(db.export_tx, _field(body, "tx_id", int))}
+
+    async def export_txs(self, conn, body):
+        db = self._db(conn, "admin")
+        count = min(_field(body, "count", int), 10_000)
+        blobs = await self._read(db.export_txs, _field(body, "first_tx_id", int), count)
+        return {"blobs": blobs}
+
+    async def replicate_tx(self, conn, body):
+        db = self._db(conn, "admin")
+        blobs = _field(body, "blobs", list)
+        headers = await self._read(db.replicate_txs, blobs)
+        return {"headers": to_wire(headers)}
+
+    # --- databases ------------------------------------------------------------------------
+
+    def _sysadmin(self, conn):
+        _, user = self._session(conn)
+        if not user.sysadmin:
+            raise PermissionDeniedError(
+                "loggedin user does not have permissions for this operation")
+        return user
+
+    def _db_admin(self, conn, name: str):
+        _, user = self._session(conn)
+        if not user.can(name, "admin"):
+            raise PermissionDeniedError(
+                f"the database '{name}' does not exist or you do not have admin permission on "
+                "this database")
+        return user
+
+    async def database_create(self, conn, body):
+        user = self._sysadmin(conn)
+        name = _field(body, "database", str)
+        requested = _field(body, "settings", dict, {})
+        s = await self._read(self.node.create_database, name, requested, user.username,
+                             bool(body.get("if_not_exists", False)))
+        return {"database": name, "settings": dbsettings.public(s),
+                "summary": dbsettings.summary(s, requested)}
+
+    async def database_update(self, conn, body):
+        name = _field(body, "database", str)
+        user = self._db_admin(conn, name)
+        requested = _field(body, "settings", dict, {})
+        s = await self._read(self.node.update_database, name, requested, user.username)
+        return {"database": name, "settings": dbsettings.public(s),
+                "summary": dbsettings.summary(s, requested)}
+
+    async def database_list(self, conn, body):
+        _, user = self._session(conn)
+        listed = await self._read(self.node.list_databases)
+        return {"databases": [d for d in listed if user.sysadmin or user.can(d["name"], "read")]}
+
+    async def database_settings(self, conn, body):
+        name = _field(body, "database", str)
+        self._db_admin(conn, name)
+        s = self.node.settings.get(name)
+        if s is None:
+            raise DatabaseError(f"database {name} does not exist")
+        return {"database": name, "settings": dbsettings.public(s)}
+
+    async def database_load(self, conn, body):
+        name = _field(body, "database", str)
+        self._db_admin(conn, name)
+        await self._read(self.node.load_database, name)
+        return {"database": name}
+
+    async def database_unload(self, conn, body):
+        name = _field(body, "database", str)
+        self._db_admin(conn, name)
+        await self._read(self.node.unload_database, name)
+        return {"database": name}
+
+    async def database_delete(self, conn, body):
+        name = _field(body, "database", str)
+        user = self._db_admin(conn, name)
+        await self._read(self.node.delete_database, name, user.username)
+        return {"database": name}
+
+    # --- users ----------------------------------------------------------------------------
+
+    async def user_create(self, conn, body):
+        name = _field(body, "user", str)
+        permission = auth.parse_permission(_field(body, "permission", str))
+        database = _field(body, "database", str, "")
+        if permission == auth.PERMISSION_SYSADMIN:
+            creator = self._sysadmin(conn)
+        else:
+            creator = self._db_admin(conn, database)
+            self.node.database(database)
+        await self._read(self.node.users.create_user, name, _field(body, "password", str),
+                         permission, database, creator)
+        return {"user": name}
+
+    async def user_list(self, conn, body):
+        _, user = self._session(conn)
+        users = await self._read(self.node.users.list_users)
+        if not user.sysadmin:
+            users = [u for u in users if u.username == user.username or any(
+                user.can(db, "admin") for db in u.permissions)]
+        return {"users": [_user_public(u) for u in users]}
+
+    async def user_change_password(self, conn, body):
+        _, user = self._session(conn)
+        name = _field(body, "user", str)
+        await self._read(self.node.users.change_password, name,
+                         _field(body, "old_password", str, "") or None,
+                         _field(body, "new_password", str), user)
+        if name == user.username:          # the change ended every session of the user
+            conn.logged_out()
+        return {"user": name}
+
+    async def user_permission(self, conn, body):
+        name = _field(body, "user", str)
+        database = _field(body, "database", str)
+        user = self._db_admin(conn, database)
+        permission = auth.parse_permission(_field(body, "permission", str))
+        action = _field(body, "action", str)
+        if action not in ("grant", "revoke"):
+            raise IllegalArgumentsError("action must be grant or revoke")
+        fn = self.node.users.grant if action == "grant" else self.node.users.revoke
+        await self._read(fn, name, permission, database, by_user=user)
+        return {"user": name}
+
+    async def user_set_active(self, conn, body):
+        _, user = self._session(conn)
+        name = _field(body, "user", str)
+        active = bool(body.get("active"))
+        await self._read(self.node.users.set_active, name, active, by_user=user)
+        return {"user": name, "active": active}
+
+
+def _user_public(user) -> dict:
+    """What user listings show: never a password hash."""
+    return {"user": user.username, "active": user.active, "sysadmin": user.sysadmin,
+            "permissions": {db: auth.permission_name(p) for db, p in user.permissions.items()},
+            "created_by": user.created_by, "created_at": user.created_at}

@@ -1,0 +1,47 @@
+"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id,
+sessions and connections. Values are read when Prometheus scrapes (a custom collector), so the
+hot path pays nothing for them."""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+
+log = logging.getLogger("immucore.metrics")
+
+
+class NodeCollector:
+    def __init__(self, node):
+        self.node = node
+
+    def collect(self):
+        committed = GaugeMetricFamily("immudb_last_committed_trx_id",
+                                      "last committed tx id", labels=["db"])
+        indexed = GaugeMetricFamily("immudb_last_indexed_trx_id", "last indexed tx id",
+                                    labels=["db"])
+        databases = dict(self.node.databases)
+        databases["systemdb"] = self.node.systemdb
+        for name, database in databases.items():
+            try:
+                committed.add_metric([name], database.current_state().tx_id)
+                indexed.add_metric([name], database.indexed_tx_id)
+            except Exception:  # noqa: BLE001 - a closing database is skipped, not an error
+                continue
+        yield committed
+        yield indexed
+        sessions = GaugeMetricFamily("immucore_sessions", "open sessions")
+        sessions.add_metric([], len(self.node.sessions) + len(self.node.token_sessions))
+        yield sessions
+        connections = GaugeMetricFamily("immucore_connections", "open connections")
+        connections.add_metric([], len(self.node.connections))
+        yield connections
+
+
+def start_metrics_server(node, address: str, port: int):
+    try:
+        REGISTRY.register(NodeCollector(node))
+        start_http_server(port, addr=address)
+        log.info("metrics on http://%s:%d/metrics", address, port)
+    except (OSError, ValueError) as exc:
+        log.error("metrics server not started on port %d: %s", port, exc)

@@ -1,0 +1,247 @@
+"""The node: one process serving many databases — systemdb (users, database settings),
+defaultdb and user databases — over the framed protocol.
+
+Folder layout under ``--dir``: ``systemdb/``, ``defaultdb/`` and one folder per user database,
+each an immucore database (docs/storage.md). Database settings live in systemdb under
+``0x02 || name`` (JSON, immudb's field names), so they persist and are restored on restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from .. import __version__
+from ..constants import SESSION_INACTIVITY_SECONDS, SESSIONS_MAX_DEFAULT, \
+    TOKEN_SESSION_INACTIVITY_SECONDS
+from ..database import Database, open_database
+from ..errors import IllegalArgumentsError, ImmucoreError
+from . import auth, settings as dbsettings
+from .connection import Connection
+
+log = logging.getLogger("immucore.node")
+SETTINGS_PREFIX = b"\x02"
+READ_THREADS = 8
+
+
+class DatabaseError(ImmucoreError):
+    """A database management request that cannot be done (missing, exists, reserved…)."""
+
+
+@dataclass
+class NodeOptions:
+    dir: str = "./data"
+    address: str = "0.0.0.0"
+    port: int = 3322
+    admin_password: str = "immudb"
+    synced: bool = True
+    max_sessions: int = SESSIONS_MAX_DEFAULT
+    metrics_server: bool = True
+    metrics_server_port: int = 9497
+    pidfile: str = ""
+    logfile: str = ""
+    signing_key: str = ""
+    # server-level replication of systemdb and defaultdb (issue: replication)
+    replication: dict = field(default_factory=dict)
+
+
+class Node:
+    def __init__(self, options: NodeOptions):
+        self.options = options
+        self.started_at = time.time()
+        self.connections = set()
+        self.databases: Dict[str, Database] = {}
+        self.settings: Dict[str, dict] = {}
+        self.read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="immucore-read")
+        os.makedirs(options.dir, exist_ok=True)
+        self.systemdb = open_database(os.path.join(options.dir, "systemdb"), name="systemdb",
+                                      durable=options.synced)
+        self.users = auth.UserStore(self.systemdb)
+        auth.ensure_sysadmin(self.users, options.admin_password)
+        self.sessions = auth.SessionManager(options.max_sessions,
+                                            inactivity_timeout_seconds=SESSION_INACTIVITY_SECONDS)
+        self.token_sessions = auth.SessionManager(
+            options.max_sessions, inactivity_timeout_seconds=TOKEN_SESSION_INACTIVITY_SECONDS)
+        # Any change of a user (password, permissions, deactivation) ends its sessions.
+        self.users.add_listener(self.sessions.user_changed)
+        self.users.add_listener(self.token_sessions.user_changed)
+        self._open("defaultdb", dbsettings.defaults())
+        for name, stored in self._stored_settings().items():
+            self.settings[name] = stored
+            if stored["autoload"]:
+                self._open(name, stored)
+        self._server = None
+
+    # --- databases ------------------------------------------------------------------------
+
+    def _stored_settings(self) -> Dict[str, dict]:
+        out = {}
+        for entry in self.systemdb.scan(prefix=SETTINGS_PREFIX, limit=1000):
+            record = json.loads(entry.value)
+            out[entry.key[1:].decode()] = dbsettings.from_stored(record["settings"]) | {
+                "created_by": record.get("createdBy", ""),
+                "created_at": record.get("createdAt", "")}
+        return out
+
+    def _open(self, name: str, s: dict) -> Database:
+        database = open_database(os.path.join(self.options.dir, name), name=name,
+                                 replica=bool(s["replica"]), durable=self.options.synced,
+                                 header_version=s["write_tx_header_version"],
+                                 max_tx_entries=s["max_tx_entries"], max_key_len=s["max_key_len"],
+                                 max_value_len=s["max_value_len"])
+        self.databases[name] = database
+        self.settings.setdefault(name, s)
+        return database
+
+    def _persist(self, name: str, s: dict, by_user: str):
+        record = {"settings": dbsettings.to_stored(s), "createdBy": s.get("created_by") or by_user,
+                  "createdAt": s.get("created_at") or dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "updatedBy": by_user}
+        self.systemdb.set({SETTINGS_PREFIX + name.encode(): json.dumps(record).encode()})
+
+    def database(self, name: str) -> Database:
+        if name == "systemdb":
+            return self.systemdb
+        database = self.databases.get(name)
+        if database is None:
+            if name in self.settings:
+                raise DatabaseError(f"database {name} is not loaded")
+            raise DatabaseError(f"database {name} does not exist")
+        return database
+
+    def create_database(self, name: str, requested: dict, by_user: str,
+                        if_not_exists: bool = False) -> dict:
+        dbsettings.check_database_name(name)
+        if name in dbsettings.RESERVED_DATABASES:
+            raise DatabaseError("database is reserved")
+        if name in self.settings:
+            if if_not_exists:
+                return self.settings[name]
+            raise DatabaseError("database already exists")
+        s = dbsettings.merge(None, requested, creating=True)
+        dbsettings.validate(name, s)
+        s["created_by"] = by_user
+        s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        self._persist(name, s, by_user)
+        self.settings[name] = s
+        self._open(name, s)
+        log.info("database %s created by %s (replica: %s)", name, by_user, s["replica"])
+        return s
+
+    def update_database(self, name: str, requested: dict, by_user: str) -> dict:
+        dbsettings.check_database_name(name)
+        if name in dbsettings.RESERVED_DATABASES:
+            raise DatabaseError("database is reserved")
+        current = self.settings.get(name)
+        if current is None:
+            raise DatabaseError(f"database {name} does not exist")
+        s = dbsettings.merge(current, requested, creating=False)
+        dbsettings.validate(name, s)
+        self._persist(name, s, by_user)
+        self.settings[name] = s
+        if name in self.databases:
+            self.databases[name].set_replica(bool(s["replica"]))
+        return s
+
+    def load_database(self, name: str):
+        if name not in self.settings:
+            raise DatabaseError(f"database {name} does not exist")
+        if name in self.databases:
+            raise DatabaseError(f"database {name} is already loaded")
+        self._open(name, self.settings[name])
+
+    def unload_database(self, name: str):
+        if name in dbsettings.RESERVED_DATABASES:
+            raise DatabaseError("database is reserved")
+        database = self.databases.pop(name, None)
+        if database is None:
+            raise DatabaseError(f"database {name} is not loaded")
+        database.close()
+
+    def delete_database(self, name: str, by_user: str):
+        """Delete an unloaded database: its settings are marked deleted and its folder removed."""
+        dbsettings.check_database_name(name)
+        if name in dbsettings.RESERVED_DATABASES:
+            raise DatabaseError("database is reserved")
+        if name not in self.settings:
+            raise DatabaseError(f"database {name} does not exist")
+        if name in self.databases:
+            raise DatabaseError(f"database {name} must be unloaded before it is deleted")
+        self.systemdb.delete([SETTINGS_PREFIX + name.encode()])
+        del self.settings[name]
+        shutil.rmtree(os.path.join(self.options.dir, name), ignore_errors=True)
+
+    def list_databases(self) -> list:
+        out = []
+        for name in ["defaultdb"] + sorted(n for n in self.settings if n != "defaultdb"):
+            s = self.settings.get(name, dbsettings.defaults())
+            database = self.databases.get(name)
+            out.append({
+                "name": name, "loaded": database is not None, "replica": bool(s["replica"]),
+                "created_by": s.get("created_by", ""), "created_at": s.get("created_at", ""),
+                "tx_count": database.current_state().tx_id if database else None,
+                "disk_size_bytes": _folder_size(os.path.join(self.options.dir, name)),
+            })
+        return out
+
+    # --- connections ----------------------------------------------------------------------
+
+    def refuse_connection(self, peer) -> Optional[str]:
+        """Protected mode: while the sysadmin password is the default, only loopback peers."""
+        if not peer or not auth.using_default_password(self.users):
+            return None
+        try:
+            if ipaddress.ip_address(peer[0]).is_loopback:
+                return None
+        except ValueError:
+            return None
+        return ("immucore is in protected mode: the sysadmin password is still the default, so "
+                "only loopback connections are accepted. Change it (immuadmin user "
+                "changepassword immudb) or start the node with --admin-password")
+
+    async def serve(self, dispatch):
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Connection(self, dispatch),
+                                                self.options.address, self.options.port,
+                                                reuse_address=True)
+        return self._server
+
+    async def close(self):
+        """Stop accepting, let in-flight requests finish, then close every database."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
+        self.read_pool.shutdown(wait=True)
+        for database in list(self.databases.values()):
+            database.close()
+        self.databases.clear()
+        self.systemdb.close()
+
+    def banner(self) -> str:
+        roles = ", ".join(f"{name}{' (replica)' if self.settings.get(name, {}).get('replica') else ''}"
+                          for name in self.databases)
+        return (f"immucore {__version__} listening on {self.options.address}:{self.options.port}"
+                f", data in {os.path.abspath(self.options.dir)}, databases: systemdb, {roles}")
+
+
+def _folder_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
