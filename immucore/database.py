@@ -209,6 +209,11 @@ class Database:
         Txs this database already holds with the same Alh are no-ops (immudb's "tx already
         committed"); a different Alh raises ``ReplicaDivergedError``.
         """
+        return [TxHeader(*h) for h in self.replicate_txs_async(blobs).result()]
+
+    def replicate_txs_async(self, blobs: List[bytes]):
+        """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples,
+        so a replicator can keep the next batch hashing while this one is fsynced."""
         self._check_open()
         if not self.is_replica:
             raise NotReplicaError()
@@ -220,7 +225,7 @@ class Database:
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
                 f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
-        return [TxHeader(*h) for h in self._writer.submit_replicate(blobs).result()]
+        return self._writer.submit_replicate(blobs)
 
     # --- reads ----------------------------------------------------------------------------
 

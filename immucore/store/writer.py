@@ -1,11 +1,16 @@
-"""The one thread that writes the transaction log: group commit of many txs per LMDB transaction.
+"""The writer: the only code that appends to the transaction log, as a two-stage pipeline.
 
 Callers (any thread, or the event loop through ``asyncio.wrap_future``) submit work and get a
-``concurrent.futures.Future``. The writer takes every request waiting in its queue (up to
-COMMIT_BATCH_TXS_MAX / COMMIT_BATCH_BYTES_MAX), seals them into chained transactions with the
-codec, appends them with one LMDB write transaction and one fsync, then resolves the futures. A
-future resolves only after the commit is durable, so "acknowledged" means "on disk". The chain
-state (last id, last Alh, AHT peaks) is owned by this thread and only replaced after a commit.
+``concurrent.futures.Future``. Stage 1, the *sealer* thread, takes every request waiting in the
+queue (group commit, bounded by COMMIT_BATCH_TXS_MAX / COMMIT_BATCH_BYTES_MAX) and seals it with
+the codec into chained transactions (hashing runs in C without the GIL). Stage 2, the *committer*
+thread, appends each sealed batch with one LMDB write transaction and one fsync, then resolves
+the futures. While batch k is being fsynced, batch k+1 is being hashed, so the two costs overlap
+instead of adding up. At most COMMIT_PIPELINE_BATCHES sealed batches wait between the stages.
+
+A future resolves only after its commit is durable: "acknowledged" means "on disk". If a commit
+fails, every batch sealed after it (it chains onto the failed one) fails too, and the sealer
+restarts from the last committed state: a *generation* number tells stale batches apart.
 """
 from __future__ import annotations
 
@@ -18,12 +23,18 @@ from concurrent.futures import Future
 from typing import Callable, List, Optional
 
 from .. import codec
-from ..constants import COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, WRITE_QUEUE_TXS_MAX
-from ..errors import DatabaseClosedError, IllegalArgumentsError, ReplicaDivergedError
+from ..constants import (COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, COMMIT_PIPELINE_BATCHES,
+                         WRITE_QUEUE_TXS_MAX)
+from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
+                      ReplicaDivergedError)
 
 log = logging.getLogger("immucore.writer")
 _U64 = struct.Struct(">Q")
 _SET, _REPLICATE, _STOP = "set", "replicate", "stop"
+
+
+class CommitAbortedError(ImmucoreError):
+    """An earlier commit this tx was chained onto failed; nothing of it was written."""
 
 
 class ChainState:
@@ -43,6 +54,15 @@ class _Request:
         self.present = []      # replicate: headers of txs the log already held (no-ops)
 
 
+class _Sealed:
+    """A batch between the stages: its requests, their sealed txs and the state after them."""
+    __slots__ = ("requests", "sealed", "state", "generation")
+
+    def __init__(self, requests, sealed, state, generation):
+        self.requests, self.sealed, self.state, self.generation = (requests, sealed, state,
+                                                                   generation)
+
+
 class Writer:
     def __init__(self, log_env, state: ChainState, *, header_version: int, limits: tuple,
                  read_alh: Callable[[int], bytes], on_commit: Callable[[ChainState], None],
@@ -50,16 +70,24 @@ class Writer:
         self._env = log_env
         self._tx_db = log_env.dbs["tx"]
         self._aht_db = log_env.dbs["aht"]
-        self.state = state
+        self.state = state                 # committed: what readers see
+        self._sealed_state = state         # sealer's tip: committed + batches in the pipeline
+        self._sealer_generation = 0
+        self._generation = 0               # bumped by the committer when a commit fails
         self._header_version = header_version
         self._limits = limits
         self._read_alh = read_alh
         self._on_commit = on_commit
         self._queue: "queue.Queue[_Request]" = queue.Queue(maxsize=WRITE_QUEUE_TXS_MAX)
+        self._sealed: "queue.Queue[Optional[_Sealed]]" = queue.Queue(
+            maxsize=COMMIT_PIPELINE_BATCHES)
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"immucore-writer-{name}",
+        self._sealer = threading.Thread(target=self._run_sealer, name=f"immucore-sealer-{name}",
                                         daemon=True)
-        self._thread.start()
+        self._committer = threading.Thread(target=self._run_committer,
+                                           name=f"immucore-committer-{name}", daemon=True)
+        self._sealer.start()
+        self._committer.start()
 
     # --- API used by Database (any thread) ----------------------------------------------------
 
@@ -71,11 +99,13 @@ class Writer:
         return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs)))
 
     def close(self):
+        """Finish everything queued, then stop both threads."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(_Request(_STOP, None))
-        self._thread.join()
+        self._sealer.join()
+        self._committer.join()
 
     def _submit(self, request: _Request) -> Future:
         if self._closed:
@@ -83,15 +113,16 @@ class Writer:
         self._queue.put(request)
         return request.future
 
-    # --- the writer thread ------------------------------------------------------------------
+    # --- stage 1: sealing -------------------------------------------------------------------
 
-    def _run(self):
+    def _run_sealer(self):
         pending: Optional[_Request] = None
         while True:
             first = pending or self._queue.get()
             pending = None
             if first.kind == _STOP:
                 self._fail_queued()
+                self._sealed.put(None)
                 return
             batch: List[_Request] = [first]
             txs, size = first.tx_count, first.size_bytes
@@ -107,11 +138,15 @@ class Writer:
                 batch.append(nxt)
                 txs += nxt.tx_count
                 size += nxt.size_bytes
+            if self._sealer_generation != self._generation:
+                # a commit failed: restart the chain from what is really on disk
+                self._sealer_generation = self._generation
+                self._sealed_state = self.state
             if first.kind == _SET:
-                self._commit_sets(batch)
+                self._seal_sets(batch)
             else:
                 for request in batch:     # each replicate request is all-or-nothing on its own
-                    self._commit_replicate(request)
+                    self._seal_replicate(request)
 
     def _fail_queued(self):
         while True:
@@ -122,52 +157,55 @@ class Writer:
             if request.kind != _STOP:
                 request.future.set_exception(DatabaseClosedError())
 
-    def _commit_sets(self, batch: List[_Request]):
-        state = self.state
-        peaks = list(state.peaks)
+    def _seal_sets(self, batch: List[_Request]):
+        tip = self._sealed_state
+        peaks = list(tip.peaks)
         try:
-            sealed = codec.build_txs(self._header_version, state.tx_id + 1, state.alh, peaks,
+            sealed = codec.build_txs(self._header_version, tip.tx_id + 1, tip.alh, peaks,
                                      int(time.time()), [r.payload for r in batch], self._limits)
         except IllegalArgumentsError as exc:
             if len(batch) == 1:
                 batch[0].future.set_exception(exc)
                 return
             # One bad request must not fail its neighbours: find the bad ones by sealing each on
-            # a scratch chain, fail them, and commit the rest together (still one fsync).
+            # a scratch chain, fail them, and seal the rest together (still one fsync).
             good = []
             for request in batch:
                 try:
-                    codec.build_txs(self._header_version, 1, state.alh, [], 0,
+                    codec.build_txs(self._header_version, 1, tip.alh, [], 0,
                                     [request.payload], self._limits)
                     good.append(request)
                 except IllegalArgumentsError as bad:
                     request.future.set_exception(bad)
             if good:
-                self._commit_sets(good)
+                self._seal_sets(good)
             return
-        self._append(batch, sealed, peaks)
+        self._hand_over(batch, sealed, peaks)
 
-    def _commit_replicate(self, request: _Request):
+    def _seal_replicate(self, request: _Request):
         try:
             request.present, blobs = self._skip_present(request.payload)
-            peaks = list(self.state.peaks)
-            sealed = codec.replicate_blobs(blobs, self.state.tx_id + 1, self.state.alh, peaks,
-                                           self._limits)
+            tip = self._sealed_state
+            peaks = list(tip.peaks)
+            sealed = codec.replicate_blobs(blobs, tip.tx_id + 1, tip.alh, peaks, self._limits)
         except Exception as exc:       # noqa: BLE001 - reported to the caller, nothing written
             request.future.set_exception(exc)
             return
-        self._append([request], sealed, peaks)
+        self._hand_over([request], sealed, peaks)
 
-    def _skip_present(self, blobs: list) -> list:
+    def _skip_present(self, blobs: list):
         """Split off blobs of txs this log already holds; a different Alh there is divergence."""
-        last = self.state.tx_id
+        committed, tip = self.state.tx_id, self._sealed_state.tx_id
         start, present = 0, []
         for blob in blobs:
             if len(blob) < 12:
                 raise IllegalArgumentsError("export blob too short")
             tx_id = _U64.unpack_from(blob, 4)[0]
-            if tx_id == 0 or tx_id > last:
+            if tx_id == 0 or tx_id > tip:
                 break
+            if tx_id > committed:
+                raise IllegalArgumentsError(
+                    f"tx {tx_id} is being committed by an earlier request; retry after it")
             header, blob_alh = codec.verify_blob(blob, self._limits)
             if blob_alh != self._read_alh(tx_id):
                 raise ReplicaDivergedError(
@@ -177,8 +215,29 @@ class Writer:
             start += 1
         return present, blobs[start:]
 
-    def _append(self, batch: List[_Request], sealed: list, peaks: list):
+    def _hand_over(self, batch: List[_Request], sealed: list, peaks: list):
+        if sealed:
+            last_header, last_alh = sealed[-1][0], sealed[-1][1]
+            self._sealed_state = ChainState(last_header[0], last_alh, peaks)
+        self._sealed.put(_Sealed(batch, sealed, self._sealed_state, self._sealer_generation))
+
+    # --- stage 2: committing ----------------------------------------------------------------
+
+    def _run_committer(self):
+        while True:
+            item = self._sealed.get()
+            if item is None:
+                return
+            if item.generation != self._generation:
+                for request in item.requests:
+                    request.future.set_exception(CommitAbortedError(
+                        "commit aborted: an earlier commit this tx was chained onto failed"))
+                continue
+            self._commit(item)
+
+    def _commit(self, item: _Sealed):
         """Write sealed txs in one LMDB transaction, then resolve the batch's futures."""
+        sealed = item.sealed
         if sealed:
             tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
             aht_rows = [(_U64.pack(header[0]), nodes) for header, _, _, nodes in sealed]
@@ -193,17 +252,16 @@ class Writer:
                 self._env.write(write)
             except Exception as exc:       # noqa: BLE001 - disk full, I/O error: nothing acked
                 log.error("commit of %d txs failed: %s", len(sealed), exc)
-                for request in batch:
+                self._generation += 1      # batches sealed after this one are now stale
+                for request in item.requests:
                     request.future.set_exception(exc)
                 return
-            last_header, last_alh = sealed[-1][0], sealed[-1][1]
-            self.state = ChainState(last_header[0], last_alh, peaks)
+            self.state = item.state
             self._on_commit(self.state)
         # Hand each caller its own headers: a set gets one, a replicate call one per new tx.
         position = 0
-        for request in batch:
+        for request in item.requests:
             count = len(sealed) if request.kind == _REPLICATE else 1
-            headers = request.present + [item[0] for item in sealed[position:position + count]]
+            headers = request.present + [s[0] for s in sealed[position:position + count]]
             position += count
             request.future.set_result(headers)
-
