@@ -1,12 +1,14 @@
 """The store's mechanisms: map growth, group commit, index recovery, bad requests in a batch."""
 import struct
 import threading
+import time
 
 import lmdb
 import pytest
 
-from immucore import IllegalArgumentsError, codec
+from immucore import IllegalArgumentsError, KeyNotFoundError, codec
 from immucore.database import open_database
+from immucore.store.writer import CommitAbortedError
 from immucore.store.indexer import INDEXED_TX_KEY
 
 
@@ -117,3 +119,40 @@ def test_settings_persist_and_header_version_is_fixed(tmp_path):
 
 def test_codec_in_use_is_reported():
     assert codec.IMPLEMENTATION in ("native", "pure")
+
+
+def test_a_failed_commit_aborts_what_was_chained_onto_it_and_the_chain_stays_whole(tmp_path):
+    """Fault injection at the LMDB write: the batch fails, the batch sealed on top of it while it
+    was being written is aborted (never written with a broken prevAlh), and later writes chain
+    onto what is on disk."""
+    db = open_database(str(tmp_path / "db"))
+    real_write = db._log.write
+    calls = {"n": 0}
+
+    def failing_write(body):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            deadline = time.monotonic() + 10       # hold until the next batch is sealed on us
+            while db._writer._sealed.qsize() == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            raise OSError(28, "No space left on device (injected)")
+        return real_write(body)
+
+    db._log.write = failing_write
+    first = db.set_async({b"first": b"v"})
+    first.result()
+    failing = db.set_async({b"fails": b"v"})
+    while calls["n"] < 2:
+        time.sleep(0.001)
+    chained = [db.set_async({f"chained{n}".encode(): b"v"}) for n in range(20)]
+    with pytest.raises(OSError, match="injected"):
+        failing.result()
+    for future in chained:
+        with pytest.raises(CommitAbortedError):
+            future.result()
+    header = db.set({b"after": b"ok"})
+    assert header.id == 2 and header.prev_alh == db.tx_by_id(1).header.alh()
+    assert db.audit() == 2
+    with pytest.raises(KeyNotFoundError):
+        db.get(b"chained0")
+    db.close()
