@@ -61,8 +61,14 @@ class StateStore:
 class AsyncClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 3322, *,
                  timeout: float = CLIENT_TIMEOUT_SECONDS_DEFAULT, ssl=None,
-                 state_store: Optional[StateStore] = None):
+                 state_store: Optional[StateStore] = None, server_public_key=None):
+        """``server_public_key`` (a PEM file path or the raw point): every state the node returns
+        must then carry its valid signature (``--signingKey`` on the node)."""
         self.host, self.port, self.timeout, self._ssl = host, port, timeout, ssl
+        self.server_public_key = None
+        if server_public_key is not None:
+            from .signing import load_public_key
+            self.server_public_key = load_public_key(server_public_key)
         self.state_store = state_store or StateStore()
         self.database: Optional[str] = None
         self.session_token: Optional[str] = None
@@ -229,22 +235,50 @@ class AsyncClient:
         return from_wire((await self.call(Msg.TX_BY_ID, {"tx_id": tx_id}))["tx"])
 
     async def current_state(self) -> State:
-        return from_wire((await self.call(Msg.CURRENT_STATE))["state"])
+        answer = await self.call(Msg.CURRENT_STATE)
+        state = from_wire(answer["state"])
+        self._check_signed(answer, state.db, state.tx_id, state.tx_hash)
+        return state
+
+    def _check_signed(self, answer: dict, db: str, tx_id: int, tx_hash: bytes):
+        """With a server key configured, the answer's signed state must be this state."""
+        if self.server_public_key is None:
+            return
+        from .signing import verify_state_signature
+        signed = answer.get("signed") or {}
+        if "signature" not in signed:
+            raise VerificationError("the node did not sign its state (is --signingKey set?)")
+        if (signed.get("db"), signed.get("tx_id"), signed.get("tx_hash")) != (db, tx_id, tx_hash):
+            raise VerificationError("the signed state is not the state returned")
+        verify_state_signature(self.server_public_key, db, tx_id, tx_hash, signed["signature"])
+
+    def _check_signed_target(self, answer: dict, vtx):
+        target = vtx.dual_proof.target_tx_header
+        self._check_signed(answer, self.database, target.id, target.alh())
 
     async def verifiable_set(self, kvs, *, prove_since_tx: int, metadata=None):
         body = _set_body(kvs, metadata)
         body["prove_since_tx"] = prove_since_tx
-        return from_wire((await self.call(Msg.VERIFIABLE_SET, body))["verifiable_tx"])
+        answer = await self.call(Msg.VERIFIABLE_SET, body)
+        vtx = from_wire(answer["verifiable_tx"])
+        self._check_signed_target(answer, vtx)
+        return vtx
 
     async def verifiable_get(self, key: bytes, *, prove_since_tx: int, at_tx: int = 0,
                              since_tx: int = 0, at_revision: int = 0):
-        return from_wire((await self.call(Msg.VERIFIABLE_GET, {
+        answer = await self.call(Msg.VERIFIABLE_GET, {
             "key": key, "prove_since_tx": prove_since_tx, "at_tx": at_tx, "since_tx": since_tx,
-            "at_revision": at_revision}))["verifiable_entry"])
+            "at_revision": at_revision})
+        ventry = from_wire(answer["verifiable_entry"])
+        self._check_signed_target(answer, ventry.verifiable_tx)
+        return ventry
 
     async def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int):
-        return from_wire((await self.call(Msg.VERIFIABLE_TX_BY_ID, {
-            "tx_id": tx_id, "prove_since_tx": prove_since_tx}))["verifiable_tx"])
+        answer = await self.call(Msg.VERIFIABLE_TX_BY_ID, {"tx_id": tx_id,
+                                                           "prove_since_tx": prove_since_tx})
+        vtx = from_wire(answer["verifiable_tx"])
+        self._check_signed_target(answer, vtx)
+        return vtx
 
     async def export_tx(self, tx_id: int) -> bytes:
         return (await self.call(Msg.EXPORT_TX, {"tx_id": tx_id}))["blob"]
@@ -300,8 +334,9 @@ class AsyncClient:
         return entry
 
     def _check_and_advance(self, trusted: State, vtx):
-        """Verify the dual proof from the trusted state and the tx's own entries; then trust
-        the newer of the two states."""
+        """Check the tx against its own header, the dual proof between it and the trusted state,
+        then trust the newer end. With no trusted state yet (tx id 0), the first proven tx is
+        trusted as it is (trust on first use, as immudb's SDKs do)."""
         tx, proof = vtx.tx, vtx.dual_proof
         header = tx.header
         digests = [codec.entry_digest(header.version, e.key,
@@ -309,26 +344,20 @@ class AsyncClient:
                    for e in tx.entries]
         if len(digests) != header.nentries or codec.entries_hash(digests) != header.eh:
             raise VerificationError("tx entries do not hash to the header's Eh")
-        if trusted.tx_id == 0:
-            newest = header if proof.target_tx_header.id <= header.id else proof.target_tx_header
-            # trust on first use: still check the proof is internally consistent
-            source, target = proof.source_tx_header, proof.target_tx_header
-            if not verify.verify_dual_proof(proof, source.id, target.id, source.alh(),
-                                            target.alh()):
-                raise VerificationError("dual proof does not verify")
-        else:
-            source, target = proof.source_tx_header, proof.target_tx_header
-            ok_ends = ((source.id == trusted.tx_id and target.id == header.id) or
-                       (source.id == header.id and target.id == trusted.tx_id))
-            trusted_alh = source.alh() if source.id == trusted.tx_id else target.alh()
-            if not ok_ends or trusted_alh != trusted.tx_hash:
-                raise VerificationError("proof does not start from the trusted state")
-            if not verify.verify_dual_proof(proof, source.id, target.id, source.alh(),
-                                            target.alh()):
-                raise VerificationError("dual proof does not verify")
-            newest = target
-        if newest.id > trusted.tx_id:
-            self.state_store.put(self._server_id(), State(self.database, newest.id, newest.alh()))
+        source, target = proof.source_tx_header, proof.target_tx_header
+        if header not in (source, target):
+            raise VerificationError("the proof is not about the returned tx")
+        if trusted.tx_id:
+            ends = {source.id, target.id}
+            trusted_end = source if source.id == trusted.tx_id else target
+            if ends != {trusted.tx_id, header.id} or trusted_end.alh() != trusted.tx_hash:
+                raise VerificationError("the proof does not start from the trusted state")
+        elif source != target:
+            raise VerificationError("a first proof must be about the returned tx alone")
+        if not verify.verify_dual_proof(proof, source.id, target.id, source.alh(), target.alh()):
+            raise VerificationError("dual proof does not verify")
+        if target.id > trusted.tx_id:
+            self.state_store.put(self._server_id(), State(self.database, target.id, target.alh()))
 
     # --- administration ---------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from .. import __version__
 from ..errors import IllegalArgumentsError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
-from ..types import KVMetadata, TxHeader
+from ..types import KVMetadata, State, TxHeader
 from . import auth, settings as dbsettings
 from .node import DatabaseError, Node
 
@@ -210,14 +210,20 @@ class Dispatcher:
         return {"tx": to_wire(await self._read(db.tx_by_id, _field(body, "tx_id", int)))}
 
     async def current_state(self, conn, body):
-        return {"state": to_wire(self._db(conn, "read").current_state())}
+        state = self._db(conn, "read").current_state()
+        return {"state": to_wire(state), "signed": self.node.signed_state(state)}
+
+    def _signed_target(self, db, vtx) -> dict:
+        """immudb signs the state of the dual proof's target."""
+        target = vtx.dual_proof.target_tx_header
+        return self.node.signed_state(State(db.name, target.id, target.alh()))
 
     async def verifiable_set(self, conn, body):
         db = self._db(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
         headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body)))
         vtx = await self._read(db.verifiable_tx_by_id, headers[0][0], prove_since_tx=prove_since)
-        return {"verifiable_tx": to_wire(vtx)}
+        return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
     async def verifiable_get(self, conn, body):
         db = self._db(conn, "read")
@@ -226,13 +232,14 @@ class Dispatcher:
                                   at_tx=_field(body, "at_tx", int, 0),
                                   since_tx=_field(body, "since_tx", int, 0),
                                   at_revision=_field(body, "at_revision", int, 0))
-        return {"verifiable_entry": to_wire(ventry)}
+        return {"verifiable_entry": to_wire(ventry),
+                "signed": self._signed_target(db, ventry.verifiable_tx)}
 
     async def verifiable_tx_by_id(self, conn, body):
         db = self._db(conn, "read")
         vtx = await self._read(db.verifiable_tx_by_id, _field(body, "tx_id", int),
                                prove_since_tx=_field(body, "prove_since_tx", int))
-        return {"verifiable_tx": to_wire(vtx)}
+        return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
     async def export_tx(self, conn, body):
         db = self._db(conn, "admin")

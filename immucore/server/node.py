@@ -79,6 +79,10 @@ class Node:
             if stored["autoload"]:
                 self._open(name, stored)
         self._server = None
+        self.signer = None
+        if options.signing_key:
+            from ..signing import StateSigner
+            self.signer = StateSigner.from_pem_file(options.signing_key)
 
     # --- databases ------------------------------------------------------------------------
 
@@ -106,6 +110,14 @@ class Node:
                   "createdAt": s.get("created_at") or dt.datetime.now(dt.timezone.utc).isoformat(),
                   "updatedBy": by_user}
         self.systemdb.set({SETTINGS_PREFIX + name.encode(): json.dumps(record).encode()})
+
+    def signed_state(self, state) -> dict:
+        """A state for the wire, with immudb's signature when the node has a signing key."""
+        out = {"db": state.db, "tx_id": state.tx_id, "tx_hash": state.tx_hash}
+        if self.signer is not None:
+            out["signature"] = self.signer.sign(state.db, state.tx_id, state.tx_hash)
+            out["public_key"] = self.signer.public_key
+        return out
 
     def database(self, name: str) -> Database:
         if name == "systemdb":
