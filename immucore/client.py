@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import threading
 from typing import Any, AsyncIterator, Dict, List, Optional
 
@@ -85,6 +86,10 @@ class AsyncClient:
             return
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, ssl=self._ssl), self.timeout)
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # small pipelined requests must not wait for Nagle's algorithm
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._closed_error = None
         self._read_task = asyncio.ensure_future(self._read_loop())
 

@@ -465,6 +465,10 @@ class Database:
         with self._log.read(buffers=True) as txn:
             return self._alh_in(txn, tx_id)
 
+    def index_covers(self, since_tx: int = 0) -> bool:
+        """Whether a read with ``since_tx`` would run without waiting for the index."""
+        return self._indexer.indexed_tx_id >= max(since_tx, self._writer.state.tx_id)
+
     def _wait_index(self, since_tx: int):
         """Reads see every tx committed before they started (or ``since_tx``, if later)."""
         self._check_open()

@@ -77,12 +77,16 @@ _TYPES = {cls.__name__: cls for cls in (
     types.VerifiableEntry, types.State)}
 
 
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
+
+
 def to_wire(value: Any) -> Any:
-    """Dataclasses become ``{"_t": name, field: value, ...}``; tuples become lists."""
-    if dataclasses.is_dataclass(value):
+    """Result types become ``{"_t": name, field: value, ...}``; tuples become lists."""
+    fields = _FIELDS.get(type(value))
+    if fields is not None:
         out = {"_t": type(value).__name__}
-        for field in dataclasses.fields(value):
-            out[field.name] = to_wire(getattr(value, field.name))
+        for name in fields:
+            out[name] = to_wire(getattr(value, name))
         return out
     if isinstance(value, (list, tuple)):
         return [to_wire(v) for v in value]
@@ -95,11 +99,11 @@ def from_wire(value: Any) -> Any:
         if cls is None:
             raise errors.IllegalArgumentsError(f"unknown result type {value['_t']!r}")
         kwargs = {}
-        for field in dataclasses.fields(cls):
-            item = from_wire(value.get(field.name))
+        for name in _FIELDS[cls]:
+            item = from_wire(value.get(name))
             if isinstance(item, list):
                 item = tuple(item)
-            kwargs[field.name] = item
+            kwargs[name] = item
         return cls(**kwargs)
     if isinstance(value, list):
         return [from_wire(v) for v in value]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
@@ -20,6 +21,14 @@ from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, 
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
 
 log = logging.getLogger("immucore.server")
+
+
+def _no_delay(transport):
+    """Answers are small and pipelined: Nagle's algorithm would hold them for the peer's
+    delayed ACK (tens of milliseconds per round trip)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Connection(asyncio.Protocol):
@@ -44,6 +53,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        _no_delay(transport)
         transport.set_write_buffer_limits(high=CONNECTION_SEND_BUFFER_BYTES_MAX)
         refusal = self.node.refuse_connection(self.peer)
         if refusal:

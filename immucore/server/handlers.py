@@ -84,14 +84,15 @@ class Dispatcher:
         return self.node.token_sessions if conn.detached else self.node.sessions
 
     def _session(self, conn):
-        """The connection's session and user, re-checked on every request: the session must be
-        live (not logged out, expired or ended by a change of its user) and the user active."""
+        """The connection's session and user, re-checked on every request. The session carries
+        its user as of login; any change of that user (password, permissions, deactivation)
+        ends the session (``UserStore`` listeners), so a live session's user is current."""
         try:
             session = self._manager(conn).get(conn.session)
-            user = self.node.users.get_user(session.username)
         except auth.AuthError:
             conn.logged_out()
             raise
+        user = session.user
         if not user.active:
             self._manager(conn).close(session.id)
             conn.logged_out()
@@ -110,9 +111,17 @@ class Dispatcher:
         return self.node.database(name)
 
     async def _read(self, fn, *args, **kwargs):
+        """Run a blocking call on the node's read threads (index waits, hashing, fsyncs)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.node.read_pool,
                                           functools.partial(fn, *args, **kwargs))
+
+    async def _index_read(self, db, needed_tx: int, fn, *args, **kwargs):
+        """A key-index read: inline when the index already covers what it needs (a few LMDB
+        lookups, cheaper than two thread hops), on a read thread when it must wait."""
+        if db.index_covers(needed_tx):
+            return fn(*args, **kwargs)
+        return await self._read(fn, *args, **kwargs)
 
     # --- session --------------------------------------------------------------------------
 
@@ -181,15 +190,15 @@ class Dispatcher:
 
     async def get(self, conn, body):
         db = self._db(conn, "read")
-        entry = await self._read(db.get, _field(body, "key", bytes),
-                                 at_tx=_field(body, "at_tx", int, 0),
-                                 since_tx=_field(body, "since_tx", int, 0),
-                                 at_revision=_field(body, "at_revision", int, 0))
+        at_tx, since_tx = _field(body, "at_tx", int, 0), _field(body, "since_tx", int, 0)
+        entry = await self._index_read(db, max(at_tx, since_tx), db.get, _field(body, "key", bytes),
+                                       at_tx=at_tx, since_tx=since_tx,
+                                       at_revision=_field(body, "at_revision", int, 0))
         return {"entry": to_wire(entry)}
 
     async def history(self, conn, body):
         db = self._db(conn, "read")
-        entries = await self._read(db.history, _field(body, "key", bytes),
+        entries = await self._index_read(db, 0, db.history, _field(body, "key", bytes),
                                    offset=_field(body, "offset", int, 0),
                                    limit=_field(body, "limit", int, 0),
                                    desc=bool(body.get("desc", False)))
@@ -197,17 +206,19 @@ class Dispatcher:
 
     async def scan(self, conn, body):
         db = self._db(conn, "read")
-        entries = await self._read(db.scan, prefix=_field(body, "prefix", bytes, b""),
-                                   seek_key=_field(body, "seek_key", bytes, b""),
-                                   end_key=_field(body, "end_key", bytes, b""),
-                                   desc=bool(body.get("desc", False)),
-                                   limit=_field(body, "limit", int, 0),
-                                   since_tx=_field(body, "since_tx", int, 0))
+        since_tx = _field(body, "since_tx", int, 0)
+        entries = await self._index_read(db, since_tx, db.scan,
+                                         prefix=_field(body, "prefix", bytes, b""),
+                                         seek_key=_field(body, "seek_key", bytes, b""),
+                                         end_key=_field(body, "end_key", bytes, b""),
+                                         desc=bool(body.get("desc", False)),
+                                         limit=_field(body, "limit", int, 0),
+                                         since_tx=since_tx)
         return {"entries": to_wire(entries)}
 
     async def tx_by_id(self, conn, body):
         db = self._db(conn, "read")
-        return {"tx": to_wire(await self._read(db.tx_by_id, _field(body, "tx_id", int)))}
+        return {"tx": to_wire(db.tx_by_id(_field(body, "tx_id", int)))}
 
     async def current_state(self, conn, body):
         state = self._db(conn, "read").current_state()

@@ -1,0 +1,49 @@
+"""Node benchmarks over loopback (issue targets in brackets), durable:
+  32 connections, single-entry sets   [>= 15,000 tx/s]
+  1000-entry sets on one connection    [>= 500,000 entries/s]
+  pipelined gets on one connection     [>= 50,000 gets/s]
+``make test`` runs them once at a tiny size; ``IMMUCORE_BENCH_FULL=1`` (``make bench``) at size.
+"""
+import json
+import os
+
+import pytest
+
+from tests.nodes import running_node
+
+from . import node_workloads as w
+
+FULL = os.environ.get("IMMUCORE_BENCH_FULL") == "1"
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    with running_node(tmp_path_factory.mktemp("bench-node")) as running:
+        yield running
+
+
+def _run(benchmark, name, fn, *args):
+    result = {}
+    benchmark.pedantic(lambda: result.update(fn(*args)), rounds=3 if FULL else 1, iterations=1)
+    print(f"\n[{name}] " + json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                      for k, v in result.items()}))
+    benchmark.extra_info.update(result)
+    return result
+
+
+def test_concurrent_single_entry_sets(benchmark, node):
+    r = _run(benchmark, "32 connections x sets", w.concurrent_sets, node, 32,
+             300 if FULL else 3)
+    assert r["txs"] == 32 * (300 if FULL else 3)
+
+
+def test_batched_1000_entry_sets(benchmark, node):
+    r = _run(benchmark, "1000-entry sets, 1 connection", w.batched_sets, node,
+             300 if FULL else 2)
+    assert r["entries_per_s"] > 0
+
+
+def test_pipelined_gets(benchmark, node):
+    r = _run(benchmark, "pipelined gets, 1 connection", w.pipelined_gets, node,
+             100_000 if FULL else 300)
+    assert r["gets_per_s"] > 0

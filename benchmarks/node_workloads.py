@@ -1,0 +1,100 @@
+"""Workloads of the node benchmarks: a real node process on loopback, driven by AsyncClients on
+uvloop from this process. Each returns what it measured with its settings. The node is durable
+(--synced, the default: every acknowledged commit is fsynced). Client and node share the
+machine's cores, so these are end-to-end numbers of one box, not of the node alone."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from immucore.client import AsyncClient
+
+try:
+    import uvloop
+except ImportError:        # uvloop is a dependency; keep the stdlib loop as a fallback
+    uvloop = None
+
+
+def _run(coro):
+    if uvloop is not None:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        return asyncio.run(coro)
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+
+async def _clients(node, count: int):
+    clients = [AsyncClient(node.host, node.port) for _ in range(count)]
+    for client in clients:
+        await client.login("immudb", "immudb")
+    return clients
+
+
+def concurrent_sets(node, connections: int, txs_per_connection: int) -> dict:
+    """``connections`` clients, each doing sequential single-entry durable sets."""
+    async def main():
+        clients = await _clients(node, connections)
+
+        async def work(index, client):
+            for n in range(txs_per_connection):
+                await client.set({f"c{index}-{n}".encode(): b"x" * 100})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(work(i, c) for i, c in enumerate(clients)))
+        elapsed = time.perf_counter() - start
+        for client in clients:
+            await client.close()
+        return elapsed
+
+    elapsed = _run(main())
+    total = connections * txs_per_connection
+    return {"connections": connections, "txs": total, "entries_per_tx": 1, "durable": True,
+            "tx_per_s": total / elapsed}
+
+
+def batched_sets(node, txs: int, entries: int = 1000, in_flight: int = 4) -> dict:
+    """One connection sending 1000-entry sets, ``in_flight`` pipelined at a time."""
+    payloads = [{os.urandom(32): os.urandom(100) for _ in range(entries)} for _ in range(txs)]
+
+    async def main():
+        (client,) = await _clients(node, 1)
+        semaphore = asyncio.Semaphore(in_flight)
+
+        async def one(kvs):
+            async with semaphore:
+                await client.set(kvs)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in payloads))
+        elapsed = time.perf_counter() - start
+        await client.close()
+        return elapsed
+
+    elapsed = _run(main())
+    return {"txs": txs, "entries_per_tx": entries, "in_flight": in_flight, "durable": True,
+            "entries_per_s": txs * entries / elapsed}
+
+
+def pipelined_gets(node, gets: int, in_flight: int = 256) -> dict:
+    """One connection: bursts of ``in_flight`` gets sent back to back before any answer is read
+    (pipelining), on 1000 existing keys."""
+    async def main():
+        (client,) = await _clients(node, 1)
+        await client.set({f"key{n}".encode(): b"v" * 100 for n in range(1000)})
+        start = time.perf_counter()
+        done = 0
+        while done < gets:
+            burst = min(in_flight, gets - done)
+            entries = await asyncio.gather(*(client.get(f"key{(done + i) % 1000}".encode())
+                                             for i in range(burst)))
+            if any(e.value != b"v" * 100 for e in entries):
+                raise AssertionError("wrong value")
+            done += burst
+        elapsed = time.perf_counter() - start
+        await client.close()
+        return elapsed
+
+    elapsed = _run(main())
+    return {"gets": gets, "in_flight": in_flight, "gets_per_s": gets / elapsed}
