@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find ext immucore -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' -o -name '*.py') setup.py pyproject.toml
 
-.PHONY: run test test-slow bench clean
+.PHONY: run demo test test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The node on its defaults: port 3322, data in ./data, sysadmin immudb/immudb (loopback only
+# until that password is changed). Stop it with Ctrl-C.
 run: $(STAMP)
-	$(VENV)/bin/immucore-demo --dir ./data
+	$(VENV)/bin/immucore --dir ./data $(ARGS)
+
+# The embedded API without a server: write, prove, verify, replicate into ./demo-data.
+demo: $(STAMP)
+	$(VENV)/bin/immucore-demo --dir ./demo-data
 
 # The whole default suite, with the native codec required (never green on the fallback alone).
 test: $(STAMP)
