@@ -1,0 +1,100 @@
+"""Real node processes for integration tests: ``python -m immucore`` on a free loopback port.
+
+    with running_node(tmp_path) as node:          # node.host, node.port, node.dir
+        ...
+        node.restart()                            # SIGTERM, wait, start again on the same port
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional
+
+HOST = "127.0.0.1"
+START_SECONDS_MAX = 20.0
+STOP_SECONDS_MAX = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class NodeProcess:
+    """One node: its data folder, port and process; the log is kept in ``<dir>/../node.log``."""
+
+    def __init__(self, base_dir, extra_args=()):
+        self.base_dir = str(base_dir)
+        os.makedirs(self.base_dir, exist_ok=True)
+        self.dir = os.path.join(self.base_dir, "data")
+        self.log_path = os.path.join(self.base_dir, "node.log")
+        self.host, self.port = HOST, free_port()
+        self.extra_args = list(extra_args)
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self):
+        command = [sys.executable, "-m", "immucore", "--dir", self.dir, "--address", self.host,
+                   "--port", str(self.port), "--metrics-server=false", *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_SECONDS_MAX
+        while not port_accepts(self.host, self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"node did not listen within {START_SECONDS_MAX}s:\n"
+                                   f"{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM, then wait (SIGKILL only if it does not stop in time); the exit code."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_SECONDS_MAX)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
+            return f.read()
+        return ""
+
+
+@contextlib.contextmanager
+def running_node(tmp_path, *extra_args) -> Iterator[NodeProcess]:
+    """A node in ``tmp_path`` (its data in ``tmp_path/data``), stopped with SIGTERM at the end."""
+    node = NodeProcess(tmp_path, extra_args)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -1,0 +1,334 @@
+"""FrameDecoder / encode_frame (immucore/protocol/frames.py), named after the rule each test checks.
+
+The decoder is the first code that touches bytes from the network: whatever it is fed, it either
+returns whole, checksummed frames or raises ``ProtocolError`` — never another exception, never a
+wrong frame, and never an allocation sized by a length it has not checked yet.
+"""
+from __future__ import annotations
+
+import os
+import re
+import struct
+import tracemalloc
+
+import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from immucore.constants import (FRAME_BODY_BYTES_MAX, FRAME_HEADER_SIZE, FRAME_MAGIC,
+                                PREAUTH_FRAME_BODY_BYTES_MAX, PROTOCOL_VERSION)
+from immucore.protocol import messages
+from immucore.protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder,
+                                      ProtocolError, encode_frame)
+
+LIMIT = PREAUTH_FRAME_BODY_BYTES_MAX
+
+
+def forge_header(*, magic=FRAME_MAGIC, version=PROTOCOL_VERSION, msg_type=1, flags=0,
+                 request_id=0, body_len=0, reserved=0, body_hash=None, body=b"") -> bytes:
+    """A 40-byte header with any field values and a *valid* header checksum, so the decoder
+    gets past the checksum to the field it is meant to reject."""
+    if body_hash is None:
+        body_hash = xxhash.xxh64_intdigest(body)
+    head = struct.pack(">4sBBHQIIQ", magic, version, msg_type, flags, request_id, body_len,
+                       reserved, body_hash)
+    return head + struct.pack(">Q", xxhash.xxh64_intdigest(head))
+
+
+def sample_frames():
+    return [
+        (1, 0, 1, b""),
+        (11, 0, 2, messages.pack({"key": b"k" * 100, "at_tx": 0})),
+        (20, FLAG_STREAM, 2**64 - 1, os.urandom(300)),
+        (3, FLAG_ERROR | FLAG_END, 7, messages.pack({"code": "x", "message": "y"})),
+    ]
+
+
+def encoded(frames) -> bytes:
+    return b"".join(encode_frame(*f) for f in frames)
+
+
+# --- encoding and round trips -------------------------------------------------------------------
+
+def test_header_layout_is_as_documented():
+    body = b"hello"
+    frame = encode_frame(0x2A, FLAG_STREAM, 0x0102030405060708, body)
+    assert len(frame) == FRAME_HEADER_SIZE + len(body)
+    assert frame[0:4] == FRAME_MAGIC
+    assert frame[4] == PROTOCOL_VERSION
+    assert frame[5] == 0x2A
+    assert frame[6:8] == struct.pack(">H", FLAG_STREAM)
+    assert frame[8:16] == bytes.fromhex("0102030405060708")
+    assert frame[16:20] == struct.pack(">I", len(body))
+    assert frame[20:24] == b"\0\0\0\0"
+    assert frame[24:32] == struct.pack(">Q", xxhash.xxh64_intdigest(body))
+    assert frame[32:40] == struct.pack(">Q", xxhash.xxh64_intdigest(frame[:32]))
+    assert frame[40:] == body
+    assert frame[:40] == forge_header(msg_type=0x2A, flags=FLAG_STREAM,
+                                      request_id=0x0102030405060708, body_len=5, body=body)
+
+
+def test_round_trip_one_frame_at_a_time():
+    for frame in sample_frames():
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        assert decoder.feed(encode_frame(*frame)) == [frame]
+        assert decoder.buffered_bytes == 0
+
+
+def test_many_frames_in_one_feed_come_out_in_order():
+    frames = [(11, 0, i, messages.pack({"key": str(i).encode()})) for i in range(1000)]
+    decoder = FrameDecoder(LIMIT)
+    assert decoder.feed(encoded(frames)) == frames
+    assert decoder.buffered_bytes == 0
+
+
+def test_frames_split_at_every_byte_offset():
+    frames = sample_frames()
+    stream = encoded(frames)
+    for cut in range(len(stream) + 1):
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        out = decoder.feed(stream[:cut])
+        out += decoder.feed(stream[cut:])
+        assert out == frames, cut
+        assert decoder.buffered_bytes == 0
+
+
+def test_frames_fed_one_byte_at_a_time():
+    frames = sample_frames()
+    decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+    out = []
+    for byte in encoded(frames):
+        out += decoder.feed(bytes([byte]))
+    assert out == frames
+
+
+def test_partial_frame_stays_buffered_and_yields_nothing():
+    frame = encode_frame(1, 0, 1, b"x" * 10)
+    decoder = FrameDecoder(LIMIT)
+    assert decoder.feed(frame[:-1]) == []
+    assert decoder.buffered_bytes == len(frame) - 1
+    assert decoder.feed(frame[-1:]) == [(1, 0, 1, b"x" * 10)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 0xFFFF), st.integers(0, 2**64 - 1),
+                          st.binary(max_size=200)), max_size=8),
+       st.lists(st.integers(1, 64), max_size=40))
+def test_round_trip_any_frames_any_chunking(frames, chunk_sizes):
+    stream = encoded(frames)
+    decoder = FrameDecoder(LIMIT)
+    out, pos = [], 0
+    for size in chunk_sizes:
+        out += decoder.feed(stream[pos:pos + size])
+        pos += size
+    out += decoder.feed(stream[pos:])
+    assert out == frames
+
+
+# --- corruption -------------------------------------------------------------------------------
+
+def test_every_single_bit_flip_is_a_protocol_error():
+    body = messages.pack({"key": b"some key", "value": b"v" * 20})
+    frame = encode_frame(10, 0, 12345, body)
+    for bit in range(len(frame) * 8):
+        corrupted = bytearray(frame)
+        corrupted[bit // 8] ^= 1 << (bit % 8)
+        decoder = FrameDecoder(LIMIT)
+        with pytest.raises(ProtocolError) as info:
+            # any other exception, or a frame coming back, fails the test
+            decoder.feed(bytes(corrupted))
+        where = bit // 8
+        expected = ("bad_magic" if where < 4 else
+                    "bad_checksum")           # header fields are covered by the header hash
+        assert info.value.code == expected, (bit, info.value.code)
+
+
+def test_bit_flip_in_the_second_frame_keeps_nothing_wrong():
+    first, second = encode_frame(1, 0, 1, b"a"), encode_frame(1, 0, 2, b"b" * 50)
+    corrupted = bytearray(second)
+    corrupted[-1] ^= 0x80
+    decoder = FrameDecoder(LIMIT)
+    assert decoder.feed(first) == [(1, 0, 1, b"a")]
+    with pytest.raises(ProtocolError, match="body checksum"):
+        decoder.feed(bytes(corrupted))
+
+
+@pytest.mark.parametrize("magic", [b"IMC0", b"imc1", b"\0\0\0\0", b"\x16\x03\x01\x02",
+                                   b"GET ", b"PRI "])
+def test_wrong_magic_is_refused_even_with_a_valid_checksum(magic):
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(LIMIT).feed(forge_header(magic=magic))
+    assert info.value.code == "bad_magic"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "frames.py:61 (FrameDecoder.feed): the magic is checked only once a whole 40-byte header is "
+    "buffered, so a short foreign greeting (an HTTP/1.0 request line, a PostgreSQL SSLRequest) "
+    "is not refused until the idle timeout"))
+@pytest.mark.parametrize("greeting", [b"GET / HTTP/1.0\r\n\r\n",
+                                      bytes.fromhex("0000000804d2162f")])
+def test_wrong_magic_is_refused_before_a_whole_header_arrives(greeting):
+    assert len(greeting) < FRAME_HEADER_SIZE
+    with pytest.raises(ProtocolError):
+        FrameDecoder(LIMIT).feed(greeting)
+
+
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, 255])
+def test_wrong_version_is_refused(version):
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(LIMIT).feed(forge_header(version=version))
+    assert info.value.code == "bad_version"
+    assert str(PROTOCOL_VERSION) in str(info.value)
+
+
+@pytest.mark.parametrize("reserved", [1, 0x80000000, 0xFFFFFFFF])
+def test_nonzero_reserved_bytes_are_refused(reserved):
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(LIMIT).feed(forge_header(reserved=reserved))
+    assert info.value.code == "bad_frame"
+
+
+def test_body_checksum_is_checked_even_for_an_empty_body():
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(LIMIT).feed(forge_header(body_len=0, body_hash=0))
+    assert info.value.code == "bad_checksum"
+
+
+# --- length prefixes --------------------------------------------------------------------------
+
+def test_body_len_zero_is_a_frame():
+    assert FrameDecoder(LIMIT).feed(forge_header(body_len=0)) == [(1, 0, 0, b"")]
+
+
+def test_body_len_exactly_the_limit_is_accepted():
+    body = os.urandom(LIMIT)
+    decoder = FrameDecoder(LIMIT)
+    assert decoder.feed(encode_frame(3, 0, 9, body)) == [(3, 0, 9, body)]
+
+
+@pytest.mark.parametrize("body_len", [LIMIT + 1, 2**31 - 1, 2**31, 2**32 - 1])
+def test_body_len_over_the_limit_fails_on_the_header_alone(body_len):
+    decoder = FrameDecoder(LIMIT)
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(forge_header(body_len=body_len))     # no body sent at all
+    assert info.value.code == "frame_too_large"
+
+
+def test_limit_can_be_raised_after_login():
+    decoder = FrameDecoder(LIMIT)
+    header = forge_header(body_len=LIMIT + 1)
+    with pytest.raises(ProtocolError):
+        decoder.feed(header)
+    decoder = FrameDecoder(LIMIT)
+    decoder.body_bytes_max = FRAME_BODY_BYTES_MAX
+    assert decoder.feed(header) == []                      # waiting for the body
+
+
+def _peak_bytes_of(fn) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("body_len", [FRAME_BODY_BYTES_MAX + 1, 2**31, 2**32 - 1])
+def test_forged_huge_body_len_allocates_nothing_big(body_len):
+    header = forge_header(body_len=body_len)
+
+    def decode():
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        with pytest.raises(ProtocolError):
+            decoder.feed(header)
+
+    assert _peak_bytes_of(decode) < 64 << 10
+
+
+def test_allowed_huge_body_len_allocates_nothing_until_the_body_arrives():
+    # body_len == the post-login limit (64 MiB): legal, so the decoder waits; it must not
+    # preallocate 64 MiB for a peer that may never send it.
+    header = forge_header(body_len=FRAME_BODY_BYTES_MAX)
+
+    def decode():
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        assert decoder.feed(header) == []
+        assert decoder.feed(b"x" * 1000) == []
+        assert decoder.buffered_bytes == FRAME_HEADER_SIZE + 1000
+
+    assert _peak_bytes_of(decode) < 64 << 10
+
+
+# --- random input -----------------------------------------------------------------------------
+
+def _feed_expecting_only_protocol_errors(data: bytes, chunk: int):
+    decoder = FrameDecoder(LIMIT)
+    try:
+        for pos in range(0, len(data), chunk):
+            for msg_type, flags, request_id, body in decoder.feed(data[pos:pos + chunk]):
+                # a frame that came out must be a real one: its body hashes to what it claims
+                assert isinstance(body, bytes) and len(body) <= LIMIT
+    except ProtocolError as exc:
+        assert exc.code in {"bad_magic", "bad_checksum", "bad_version", "bad_frame",
+                            "frame_too_large"}
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096), st.integers(1, 512))
+def test_random_bytes_raise_nothing_but_protocol_error(data, chunk):
+    _feed_expecting_only_protocol_errors(data, chunk)
+
+
+@settings(max_examples=500, deadline=None)
+@given(magic=st.sampled_from([FRAME_MAGIC, b"IMC2", b"\0\0\0\0"]),
+       version=st.sampled_from([PROTOCOL_VERSION, 0, 2, 255]),
+       msg_type=st.integers(0, 255), flags=st.integers(0, 0xFFFF),
+       request_id=st.integers(0, 2**64 - 1),
+       body_len=st.one_of(st.integers(0, 64), st.sampled_from(
+           [LIMIT - 1, LIMIT, LIMIT + 1, 2**31 - 1, 2**31, 2**32 - 1])),
+       reserved=st.sampled_from([0, 0, 0, 1, 2**32 - 1]),
+       tail=st.binary(max_size=200), chunk=st.integers(1, 64))
+def test_forged_headers_with_valid_checksums_raise_nothing_but_protocol_error(
+        magic, version, msg_type, flags, request_id, body_len, reserved, tail, chunk):
+    """Random bytes almost never pass the header checksum; these do, so every later check
+    (version, reserved, length, body hash) sees arbitrary values."""
+    header = forge_header(magic=magic, version=version, msg_type=msg_type, flags=flags,
+                          request_id=request_id, body_len=body_len, reserved=reserved,
+                          body=tail[:body_len])
+    _feed_expecting_only_protocol_errors(header + tail, chunk)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_valid_streams_never_yield_a_wrong_frame(data):
+    frames = sample_frames()
+    stream = bytearray(encoded(frames))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(stream) - 1))
+        stream[pos] = data.draw(st.integers(0, 255))
+    decoder = FrameDecoder(LIMIT)
+    try:
+        out = decoder.feed(bytes(stream))
+    except ProtocolError:
+        return
+    # no error: every frame that came out must be one that was sent (the mutation was a no-op
+    # or hit only frames still incomplete)
+    assert out == frames[:len(out)]
+
+
+# --- the documentation stays complete ---------------------------------------------------------
+
+def test_wire_protocol_doc_lists_every_message_and_error_code():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "wire-protocol.md")
+    with open(path) as f:
+        doc = f.read()
+    for msg in messages.Msg:
+        assert re.search(rf"\b{msg.name}\b", doc), f"{msg.name} missing from wire-protocol.md"
+        assert re.search(rf"\|\s*{int(msg)}\s*\|", doc), f"id {int(msg)} of {msg.name} missing"
+    for code in messages.ERROR_CODES.values():
+        assert f"`{code}`" in doc, code
+    for code in ("bad_magic", "bad_checksum", "bad_version", "bad_frame", "frame_too_large",
+                 "unknown_message", "not_logged_in", "bad_body", "protected_mode", "internal"):
+        assert f"`{code}`" in doc, code
