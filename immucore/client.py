@@ -120,7 +120,10 @@ class AsyncClient:
                 if not data:
                     break
                 for msg_type, flags, request_id, raw in decoder.feed(data):
-                    body = unpack(raw) if raw else {}
+                    try:
+                        body = unpack(raw) if raw else {}
+                    except Exception as exc:  # noqa: BLE001 - msgpack raises several types
+                        raise ImmucoreError(f"undecodable answer from the node: {exc}") from None
                     waiter = self._pending.get(request_id)
                     if waiter is None:
                         if flags & FLAG_ERROR and isinstance(body, dict):
@@ -148,9 +151,17 @@ class AsyncClient:
             self._pending.clear()
             self._writer = None
 
+    async def _ensure_connected(self):
+        """Connect on first use; after the node closed a logged-in connection, say why instead
+        of silently reconnecting without the session."""
+        if self._writer is None:
+            if self._closed_error is not None and self.session_token is not None:
+                raise self._closed_error
+            await self.connect()
+
     async def call(self, msg: Msg, body: Optional[dict] = None) -> Any:
         """Send one request and wait for its answer (raising the node's error, if any)."""
-        await self.connect()
+        await self._ensure_connected()
         request_id = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
         self._pending[request_id] = waiter
@@ -166,7 +177,7 @@ class AsyncClient:
 
     async def stream(self, msg: Msg, body: dict) -> AsyncIterator[Any]:
         """Send one request answered by a server stream; yields each item's body."""
-        await self.connect()
+        await self._ensure_connected()
         request_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
@@ -191,6 +202,9 @@ class AsyncClient:
     async def login(self, user: str, password: str, database: str = "defaultdb", *,
                     detached: bool = False) -> dict:
         """Log in; ``detached`` sessions outlive the connection (CLIs keep their token)."""
+        if self._writer is None:
+            self._closed_error = None      # an explicit login starts afresh
+            await self.connect()
         answer = await self.call(Msg.LOGIN, {"user": user, "password": password,
                                              "database": database, "detached": detached})
         self.database, self.session_token = answer["database"], answer["token"]

@@ -161,10 +161,6 @@ def test_wrong_magic_is_refused_even_with_a_valid_checksum(magic):
     assert info.value.code == "bad_magic"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "frames.py:61 (FrameDecoder.feed): the magic is checked only once a whole 40-byte header is "
-    "buffered, so a short foreign greeting (an HTTP/1.0 request line, a PostgreSQL SSLRequest) "
-    "is not refused until the idle timeout"))
 @pytest.mark.parametrize("greeting", [b"GET / HTTP/1.0\r\n\r\n",
                                       bytes.fromhex("0000000804d2162f")])
 def test_wrong_magic_is_refused_before_a_whole_header_arrives(greeting):

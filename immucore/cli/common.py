@@ -18,6 +18,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..client import Client
 from ..errors import ImmucoreError
+from .flags import normalize_bool_flags
 
 ADDRESS_DEFAULT = "127.0.0.1"
 PORT_DEFAULT = 3322
@@ -279,7 +280,7 @@ def add_help_command(commands, parser: argparse.ArgumentParser, parent):
 
 def run(prog: str, parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> int:
     """Parse, run the chosen command (``args.run``), report any failure as one line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalize_bool_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.parse_args(argv + ["--help"])      # a group without its subcommand: its help

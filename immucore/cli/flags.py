@@ -17,10 +17,26 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+BOOL_FLAGS = set()     # every option string registered by add_bool (see normalize_bool_flags)
+
+
 def add_bool(parser, *names, dest, help, default=False):
     """``--name`` alone means true; ``--name=false`` and ``--name false`` are accepted too."""
+    BOOL_FLAGS.update(names)
     parser.add_argument(*names, dest=dest, nargs="?", const=True, default=default,
                         type=parse_bool, metavar="true|false", help=help)
+
+
+def normalize_bool_flags(argv):
+    """Rewrite a bare boolean flag followed by a word that is not true/false into ``--flag=true``,
+    so ``create --replication-is-replica replicadb`` reads as immudb's Go flags read it (argparse
+    would otherwise take ``replicadb`` as the flag's value)."""
+    out = list(argv)
+    for i, token in enumerate(out[:-1]):
+        following = out[i + 1].strip().lower()
+        if token in BOOL_FLAGS and following not in _TRUE | _FALSE:
+            out[i] = token + "=true"
+    return out
 
 
 # Replication settings of a database, under both names (seed guide / immudb ≥ 1.4).

@@ -11,7 +11,8 @@ import signal
 import sys
 
 from ..constants import SESSIONS_MAX_DEFAULT
-from .flags import REPLICATION_FLAGS, add_bool, add_replication_flags, parse_bool
+from .flags import (REPLICATION_FLAGS, add_bool, add_replication_flags, normalize_bool_flags,
+                    parse_bool)
 
 log = logging.getLogger("immucore")
 
@@ -91,7 +92,7 @@ def _convert(dest: str, text: str):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_bool_flags(sys.argv[1:] if argv is None else argv))
     try:
         options = resolve(args)
     except (OSError, ValueError, argparse.ArgumentTypeError) as exc:

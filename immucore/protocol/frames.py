@@ -58,6 +58,10 @@ class FrameDecoder:
         frames = []
         buf = self._buffer
         pos = 0
+        # A foreign protocol (HTTP, TLS, PostgreSQL) is refused at its first bytes, not after
+        # a whole header's worth has arrived.
+        if buf and not FRAME_MAGIC.startswith(bytes(buf[:len(FRAME_MAGIC)])):
+            raise ProtocolError("bad_magic", "not an immucore frame (bad magic)")
         while len(buf) - pos >= FRAME_HEADER_SIZE:
             magic, version, msg_type, flags, request_id, body_len, reserved = \
                 _HEADER.unpack_from(buf, pos)
@@ -84,6 +88,9 @@ class FrameDecoder:
                 raise ProtocolError("bad_checksum", "frame body checksum mismatch")
             frames.append((msg_type, flags, request_id, body))
             pos = end
+            tail = bytes(buf[pos:pos + len(FRAME_MAGIC)])
+            if tail and not FRAME_MAGIC.startswith(tail):
+                raise ProtocolError("bad_magic", "not an immucore frame (bad magic)")
         if pos:
             del buf[:pos]
         return frames

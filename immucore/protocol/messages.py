@@ -1,8 +1,8 @@
 """The message table and body encoding (msgpack) shared by the node and its clients.
 
 Every request gets exactly one response frame with the same ``request_id`` and ``msg_type``
-(``FLAG_ERROR`` set on failure), except ``EXPORT_STREAM``, which answers with frames flagged
-``FLAG_STREAM`` and a last one flagged ``FLAG_END``. Bodies are msgpack maps; byte strings stay
+(``FLAG_ERROR`` set on failure). A handler may instead answer with a server stream: frames
+flagged ``FLAG_STREAM`` and a last one flagged ``FLAG_END`` (used by replication). Bodies are msgpack maps; byte strings stay
 byte strings. Result types travel as maps of their dataclass fields (``to_wire``/``from_wire``).
 """
 from __future__ import annotations
@@ -149,8 +149,9 @@ def error_code(exc: BaseException) -> str:
 
 def error_body(exc: BaseException) -> dict:
     code = error_code(exc)
+    # an unexpected error's text may hold internals: the node logs it, the peer gets its type
     return {"code": code, "message": str(exc) if code != "internal" else
-            f"internal error: {type(exc).__name__}: {exc}"}
+            f"internal error ({type(exc).__name__}); see the node's log"}
 
 
 def raise_error(body: dict):

@@ -9,6 +9,7 @@ cannot grow the node's memory. A bad frame gets an error frame and closes this c
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import time
@@ -41,6 +42,7 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self._decoder = FrameDecoder(PREAUTH_FRAME_BODY_BYTES_MAX)
         self._inflight = 0
+        self._backlog = collections.deque()    # decoded frames waiting for an in-flight slot
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -64,8 +66,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self._closed = True
+        self._backlog.clear()
         if self.session is not None and not self.detached:
-            self.node.sessions.close(self.session)     # a connection's session dies with it
+            self.node.close_session(self.session, detached=False)  # it dies with its connection
         self.node.connections.discard(self)
         if self._idle_handle:
             self._idle_handle.cancel()
@@ -80,19 +83,28 @@ class Connection(asyncio.Protocol):
         self._maybe_resume_reading()
 
     def data_received(self, data: bytes):
-        self._last_frame = time.monotonic()
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
             self._fail(exc.code, str(exc))
             return
-        for msg_type, flags, request_id, body in frames:
+        if frames:
+            self._last_frame = time.monotonic()   # idleness counts whole frames, not bytes
+            self._backlog.extend(frames)
+            self._dispatch_backlog()
+
+    def _dispatch_backlog(self):
+        """Start queued requests while fewer than CONNECTION_INFLIGHT_REQUESTS_MAX run; reading
+        stays paused while any wait, so one read of many small frames cannot exceed the cap."""
+        while self._backlog and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX:
+            msg_type, flags, request_id, body = self._backlog.popleft()
             if not self._accept(msg_type, request_id):
+                self._backlog.clear()
                 return
             self._inflight += 1
-            if self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
-                self._pause_reading()
             asyncio.ensure_future(self._serve(msg_type, request_id, body))
+        if self._backlog or self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
+            self._pause_reading()
 
     # --- serving --------------------------------------------------------------------------
 
@@ -110,7 +122,11 @@ class Connection(asyncio.Protocol):
     async def _serve(self, msg_type: int, request_id: int, raw: bytes):
         msg = Msg(msg_type)
         try:
-            body = unpack(raw) if raw else {}
+            try:
+                body = unpack(raw) if raw else {}
+            except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
+                raise ProtocolError("bad_body",
+                                    f"a request body must be a msgpack map ({exc})") from None
             if not isinstance(body, dict):
                 raise ProtocolError("bad_body", "a request body must be a map")
             result = await self._dispatch(self, msg, body)
@@ -129,10 +145,14 @@ class Connection(asyncio.Protocol):
             self._send(msg, FLAG_ERROR, request_id, body)
         finally:
             self._inflight -= 1
+            self._dispatch_backlog()
             self._maybe_resume_reading()
 
     def logged_in(self, session_id: str, detached: bool):
-        """LOGIN succeeded: authenticated frames may now be large."""
+        """LOGIN succeeded: authenticated frames may now be large. A session this connection
+        held before is closed, so repeated logins cannot pile sessions up."""
+        if self.session is not None and self.session != session_id and not self.detached:
+            self.node.close_session(self.session, detached=False)
         self.session, self.detached = session_id, detached
         self._decoder.body_bytes_max = FRAME_BODY_BYTES_MAX
 
@@ -145,7 +165,14 @@ class Connection(asyncio.Protocol):
     def _send(self, msg, flags: int, request_id: int, body):
         if self._closed or self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(encode_frame(int(msg), flags, request_id, pack(body)))
+        raw = pack(body)
+        if len(raw) > FRAME_BODY_BYTES_MAX:
+            # no client would accept it: answer with an error and keep the connection
+            raw = pack({"code": "response_too_large", "message":
+                        f"response of {len(raw)} bytes exceeds the limit of "
+                        f"{FRAME_BODY_BYTES_MAX} bytes; ask for fewer entries (limit)"})
+            flags = FLAG_ERROR
+        self.transport.write(encode_frame(int(msg), flags, request_id, raw))
 
     async def _send_when_writable(self, msg, flags, request_id, body):
         await self._writable.wait()
@@ -168,7 +195,7 @@ class Connection(asyncio.Protocol):
 
     def _maybe_resume_reading(self):
         if (self._reading_paused and not self._closed and self._writable.is_set()
-                and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX):
+                and not self._backlog and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX):
             self._reading_paused = False
             self.transport.resume_reading()
 

@@ -158,7 +158,7 @@ class Dispatcher:
                 "warning": warning}
 
     async def logout(self, conn, body):
-        self._manager(conn).close(conn.session)
+        self.node.close_session(conn.session, detached=conn.detached)
         conn.logged_out()
         return {}
 

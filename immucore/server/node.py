@@ -73,7 +73,7 @@ class Node:
         # Any change of a user (password, permissions, deactivation) ends its sessions.
         self.users.add_listener(self.sessions.user_changed)
         self.users.add_listener(self.token_sessions.user_changed)
-        self._open("defaultdb", dbsettings.defaults())
+        self._open("defaultdb", dbsettings.defaults() | {"created_by": auth.SYSADMIN_USERNAME})
         for name, stored in self._stored_settings().items():
             self.settings[name] = stored
             if stored["autoload"]:
@@ -203,6 +203,15 @@ class Node:
                 "disk_size_bytes": _folder_size(os.path.join(self.options.dir, name)),
             })
         return out
+
+    def close_session(self, session_id: str, *, detached: bool):
+        """End a session if it still exists (it may have ended already: logout elsewhere, a
+        change of its user, expiry)."""
+        manager = self.token_sessions if detached else self.sessions
+        try:
+            manager.close(session_id)
+        except auth.AuthError:
+            pass
 
     # --- connections ----------------------------------------------------------------------
 
