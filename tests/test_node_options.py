@@ -1,0 +1,99 @@
+"""The node's options: flags, IMMUCORE_* environment, TOML config, signed states, metrics."""
+import urllib.request
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from immucore.cli import node as node_cli
+from immucore.client import Client
+from immucore.errors import VerificationError
+from immucore.protocol.messages import RemoteError
+
+from .nodes import NodeProcess, free_port, running_node
+
+
+def test_precedence_is_flag_then_environment_then_file_then_default(tmp_path):
+    config = tmp_path / "immucore.toml"
+    config.write_text('port = 4000\nmax-sessions = 7\nadmin-password = "fromfile"\n'
+                      'replication-is-replica = true\n')
+    args = node_cli.build_parser().parse_args(["--config", str(config), "--port", "5000"])
+    options = node_cli.resolve(args, environ={"IMMUCORE_MAX_SESSIONS": "9"})
+    assert options["port"] == 5000                   # flag beats file
+    assert options["max_sessions"] == 9              # environment beats file
+    assert options["admin_password"] == "fromfile"   # file beats default
+    assert options["replica"] is True
+    assert options["dir"] == "./data" and options["synced"] is True
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--synced"], True), (["--synced=false"], False), (["--synced", "false"], False),
+    (["--synced=true"], True),
+])
+def test_boolean_flags_take_immudb_forms(argv, expected):
+    args = node_cli.build_parser().parse_args(argv)
+    assert node_cli.resolve(args, environ={})["synced"] is expected
+
+
+def test_admin_password_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMMUCORE_ADMIN_PASSWORD", "Secret1!pw")
+    with running_node(tmp_path) as node:
+        with Client(node.host, node.port) as client:
+            with pytest.raises(RemoteError, match="invalid user name or password"):
+                client.login("immudb", "immudb")
+        with Client(node.host, node.port) as client:
+            answer = client.login("immudb", "Secret1!pw")
+            assert answer["warning"] == ""       # not the default password any more
+
+
+def _key_pair(tmp_path, name="signing"):
+    """A fresh P-256 key: its PEM file path and its public point."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / f"{name}.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.X962,
+                                           serialization.PublicFormat.UncompressedPoint)
+    return str(path), public
+
+
+def test_states_are_signed_with_the_signing_key(tmp_path):
+    key_path, public = _key_pair(tmp_path)
+    _, other_public = _key_pair(tmp_path, "other")
+    with running_node(tmp_path / "node", "--signingKey", key_path) as node:
+        with Client(node.host, node.port, server_public_key=public) as client:
+            client.login("immudb", "immudb")
+            client.set({b"k": b"v"})
+            assert client.current_state().tx_id == 1
+            assert client.verified_set({b"k2": b"v2"}).id == 2
+            assert client.verified_get(b"k").value == b"v"
+        with Client(node.host, node.port, server_public_key=other_public) as client:
+            client.login("immudb", "immudb")
+            with pytest.raises(VerificationError, match="signature does not verify"):
+                client.current_state()
+
+
+def test_unsigned_node_is_refused_by_a_client_that_expects_signatures(tmp_path):
+    _, public = _key_pair(tmp_path)
+    with running_node(tmp_path / "node") as node:
+        with Client(node.host, node.port, server_public_key=public) as client:
+            client.login("immudb", "immudb")
+            with pytest.raises(VerificationError, match="did not sign"):
+                client.current_state()
+
+
+def test_metrics_endpoint_reports_committed_tx_per_database(tmp_path):
+    port = free_port()
+    node = NodeProcess(tmp_path, ["--metrics-server=true", "--metrics-server-port", str(port)])
+    node.start()
+    try:
+        with Client(node.host, node.port) as client:
+            client.login("immudb", "immudb")
+            client.set({b"a": b"1"})
+            client.set({b"b": b"2"})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b'immudb_last_committed_trx_id{db="defaultdb"} 2.0' in text
+        assert b"immucore_sessions" in text
+    finally:
+        assert node.stop() == 0
