@@ -163,14 +163,17 @@ class AsyncClient:
         """Send one request and wait for its answer (raising the node's error, if any)."""
         await self._ensure_connected()
         request_id = next(self._ids)
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self._pending[request_id] = waiter
         self._writer.write(encode_frame(int(msg), 0, request_id, pack(body or {})))
+        # a timer on the future itself: cheaper than wait_for's task per request
+        timer = loop.call_later(self.timeout, _expire, waiter, msg, self.timeout)
         try:
-            flags, answer = await asyncio.wait_for(waiter, self.timeout)
-        except asyncio.TimeoutError:
+            flags, answer = await waiter
+        finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
-            raise TimeoutError(f"{msg.name} got no answer within {self.timeout:g}s") from None
         if flags & FLAG_ERROR:
             raise_error(answer)
         return answer
@@ -427,6 +430,11 @@ class AsyncClient:
 
     async def set_user_active(self, user: str, active: bool) -> dict:
         return await self.call(Msg.USER_SET_ACTIVE, {"user": user, "active": active})
+
+
+def _expire(waiter, msg, timeout: float):
+    if not waiter.done():
+        waiter.set_exception(TimeoutError(f"{msg.name} got no answer within {timeout:g}s"))
 
 
 def _set_body(kvs, metadata) -> dict:

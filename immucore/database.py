@@ -431,7 +431,8 @@ class Database:
                   include_deleted: bool) -> Entry:
         tx_id = _U64.unpack_from(location, 0)[0]
         entry_index = _U16.unpack_from(location, 8)[0]
-        key, md_raw, value, _ = codec.record_entry(self._record(tx_id), entry_index)
+        with self._log.read(buffers=True) as txn:     # the entry is cut out without a copy
+            key, md_raw, value, _ = codec.record_entry(self._record_in(txn, tx_id), entry_index)
         if stored_key is not None and key != stored_key:
             raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
         metadata = KVMetadata.from_bytes(md_raw)

@@ -73,7 +73,7 @@ cdef bint has_duplicate_keys(const Ent* ents, Py_ssize_t n) except -1:
 
 
 cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntBuf* ents,
-                    bint* truncated) except -1:
+                    bint* truncated, bint check_duplicates=True) except -1:
     """Parse one export blob; its entries are appended to ``ents`` (pointers into ``p``).
 
     Every length is checked against what is left of the blob before it is used, and nothing is
@@ -148,7 +148,7 @@ cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntB
             raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
         if e.md_len:
             parse_kv_md(e.md, e.md_len, &deleted, &has_expiry, &expires_at, &non_indexable)
-    if has_duplicate_keys(ents.items + start, ents.count - start):
+    if check_duplicates and has_duplicate_keys(ents.items + start, ents.count - start):
         raise IllegalArgumentsError("duplicated key")
     return 0
 

@@ -28,8 +28,9 @@ cdef Py_ssize_t record_blob_len(const uchar* p, Py_ssize_t size) except -1:
 
 cdef int parse_record(const uchar* p, Py_ssize_t size, Header* h, EntBuf* ents,
                       bint* truncated) except -1:
-    """Parse a record's blob with the record limits (every count and length still checked)."""
-    parse_blob(p, record_blob_len(p, size), _RECORD_LIMITS, h, ents, truncated)
+    """Parse a record's blob with the record limits (every count and length still checked).
+    Duplicate keys were refused when the tx was written; reads do not sort its keys again."""
+    parse_blob(p, record_blob_len(p, size), _RECORD_LIMITS, h, ents, truncated, False)
     return 0
 
 

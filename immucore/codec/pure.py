@@ -286,8 +286,9 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
     return out
 
 
-def _parse_blob(blob: bytes, limits):
-    """(header tuple, [(key, md, value-or-hvalue)], truncated) with every length checked."""
+def _parse_blob(blob: bytes, limits, check_duplicates: bool = True):
+    """(header tuple, [(key, md, value-or-hvalue)], truncated) with every length checked.
+    Stored records skip the duplicate-key check: it was made when the tx was written."""
     size = len(blob)
     if size < 4:
         raise IllegalArgumentsError("export blob too short")
@@ -338,7 +339,7 @@ def _parse_blob(blob: bytes, limits):
         if header[3] == 0 and md:
             raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
         parse_kv_metadata(md)
-    if len({k for k, _, _ in entries}) != nentries:
+    if check_duplicates and len({k for k, _, _ in entries}) != nentries:
         raise IllegalArgumentsError("duplicated key")
     return header, entries, truncated
 
@@ -420,7 +421,8 @@ def record_alh(record: bytes) -> bytes:
 def decode_record(record: bytes):
     """(header, alh, [(stored_key, md, value or None if truncated, hvalue)])."""
     blob_len = _record_blob_len(record)
-    header, entries, truncated = _parse_blob(record[:blob_len], (1 << 32, 1 << 16, 1 << 32))
+    header, entries, truncated = _parse_blob(record[:blob_len], (1 << 32, 1 << 16, 1 << 32),
+                                             check_duplicates=False)
     hvalues = record[blob_len:-DIGEST_SIZE]
     out = [(k, md, None if truncated else v, hvalues[i * 32:(i + 1) * 32])
            for i, (k, md, v) in enumerate(entries)]

@@ -87,7 +87,7 @@ class LmdbEnv:
     def _leave(self):
         with self._guard:
             self._readers -= 1
-            if self._readers == 0:
+            if self._readers == 0 and self._resizing:     # only a waiting resize needs waking
                 self._guard.notify_all()
 
     def _grow(self):
