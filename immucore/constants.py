@@ -32,7 +32,7 @@ MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growt
 COMMIT_BATCH_TXS_MAX = 4096
 COMMIT_BATCH_BYTES_MAX = 64 << 20
 WRITE_QUEUE_TXS_MAX = 65536           # callers block (back-pressure) beyond this many queued txs
-COMMIT_PIPELINE_BATCHES = 2           # sealed batches waiting for their fsync (writer pipeline)
+COMMIT_PIPELINE_BATCHES = 4           # sealed batches waiting for their fsync (writer pipeline)
 # The asynchronous key indexer: entries per LMDB transaction of the index environment.
 INDEX_BATCH_ENTRIES_MAX = 200_000
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long

@@ -4,9 +4,10 @@ Callers (any thread, or the event loop through ``asyncio.wrap_future``) submit w
 ``concurrent.futures.Future``. Stage 1, the *sealer* thread, takes every request waiting in the
 queue (group commit, bounded by COMMIT_BATCH_TXS_MAX / COMMIT_BATCH_BYTES_MAX) and seals it with
 the codec into chained transactions (hashing runs in C without the GIL). Stage 2, the *committer*
-thread, appends each sealed batch with one LMDB write transaction and one fsync, then resolves
-the futures. While batch k is being fsynced, batch k+1 is being hashed, so the two costs overlap
-instead of adding up. At most COMMIT_PIPELINE_BATCHES sealed batches wait between the stages.
+thread, appends every sealed batch waiting for it with one LMDB write transaction and one fsync,
+then resolves the futures. While one commit is fsynced the next batches are hashed, so the two
+costs overlap instead of adding up, and batches sealed during a commit share the next one. At
+most COMMIT_PIPELINE_BATCHES sealed batches wait between the stages.
 
 A future resolves only after its commit is durable: "acknowledged" means "on disk". If a commit
 fails, every batch sealed after it (it chains onto the failed one) fails too, and the sealer
@@ -225,19 +226,32 @@ class Writer:
 
     def _run_committer(self):
         while True:
-            item = self._sealed.get()
-            if item is None:
+            items = [self._sealed.get()]
+            # Every batch sealed while the last commit ran joins this one: one fsync for all.
+            while items[-1] is not None:
+                try:
+                    items.append(self._sealed.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = items[-1] is None
+            live = []
+            for item in items:
+                if item is None:
+                    continue
+                if item.generation != self._generation:
+                    for request in item.requests:
+                        request.future.set_exception(CommitAbortedError(
+                            "commit aborted: an earlier commit this tx was chained onto failed"))
+                else:
+                    live.append(item)
+            if live:
+                self._commit(live)
+            if stopping:
                 return
-            if item.generation != self._generation:
-                for request in item.requests:
-                    request.future.set_exception(CommitAbortedError(
-                        "commit aborted: an earlier commit this tx was chained onto failed"))
-                continue
-            self._commit(item)
 
-    def _commit(self, item: _Sealed):
-        """Write sealed txs in one LMDB transaction, then resolve the batch's futures."""
-        sealed = item.sealed
+    def _commit(self, items: List[_Sealed]):
+        """Write the items' sealed txs in one LMDB transaction, then resolve their futures."""
+        sealed = [tx for item in items for tx in item.sealed]
         if sealed:
             tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
             aht_rows = [(_U64.pack(header[0]), nodes) for header, _, _, nodes in sealed]
@@ -252,16 +266,18 @@ class Writer:
                 self._env.write(write)
             except Exception as exc:       # noqa: BLE001 - disk full, I/O error: nothing acked
                 log.error("commit of %d txs failed: %s", len(sealed), exc)
-                self._generation += 1      # batches sealed after this one are now stale
-                for request in item.requests:
-                    request.future.set_exception(exc)
+                self._generation += 1      # batches sealed after these are now stale
+                for item in items:
+                    for request in item.requests:
+                        request.future.set_exception(exc)
                 return
-            self.state = item.state
+            self.state = items[-1].state
             self._on_commit(self.state)
         # Hand each caller its own headers: a set gets one, a replicate call one per new tx.
-        position = 0
-        for request in item.requests:
-            count = len(sealed) if request.kind == _REPLICATE else 1
-            headers = request.present + [s[0] for s in sealed[position:position + count]]
-            position += count
-            request.future.set_result(headers)
+        for item in items:
+            position = 0
+            for request in item.requests:
+                count = len(item.sealed) if request.kind == _REPLICATE else 1
+                headers = request.present + [s[0] for s in item.sealed[position:position + count]]
+                position += count
+                request.future.set_result(headers)
