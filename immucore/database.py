@@ -76,9 +76,11 @@ class Database:
         self._log = LmdbEnv(os.path.join(self.path, "log"),
                             {"tx": {}, "aht": {}, "meta": {}},
                             durable=durable, map_size_bytes=map_size_bytes)
+        # The index is derived from the log: losing its last commit in a crash only means
+        # re-indexing those txs, so it skips LMDB's second (meta page) fsync.
         self._index_env = LmdbEnv(os.path.join(self.path, "index"),
                                   {"keys": {"dupsort": True}, "meta": {}},
-                                  durable=durable, map_size_bytes=map_size_bytes)
+                                  durable=durable, map_size_bytes=map_size_bytes, metasync=False)
         self._settings = self._load_settings(replica, header_version)
         state = self._load_chain_state()
         # The writer's thread starts idle: nothing is submitted before the indexer below exists.

@@ -23,7 +23,11 @@ class StorageFullError(ImmucoreError):
 class LmdbEnv:
     """One LMDB environment (a folder holding data.mdb and lock.mdb) and its named databases."""
 
-    def __init__(self, path: str, db_specs: dict, *, durable: bool, map_size_bytes: int = 0):
+    def __init__(self, path: str, db_specs: dict, *, durable: bool, map_size_bytes: int = 0,
+                 metasync: bool = True):
+        """``durable``: fsync every commit. ``metasync=False`` also skips the second fsync (of
+        the meta page): a crash may then undo the last commit, but never corrupts — only for
+        derived data that can be recomputed (the key index)."""
         os.makedirs(path, exist_ok=True)
         map_size = max(map_size_bytes or MAP_SIZE_BYTES_INITIAL, _existing_size(path))
         self.path = path
@@ -32,7 +36,7 @@ class LmdbEnv:
             map_size=map_size,
             subdir=True,
             readonly=False,
-            metasync=durable,          # durable: a commit is on disk before it is acknowledged
+            metasync=durable and metasync,   # durable: a commit is on disk before it is acked
             sync=durable,
             map_async=False,
             mode=0o600,
