@@ -31,7 +31,7 @@ MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growt
 # Group commit: how much the writer thread takes from its queue for one LMDB transaction/fsync.
 COMMIT_BATCH_TXS_MAX = 4096
 COMMIT_BATCH_BYTES_MAX = 64 << 20
-WRITE_QUEUE_TXS_MAX = 65536           # callers block (back-pressure) beyond this many queued txs
+WRITE_QUEUE_TXS_MAX = 65536           # queued write requests; beyond it callers wait (embedded) or get a busy error (node)
 COMMIT_PIPELINE_BATCHES = 4           # sealed batches waiting for their fsync (writer pipeline)
 # The asynchronous key indexer: entries per LMDB transaction of the index environment.
 INDEX_BATCH_ENTRIES_MAX = 200_000
@@ -59,7 +59,8 @@ SCAN_RESULTS_MAX = 1000              # immudb MaxResultSize: entries returned by
 FRAME_MAGIC = b"IMC1"
 PROTOCOL_VERSION = 1
 FRAME_HEADER_SIZE = 40
-FRAME_BODY_BYTES_MAX = 64 << 20          # any frame after login (a replicate batch fits)
+FRAME_BODY_BYTES_MAX = 64 << 20          # any frame after login; a replicate batch sent over
+                                         # the wire is therefore smaller than this
 PREAUTH_FRAME_BODY_BYTES_MAX = 16 << 10  # before login: health, server info and login only
 CONNECTION_INFLIGHT_REQUESTS_MAX = 128   # pipelined requests being served per connection
 CONNECTION_SEND_BUFFER_BYTES_MAX = 64 << 20   # unread responses before a connection is paused
@@ -69,6 +70,7 @@ SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
 SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3 min)
 TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 
 _check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
        "pre-auth frames must be smaller than authenticated ones")

@@ -72,23 +72,36 @@ class Database:
         self._limits = (max_tx_entries, max_key_len, max_value_len)
         self._index_wait_seconds = index_wait_seconds
         self._closed = False
-        os.makedirs(self.path, exist_ok=True)
-        self._log = LmdbEnv(os.path.join(self.path, "log"),
-                            {"tx": {}, "aht": {}, "meta": {}},
-                            durable=durable, map_size_bytes=map_size_bytes)
-        # The index is derived from the log: losing its last commit in a crash only means
-        # re-indexing those txs, so it skips LMDB's second (meta page) fsync.
-        self._index_env = LmdbEnv(os.path.join(self.path, "index"),
-                                  {"keys": {"dupsort": True}, "meta": {}},
-                                  durable=durable, map_size_bytes=map_size_bytes, metasync=False)
-        self._settings = self._load_settings(replica, header_version)
-        state = self._load_chain_state()
-        # The writer's thread starts idle: nothing is submitted before the indexer below exists.
-        self._writer = Writer(self._log, state, header_version=self._settings["header_version"],
-                              limits=self._limits, read_alh=self._alh_of,
-                              on_commit=self._on_commit, name=self.name)
-        self._indexer = Indexer(self._index_env, self._log, name=self.name,
-                                committed_tx_id=lambda: self._writer.state.tx_id)
+        self._log = self._index_env = self._writer = self._indexer = None
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._log = LmdbEnv(os.path.join(self.path, "log"),
+                                {"tx": {}, "aht": {}, "meta": {}},
+                                durable=durable, map_size_bytes=map_size_bytes)
+            # The index is derived from the log: losing its last commit in a crash only means
+            # re-indexing those txs, so it skips LMDB's second (meta page) fsync.
+            self._index_env = LmdbEnv(os.path.join(self.path, "index"),
+                                      {"keys": {"dupsort": True}, "meta": {}},
+                                      durable=durable, map_size_bytes=map_size_bytes,
+                                      metasync=False)
+            self._settings = self._load_settings(replica, header_version)
+            state = self._load_chain_state()
+            # The writer starts idle: nothing is submitted before the indexer below exists.
+            self._writer = Writer(self._log, state,
+                                  header_version=self._settings["header_version"],
+                                  limits=self._limits, read_alh=self._alh_of,
+                                  on_commit=self._on_commit, name=self.name,
+                                  read_only=self._settings["replica"])
+            self._indexer = Indexer(self._index_env, self._log, name=self.name,
+                                    committed_tx_id=lambda: self._writer.state.tx_id)
+        except BaseException:
+            self._release()     # no thread left running, no environment left open
+            raise
+
+    def _release(self):
+        for part in (self._writer, self._indexer, self._index_env, self._log):
+            if part is not None:
+                part.close()
 
     def _on_commit(self, _state: ChainState) -> None:
         self._indexer.notify()
@@ -151,8 +164,10 @@ class Database:
         return self._indexer.indexed_tx_id
 
     def set_replica(self, replica: bool) -> None:
-        """Switch role (promotion/demotion); stored, so it survives a restart."""
+        """Switch role (promotion/demotion); stored, so it survives a restart. Ordered with the
+        writes: those submitted before the switch still commit, later ones are refused."""
         self._check_open()
+        self._writer.set_read_only(bool(replica))
         self._settings = self._load_settings(bool(replica), None)
 
     # --- writes ---------------------------------------------------------------------------
@@ -165,16 +180,21 @@ class Database:
 
     def delete(self, keys: Iterable[bytes]) -> TxHeader:
         """One transaction marking every key deleted (reads then report it missing)."""
+        return TxHeader(*self.delete_async(keys).result()[0])
+
+    def set_async(self, kvs: KVs, *, metadata: Metadata = None, block: bool = True):
+        """Like ``set`` but returns a ``concurrent.futures.Future`` of the header list. With
+        ``block=False`` a full write queue raises ``WriterBusyError`` instead of waiting."""
+        self._check_writable()
+        entries, size = _entries(kvs, metadata)
+        return self._writer.submit_set(entries, size, block)
+
+    def delete_async(self, keys: Iterable[bytes], *, block: bool = True):
+        """Like ``delete`` but returns a ``concurrent.futures.Future`` of the header list."""
         self._check_writable()
         deleted = KVMetadata(deleted=True).to_bytes()
         entries = [(_bytes(k, "key"), b"", deleted) for k in keys]
-        return TxHeader(*self._writer.submit_set(entries, 0).result()[0])
-
-    def set_async(self, kvs: KVs, *, metadata: Metadata = None):
-        """Like ``set`` but returns a ``concurrent.futures.Future`` of the header list."""
-        self._check_writable()
-        entries, size = _entries(kvs, metadata)
-        return self._writer.submit_set(entries, size)
+        return self._writer.submit_set(entries, 0, block)
 
     def verifiable_set(self, kvs: KVs, *, prove_since_tx: int,
                        metadata: Metadata = None) -> VerifiableTx:
@@ -188,18 +208,26 @@ class Database:
         """The exact immudb export blob of a committed tx (values present)."""
         return codec.record_export_blob(self._record(tx_id))
 
-    def export_txs(self, first_tx_id: int, count: int) -> List[bytes]:
-        """Export blobs of up to ``count`` consecutive committed txs from ``first_tx_id``."""
+    def export_txs(self, first_tx_id: int, count: int,
+                   size_bytes_max: int = REPLICATE_BATCH_BYTES_MAX) -> List[bytes]:
+        """Export blobs of up to ``count`` consecutive committed txs from ``first_tx_id``,
+        stopping before their total passes ``size_bytes_max`` (at least one blob is returned)."""
         self._check_open()
+        if not isinstance(first_tx_id, int) or first_tx_id < 1 or count < 0:
+            raise IllegalArgumentsError("first_tx_id must be positive and count not negative")
         last = min(self._writer.state.tx_id, first_tx_id + count - 1)
-        blobs = []
+        blobs, size = [], 0
         with self._log.read(buffers=True) as txn:
             cursor = txn.cursor(self._log.dbs["tx"])
             if first_tx_id <= last and cursor.set_key(_U64.pack(first_tx_id)):
                 for key, record in cursor:
                     if _U64.unpack(key)[0] > last:
                         break
-                    blobs.append(codec.record_export_blob(record))
+                    blob = codec.record_export_blob(record)
+                    if blobs and size + len(blob) > size_bytes_max:
+                        break
+                    blobs.append(blob)
+                    size += len(blob)
         return blobs
 
     def replicate_tx(self, blob: bytes) -> TxHeader:
@@ -254,6 +282,7 @@ class Database:
         limit = self._result_limit(limit)
         self._wait_index(0)
         stored = _KV_PREFIX + key
+        chosen = []
         with self._index_env.read() as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
             if not cursor.set_key(codec.index_key(stored)):
@@ -261,9 +290,20 @@ class Database:
             count = cursor.count()
             if offset >= count:
                 return []
-            versions = list(cursor.iternext_dup(keys=False))
-        positions = range(count - 1 - offset, -1, -1) if desc else range(offset, count)
-        chosen = [(i + 1, versions[i]) for i in list(positions)[:limit]]
+            # walk only offset + limit versions, from the oldest or the newest end
+            if desc:
+                cursor.last_dup()
+                step, revision = cursor.prev_dup, count
+            else:
+                step, revision = cursor.next_dup, 1
+            for _ in range(offset):
+                step()
+                revision += -1 if desc else 1
+            while len(chosen) < limit:
+                chosen.append((revision, bytes(cursor.value())))
+                if not step():
+                    break
+                revision += -1 if desc else 1
         return [self._entry_at(stored, location, revision, include_deleted=True)
                 for revision, location in chosen]
 
@@ -273,7 +313,8 @@ class Database:
 
         Iteration starts at ``seek_key`` and stops after ``end_key`` (both inclusive, as given;
         with ``desc`` it walks down from ``seek_key`` to ``end_key``). Keys longer than
-        INDEX_KEY_SIZE_BYTES_MAX are ordered by their first bytes and a hash (docs/storage.md).
+        INDEX_KEY_UNFOLDED_BYTES_MAX bytes are ordered by their first bytes and a hash
+        (docs/storage.md).
         """
         prefix, seek_key, end_key = (_bytes(prefix, "prefix"), _bytes(seek_key, "seek_key"),
                                      _bytes(end_key, "end_key"))

@@ -97,3 +97,17 @@ def test_metrics_endpoint_reports_committed_tx_per_database(tmp_path):
         assert b"immucore_sessions" in text
     finally:
         assert node.stop() == 0
+
+
+def test_refused_database_settings_are_not_stored_and_the_node_restarts(tmp_path):
+    with running_node(tmp_path) as node:
+        with Client(node.host, node.port) as client:
+            client.login("immudb", "immudb")
+            with pytest.raises(Exception, match="max_value_len must be in"):
+                client.create_database("toobig", {"max_value_len": 64 << 20})
+            client.create_database("fine", {"max_value_len": 1000})
+        node.restart()
+        with Client(node.host, node.port) as client:
+            client.login("immudb", "immudb")
+            names = [d["name"] for d in client.list_databases()]
+            assert "fine" in names and "toobig" not in names

@@ -6,7 +6,7 @@ import time
 import lmdb
 import pytest
 
-from immucore import IllegalArgumentsError, KeyNotFoundError, codec
+from immucore import IllegalArgumentsError, KeyNotFoundError, ReadOnlyReplicaError, codec
 from immucore.database import open_database
 from immucore.store.writer import CommitAbortedError
 from immucore.store.indexer import INDEXED_TX_KEY
@@ -155,4 +155,25 @@ def test_a_failed_commit_aborts_what_was_chained_onto_it_and_the_chain_stays_who
     assert db.audit() == 2
     with pytest.raises(KeyNotFoundError):
         db.get(b"chained0")
+    db.close()
+
+
+def test_a_cancelled_write_does_not_stop_the_writer(tmp_path):
+    db = open_database(str(tmp_path / "db"))
+    futures = [db.set_async({f"k{n}".encode(): b"v"}) for n in range(200)]
+    cancelled = sum(f.cancel() for f in futures[100:])   # some may already be running
+    done = [f.result(10) for f in futures if not f.cancelled()]
+    assert len(done) == 200 - cancelled
+    assert db.set({b"after": b"ok"}).id == len(done) + 1
+    db.close()
+
+
+def test_role_change_is_ordered_with_queued_writes(tmp_path):
+    db = open_database(str(tmp_path / "db"))
+    before = [db.set_async({f"b{n}".encode(): b"v"}) for n in range(500)]
+    db.set_replica(True)
+    assert all(len(f.result()) == 1 for f in before)          # queued before: committed
+    with pytest.raises(ReadOnlyReplicaError):
+        db.set({b"after": b"v"})
+    assert db.current_state().tx_id == 500
     db.close()

@@ -420,13 +420,14 @@ def record_alh(record: bytes) -> bytes:
 
 def decode_record(record: bytes):
     """(header, alh, [(stored_key, md, value or None if truncated, hvalue)])."""
+    record = bytes(record)      # results are bytes, never views into the caller's buffer
     blob_len = _record_blob_len(record)
     header, entries, truncated = _parse_blob(record[:blob_len], (1 << 32, 1 << 16, 1 << 32),
                                              check_duplicates=False)
     hvalues = record[blob_len:-DIGEST_SIZE]
     out = [(k, md, None if truncated else v, hvalues[i * 32:(i + 1) * 32])
            for i, (k, md, v) in enumerate(entries)]
-    return header, bytes(record[-DIGEST_SIZE:]), out
+    return header, record[-DIGEST_SIZE:], out
 
 
 def record_entry(record: bytes, index: int):

@@ -2,7 +2,8 @@
 
 Every request gets exactly one response frame with the same ``request_id`` and ``msg_type``
 (``FLAG_ERROR`` set on failure). A handler may instead answer with a server stream: frames
-flagged ``FLAG_STREAM`` and a last one flagged ``FLAG_END`` (used by replication). Bodies are msgpack maps; byte strings stay
+flagged ``FLAG_STREAM`` and a last one flagged ``FLAG_END`` (no message of today's table does;
+the replication stream will). Bodies are msgpack maps; byte strings stay
 byte strings. Result types travel as maps of their dataclass fields (``to_wire``/``from_wire``).
 """
 from __future__ import annotations

@@ -153,6 +153,11 @@ class Connection(asyncio.Protocol):
         held before is closed, so repeated logins cannot pile sessions up."""
         if self.session is not None and self.session != session_id and not self.detached:
             self.node.close_session(self.session, detached=False)
+        if self._closed:
+            # the peer left while its LOGIN was being checked: its session must not linger
+            if not detached:
+                self.node.close_session(session_id, detached=False)
+            return
         self.session, self.detached = session_id, detached
         self._decoder.body_bytes_max = FRAME_BODY_BYTES_MAX
 

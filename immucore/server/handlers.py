@@ -8,6 +8,7 @@ import asyncio
 import functools
 
 from .. import __version__
+from ..constants import EXPORT_TXS_COUNT_MAX, FRAME_BODY_BYTES_MAX
 from ..errors import IllegalArgumentsError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
@@ -180,13 +181,15 @@ class Dispatcher:
 
     async def set(self, conn, body):
         db = self._db(conn, "write")
-        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body)))
+        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
+                                                         block=False))
         return {"header": to_wire(TxHeader(*headers[0]))}
 
     async def delete(self, conn, body):
         db = self._db(conn, "write")
         keys = _field(body, "keys", list)
-        return {"header": to_wire(await self._read(db.delete, keys))}
+        headers = await asyncio.wrap_future(db.delete_async(keys, block=False))
+        return {"header": to_wire(TxHeader(*headers[0]))}
 
     async def get(self, conn, body):
         db = self._db(conn, "read")
@@ -232,7 +235,8 @@ class Dispatcher:
     async def verifiable_set(self, conn, body):
         db = self._db(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
-        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body)))
+        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
+                                                         block=False))
         vtx = await self._read(db.verifiable_tx_by_id, headers[0][0], prove_since_tx=prove_since)
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
@@ -258,15 +262,17 @@ class Dispatcher:
 
     async def export_txs(self, conn, body):
         db = self._db(conn, "admin")
-        count = min(_field(body, "count", int), 10_000)
-        blobs = await self._read(db.export_txs, _field(body, "first_tx_id", int), count)
+        count = min(_field(body, "count", int), EXPORT_TXS_COUNT_MAX)
+        # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
+        blobs = await self._read(db.export_txs, _field(body, "first_tx_id", int), count,
+                                 FRAME_BODY_BYTES_MAX // 2)
         return {"blobs": blobs}
 
     async def replicate_tx(self, conn, body):
         db = self._db(conn, "admin")
         blobs = _field(body, "blobs", list)
-        headers = await self._read(db.replicate_txs, blobs)
-        return {"headers": to_wire(headers)}
+        headers = await asyncio.wrap_future(db.replicate_txs_async(blobs))
+        return {"headers": to_wire([TxHeader(*h) for h in headers])}
 
     # --- databases ------------------------------------------------------------------------
 
@@ -289,8 +295,8 @@ class Dispatcher:
         user = self._sysadmin(conn)
         name = _field(body, "database", str)
         requested = _field(body, "settings", dict, {})
-        s = await self._read(self.node.create_database, name, requested, user.username,
-                             bool(body.get("if_not_exists", False)))
+        s = await self._read(self.node.manage, self.node.create_database, name, requested,
+                             user.username, bool(body.get("if_not_exists", False)))
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -298,7 +304,8 @@ class Dispatcher:
         name = _field(body, "database", str)
         user = self._db_admin(conn, name)
         requested = _field(body, "settings", dict, {})
-        s = await self._read(self.node.update_database, name, requested, user.username)
+        s = await self._read(self.node.manage, self.node.update_database, name, requested,
+                             user.username)
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -318,19 +325,19 @@ class Dispatcher:
     async def database_load(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.load_database, name)
+        await self._read(self.node.manage, self.node.load_database, name)
         return {"database": name}
 
     async def database_unload(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.unload_database, name)
+        await self._read(self.node.manage, self.node.unload_database, name)
         return {"database": name}
 
     async def database_delete(self, conn, body):
         name = _field(body, "database", str)
         user = self._db_admin(conn, name)
-        await self._read(self.node.delete_database, name, user.username)
+        await self._read(self.node.manage, self.node.delete_database, name, user.username)
         return {"database": name}
 
     # --- users ----------------------------------------------------------------------------

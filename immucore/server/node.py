@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class NodeOptions:
     pidfile: str = ""
     logfile: str = ""
     signing_key: str = ""
-    # server-level replication of systemdb and defaultdb (issue: replication)
+    # server-level replication flags (systemdb and defaultdb): parsed and kept for the
+    # replicator, which is not part of this node yet
     replication: dict = field(default_factory=dict)
 
 
@@ -61,6 +63,8 @@ class Node:
         self.databases: Dict[str, Database] = {}
         self.settings: Dict[str, dict] = {}
         self.read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="immucore-read")
+        # create/update/load/unload/delete run on read threads: one at a time
+        self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
         self.systemdb = open_database(os.path.join(options.dir, "systemdb"), name="systemdb",
                                       durable=options.synced)
@@ -77,7 +81,10 @@ class Node:
         for name, stored in self._stored_settings().items():
             self.settings[name] = stored
             if stored["autoload"]:
-                self._open(name, stored)
+                try:
+                    self._open(name, stored)
+                except Exception as exc:  # noqa: BLE001 - one bad database must not stop the node
+                    log.error("database %s not loaded: %s", name, exc)
         self._server = None
         self.signer = None
         if options.signing_key:
@@ -212,6 +219,11 @@ class Node:
             manager.close(session_id)
         except auth.AuthError:
             pass
+
+    def manage(self, fn, *args):
+        """Run a database management call under the node's management lock."""
+        with self.management_lock:
+            return fn(*args)
 
     # --- connections ----------------------------------------------------------------------
 

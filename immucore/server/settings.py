@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from ..constants import KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX
 from ..errors import IllegalArgumentsError
 
 DATABASE_NAME = re.compile(r"^[a-z0-9_]{1,128}$")
@@ -55,8 +56,8 @@ def check_database_name(name) -> str:
 def defaults() -> dict:
     out = {name: False if kind is bool else ("" if kind is str else 0)
            for name, (_, kind) in REPLICATION_FIELDS.items()}
-    out.update(autoload=True, write_tx_header_version=1, max_tx_entries=1024, max_key_len=1024,
-               max_value_len=32 << 20)
+    out.update(autoload=True, write_tx_header_version=1, max_tx_entries=TX_ENTRIES_MAX,
+               max_key_len=KEY_SIZE_BYTES_MAX, max_value_len=VALUE_SIZE_BYTES_MAX)
     return out
 
 
@@ -105,6 +106,12 @@ def validate(name: str, s: dict) -> None:
 
     if s["write_tx_header_version"] not in (0, 1):
         raise IllegalArgumentsError("write_tx_header_version must be 0 or 1")
+    # the same ranges Database() enforces: a setting it would refuse must never be stored
+    for option, low, high in (("max_tx_entries", 1, TX_ENTRIES_MAX),
+                              ("max_key_len", 1, KEY_SIZE_BYTES_MAX),
+                              ("max_value_len", 0, VALUE_SIZE_BYTES_MAX)):
+        if not low <= s[option] <= high:
+            raise IllegalArgumentsError(f"{option} must be in {low}..{high}")
     if s["replica"]:
         if s["prefetch_tx_buffer_size"] <= 0:
             raise bad("PrefetchTxBufferSize", "replica")
@@ -134,12 +141,6 @@ def validate(name: str, s: dict) -> None:
             raise IllegalArgumentsError(
                 f"invalid value for replication option SyncAcks on primary database '{name}'. "
                 "SyncAcks should be set to 0")
-
-
-def replicator_required(s: dict) -> bool:
-    """immudb's rule: a replica with a primary to follow gets a replicator."""
-    return bool(s["replica"] and s["primary_database"] and s["primary_host"]
-                and s["primary_port"] > 0)
 
 
 def to_stored(s: dict) -> dict:

@@ -13,7 +13,7 @@ import threading
 import lmdb
 
 from ..constants import MAP_SIZE_BYTES_INITIAL, MAP_SIZE_BYTES_MAX
-from ..errors import ImmucoreError
+from ..errors import DatabaseClosedError, ImmucoreError
 
 
 class StorageFullError(ImmucoreError):
@@ -53,6 +53,7 @@ class LmdbEnv:
         self._guard = threading.Condition(threading.Lock())
         self._readers = 0
         self._resizing = False
+        self._closed = False
 
     @contextlib.contextmanager
     def read(self, buffers: bool = False):
@@ -86,6 +87,8 @@ class LmdbEnv:
         with self._guard:
             while self._resizing:
                 self._guard.wait()
+            if self._closed:
+                raise DatabaseClosedError()
             self._readers += 1
 
     def _leave(self):
@@ -116,7 +119,22 @@ class LmdbEnv:
         self.env.sync(True)
 
     def close(self):
-        self.env.close()
+        """Close once every transaction under way has ended; later ones get DatabaseClosedError
+        (closing under a reader would pull its memory away)."""
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            if self._closed:
+                return
+            self._resizing = True           # holds new transactions back while we wait
+            try:
+                while self._readers:
+                    self._guard.wait()
+                self._closed = True
+                self.env.close()
+            finally:
+                self._resizing = False
+                self._guard.notify_all()
 
 
 def _existing_size(path: str) -> int:

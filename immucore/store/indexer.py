@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from .. import codec
 from ..constants import INDEX_BATCH_ENTRIES_MAX
-from ..errors import IndexTimeoutError
+from ..errors import DatabaseClosedError, IndexTimeoutError
 
 log = logging.getLogger("immucore.indexer")
 _U64 = struct.Struct(">Q")
@@ -68,8 +68,10 @@ class Indexer:
         deadline = time.monotonic() + timeout_seconds
         with self._cond:
             while self.indexed_tx_id < tx_id:
+                if self._stopping:
+                    raise DatabaseClosedError()
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0:
                     detail = f" (last error: {self.last_error})" if self.last_error else ""
                     raise IndexTimeoutError(
                         f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "

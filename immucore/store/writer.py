@@ -27,11 +27,15 @@ from .. import codec
 from ..constants import (COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, COMMIT_PIPELINE_BATCHES,
                          WRITE_QUEUE_TXS_MAX)
 from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
-                      ReplicaDivergedError)
+                      ReadOnlyReplicaError, ReplicaDivergedError)
 
 log = logging.getLogger("immucore.writer")
 _U64 = struct.Struct(">Q")
-_SET, _REPLICATE, _STOP = "set", "replicate", "stop"
+_SET, _REPLICATE, _ROLE, _STOP = "set", "replicate", "role", "stop"
+
+
+class WriterBusyError(ImmucoreError):
+    """The write queue is full; the caller should retry later."""
 
 
 class CommitAbortedError(ImmucoreError):
@@ -67,7 +71,7 @@ class _Sealed:
 class Writer:
     def __init__(self, log_env, state: ChainState, *, header_version: int, limits: tuple,
                  read_alh: Callable[[int], bytes], on_commit: Callable[[ChainState], None],
-                 name: str):
+                 name: str, read_only: bool = False):
         self._env = log_env
         self._tx_db = log_env.dbs["tx"]
         self._aht_db = log_env.dbs["aht"]
@@ -83,6 +87,8 @@ class Writer:
         self._sealed: "queue.Queue[Optional[_Sealed]]" = queue.Queue(
             maxsize=COMMIT_PIPELINE_BATCHES)
         self._closed = False
+        self._close_lock = threading.Lock()   # "still open?" and the put happen together
+        self._read_only = read_only           # sealer's view of the role, ordered with writes
         self._sealer = threading.Thread(target=self._run_sealer, name=f"immucore-sealer-{name}",
                                         daemon=True)
         self._committer = threading.Thread(target=self._run_committer,
@@ -92,26 +98,42 @@ class Writer:
 
     # --- API used by Database (any thread) ----------------------------------------------------
 
-    def submit_set(self, entries: list, size_bytes: int) -> Future:
-        """One tx: ``entries`` is a list of (key, value, kv_metadata_bytes)."""
-        return self._submit(_Request(_SET, entries, size_bytes))
+    def submit_set(self, entries: list, size_bytes: int, block: bool = True) -> Future:
+        """One tx: ``entries`` is a list of (key, value, kv_metadata_bytes). With ``block=False``
+        a full queue raises WriterBusyError instead of waiting (the event loop must not wait)."""
+        return self._submit(_Request(_SET, entries, size_bytes), block)
 
     def submit_replicate(self, blobs: list) -> Future:
         return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs)))
 
+    def set_read_only(self, read_only: bool) -> None:
+        """Change the role in order with the writes: sets queued before it still commit, sets
+        queued after it on a replica fail with ReadOnlyReplicaError."""
+        self._submit(_Request(_ROLE, bool(read_only), tx_count=0)).result()
+
     def close(self):
         """Finish everything queued, then stop both threads."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_Request(_STOP, None))
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_Request(_STOP, None))
         self._sealer.join()
         self._committer.join()
 
-    def _submit(self, request: _Request) -> Future:
-        if self._closed:
-            raise DatabaseClosedError()
-        self._queue.put(request)
+    def _submit(self, request: _Request, block: bool = True) -> Future:
+        with self._close_lock:
+            if self._closed:
+                raise DatabaseClosedError()
+            if block:
+                self._queue.put(request)
+            else:
+                try:
+                    self._queue.put_nowait(request)
+                except queue.Full:
+                    raise WriterBusyError(
+                        f"write queue full ({WRITE_QUEUE_TXS_MAX} requests waiting); "
+                        "retry later") from None
         return request.future
 
     # --- stage 1: sealing -------------------------------------------------------------------
@@ -119,20 +141,28 @@ class Writer:
     def _run_sealer(self):
         pending: Optional[_Request] = None
         while True:
-            first = pending or self._queue.get()
+            first = pending or self._next_request(block=True)
             pending = None
+            if first is None:
+                continue
             if first.kind == _STOP:
                 self._fail_queued()
                 self._sealed.put(None)
                 return
+            if first.kind == _ROLE:
+                self._read_only = first.payload
+                first.future.set_result([])
+                continue
             batch: List[_Request] = [first]
             txs, size = first.tx_count, first.size_bytes
             # Group commit: everything already waiting of the same kind joins this batch.
             while txs < COMMIT_BATCH_TXS_MAX and size < COMMIT_BATCH_BYTES_MAX:
                 try:
-                    nxt = self._queue.get_nowait()
+                    nxt = self._next_request(block=False)
                 except queue.Empty:
                     break
+                if nxt is None:
+                    continue
                 if nxt.kind != first.kind:
                     pending = nxt
                     break
@@ -144,10 +174,22 @@ class Writer:
                 self._sealer_generation = self._generation
                 self._sealed_state = self.state
             if first.kind == _SET:
+                if self._read_only:
+                    for request in batch:
+                        request.future.set_exception(ReadOnlyReplicaError())
+                    continue
                 self._seal_sets(batch)
             else:
                 for request in batch:     # each replicate request is all-or-nothing on its own
                     self._seal_replicate(request)
+
+    def _next_request(self, block: bool) -> Optional[_Request]:
+        """The next request, or None for one its caller cancelled meanwhile (marking a future
+        running makes any later cancel() a no-op, so results can always be set)."""
+        request = self._queue.get() if block else self._queue.get_nowait()
+        if request.kind != _STOP and not request.future.set_running_or_notify_cancel():
+            return None
+        return request
 
     def _fail_queued(self):
         while True:
@@ -155,7 +197,7 @@ class Writer:
                 request = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if request.kind != _STOP:
+            if request.kind != _STOP and request.future.set_running_or_notify_cancel():
                 request.future.set_exception(DatabaseClosedError())
 
     def _seal_sets(self, batch: List[_Request]):
