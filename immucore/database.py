@@ -99,6 +99,8 @@ class Database:
             raise
 
     def _release(self):
+        """Stop the writer (it finishes what is queued), then the indexer, then close both
+        environments (each waits for its readers)."""
         for part in (self._writer, self._indexer, self._index_env, self._log):
             if part is not None:
                 part.close()
@@ -549,11 +551,8 @@ class Database:
         """Finish queued writes and the index step under way, then close both environments."""
         if self._closed:
             return
-        self._writer.close()
+        self._release()
         self._closed = True
-        self._indexer.close()
-        self._index_env.close()
-        self._log.close()
 
     def __enter__(self):
         return self
