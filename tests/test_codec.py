@@ -24,12 +24,11 @@ from immucore.errors import CorruptedDataError, IllegalArgumentsError
 try:
     from codec_vectors import (CHAIN_FILES, EMPTY_ALH, LIMITS, build_chain, header_tuple, hx,
                                impl_params, load_chain, outcome, peaks_for, pure_record_blob_len,
-                               random_tx, require, require_native, tx_entries)
+                               random_tx, require, require_native)
 except ImportError:  # tests/ imported as a package
     from tests.codec_vectors import (CHAIN_FILES, EMPTY_ALH, LIMITS, build_chain, header_tuple,
                                      hx, impl_params, load_chain, outcome, peaks_for,
-                                     pure_record_blob_len, random_tx, require, require_native,
-                                     tx_entries)
+                                     pure_record_blob_len, random_tx, require, require_native)
 
 DATA_ERRORS = (IllegalArgumentsError, CorruptedDataError)
 H = lambda data: hashlib.sha256(data).digest()  # noqa: E731  (the independent oracle)

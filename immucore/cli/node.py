@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from ..constants import SESSIONS_MAX_DEFAULT

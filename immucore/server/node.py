@@ -24,7 +24,7 @@ from .. import __version__
 from ..constants import SESSION_INACTIVITY_SECONDS, SESSIONS_MAX_DEFAULT, \
     TOKEN_SESSION_INACTIVITY_SECONDS
 from ..database import Database, open_database
-from ..errors import IllegalArgumentsError, ImmucoreError
+from ..errors import ImmucoreError
 from . import auth, settings as dbsettings
 from .connection import Connection
 
