@@ -13,18 +13,18 @@ if _force_native and _force_pure:
 
 if _force_pure:
     from .pure import *  # noqa: F401,F403
-    from .pure import IMPLEMENTATION
+    from .pure import IMPLEMENTATION  # noqa: F401 - re-exported
 else:
     try:
         from .._native import *  # noqa: F401,F403
-        from .._native import IMPLEMENTATION
+        from .._native import IMPLEMENTATION  # noqa: F401 - re-exported
     except ImportError as exc:
         if _force_native:
             raise ImportError(
                 "IMMUCORE_FORCE_NATIVE=1 but the native codec immucore._native does not import "
                 f"({exc}); build it with `pip install -e .` or `make test`") from exc
         from .pure import *  # noqa: F401,F403
-        from .pure import IMPLEMENTATION
+        from .pure import IMPLEMENTATION  # noqa: F401 - re-exported
 
 API = ("sha256", "kv_metadata_bytes", "parse_kv_metadata", "encode_header", "decode_header",
        "inner_hash", "alh", "entry_digest", "entries_hash", "htree_inclusion_proof", "aht_root",
