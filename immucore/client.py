@@ -305,9 +305,14 @@ class AsyncClient:
     async def export_tx(self, tx_id: int) -> bytes:
         return (await self.call(Msg.EXPORT_TX, {"tx_id": tx_id}))["blob"]
 
-    async def export_txs(self, first_tx_id: int, count: int) -> List[bytes]:
-        return (await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id,
-                                                 "count": count}))["blobs"]
+    async def export_txs(self, first_tx_id: int, count: int, *, wait_ms: int = 0,
+                         with_state: bool = False):
+        """Committed export blobs from ``first_tx_id``; ``wait_ms`` > 0 waits (long poll) for
+        the next commit when there is none yet. ``with_state`` also returns the primary's
+        committed tx id: ``(blobs, committed_tx_id)``."""
+        answer = await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id, "count": count,
+                                                  "wait_ms": wait_ms})
+        return (answer["blobs"], answer["committed_tx_id"]) if with_state else answer["blobs"]
 
     async def replicate_tx(self, blob: bytes):
         return (await self.replicate_txs([blob]))[0]

@@ -71,6 +71,13 @@ SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3
 TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
+EXPORT_WAIT_MS_MAX = 30_000              # longest long poll of a caught-up replica
+
+# --- replication (docs/replication.md) -----------------------------------------------------------
+REPLICATION_BATCH_TXS = 1000             # txs a replica asks for per EXPORT_TXS
+REPLICATION_WAIT_MS = 10_000             # a caught-up replica's long poll
+REPLICATION_BACKOFF_SECONDS_MIN = 0.5    # after a failure: capped exponential backoff with jitter
+REPLICATION_BACKOFF_SECONDS_MAX = 30.0
 
 _check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
        "pre-auth frames must be smaller than authenticated ones")

@@ -73,6 +73,7 @@ class Database:
         self._index_wait_seconds = index_wait_seconds
         self._closed = False
         self._log = self._index_env = self._writer = self._indexer = None
+        self._commit_listeners = []
         try:
             os.makedirs(self.path, exist_ok=True)
             self._log = LmdbEnv(os.path.join(self.path, "log"),
@@ -105,8 +106,15 @@ class Database:
             if part is not None:
                 part.close()
 
-    def _on_commit(self, _state: ChainState) -> None:
+    def _on_commit(self, state: ChainState) -> None:
         self._indexer.notify()
+        for listener in self._commit_listeners:
+            listener(state.tx_id)
+
+    def add_commit_listener(self, listener) -> None:
+        """Call ``listener(tx_id)`` after every commit, on the committer thread: it must only
+        hand the news on (e.g. ``loop.call_soon_threadsafe``), never block."""
+        self._commit_listeners.append(listener)
 
     # --- settings and recovery ------------------------------------------------------------
 

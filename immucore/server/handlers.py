@@ -8,7 +8,7 @@ import asyncio
 import functools
 
 from .. import __version__
-from ..constants import EXPORT_TXS_COUNT_MAX, FRAME_BODY_BYTES_MAX
+from ..constants import EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BYTES_MAX
 from ..errors import IllegalArgumentsError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
@@ -261,12 +261,16 @@ class Dispatcher:
         return {"blob": await self._read(db.export_tx, _field(body, "tx_id", int))}
 
     async def export_txs(self, conn, body):
+        """Committed txs from ``first_tx_id``; with ``wait_ms``, a caught-up caller (a replica)
+        is answered as soon as the next commit happens (long poll), not after a polling delay."""
         db = self._db(conn, "admin")
+        first = _field(body, "first_tx_id", int)
         count = min(_field(body, "count", int), EXPORT_TXS_COUNT_MAX)
+        wait_ms = min(max(_field(body, "wait_ms", int, 0), 0), EXPORT_WAIT_MS_MAX)
+        await self.node.wait_for_commit(db.name, first - 1, wait_ms / 1000)
         # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
-        blobs = await self._read(db.export_txs, _field(body, "first_tx_id", int), count,
-                                 FRAME_BODY_BYTES_MAX // 2)
-        return {"blobs": blobs}
+        blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
+        return {"blobs": blobs, "committed_tx_id": db.current_state().tx_id}
 
     async def replicate_tx(self, conn, body):
         db = self._db(conn, "admin")

@@ -26,6 +26,7 @@ from ..constants import SESSION_INACTIVITY_SECONDS, SESSIONS_MAX_DEFAULT, \
 from ..database import Database, open_database
 from ..errors import ImmucoreError
 from . import auth, settings as dbsettings
+from ..replication.replicator import Replicator
 from .connection import Connection
 
 log = logging.getLogger("immucore.node")
@@ -86,6 +87,9 @@ class Node:
                 except Exception as exc:  # noqa: BLE001 - one bad database must not stop the node
                     log.error("database %s not loaded: %s", name, exc)
         self._server = None
+        self.loop = None
+        self._commit_waiters: Dict[str, list] = {}
+        self.replicators: Dict[str, Replicator] = {}
         self.signer = None
         if options.signing_key:
             from ..signing import StateSigner
@@ -108,9 +112,36 @@ class Node:
                                  header_version=s["write_tx_header_version"],
                                  max_tx_entries=s["max_tx_entries"], max_key_len=s["max_key_len"],
                                  max_value_len=s["max_value_len"])
+        database.add_commit_listener(lambda tx_id, name=name: self._committed(name, tx_id))
         self.databases[name] = database
         self.settings.setdefault(name, s)
         return database
+
+    # --- waiting for commits (long-polling EXPORT_TXS) --------------------------------------
+
+    def _committed(self, name: str, tx_id: int):
+        """On the committer thread: wake the event loop's waiters of this database."""
+        if self.loop is not None and self._commit_waiters.get(name):
+            self.loop.call_soon_threadsafe(self._wake, name)
+
+    def _wake(self, name: str):
+        for waiter in self._commit_waiters.pop(name, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_for_commit(self, name: str, after_tx_id: int, timeout_seconds: float):
+        """Return once ``name`` has a tx after ``after_tx_id``, or the timeout passed."""
+        database = self.database(name)
+        if database.current_state().tx_id > after_tx_id or timeout_seconds <= 0:
+            return
+        waiter = self.loop.create_future()
+        self._commit_waiters.setdefault(name, []).append(waiter)
+        if database.current_state().tx_id > after_tx_id:     # a commit raced the registration
+            return
+        try:
+            await asyncio.wait_for(waiter, timeout_seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def _persist(self, name: str, s: dict, by_user: str):
         record = {"settings": dbsettings.to_stored(s), "createdBy": s.get("created_by") or by_user,
@@ -152,6 +183,7 @@ class Node:
         self._persist(name, s, by_user)
         self.settings[name] = s
         self._open(name, s)
+        self._replication_changed(name)
         log.info("database %s created by %s (replica: %s)", name, by_user, s["replica"])
         return s
 
@@ -164,10 +196,12 @@ class Node:
             raise DatabaseError(f"database {name} does not exist")
         s = dbsettings.merge(current, requested, creating=False)
         dbsettings.validate(name, s)
+        self._replication_changed(name, stop_first=True)   # as immudb: stop, apply, restart
         self._persist(name, s, by_user)
         self.settings[name] = s
         if name in self.databases:
             self.databases[name].set_replica(bool(s["replica"]))
+        self._replication_changed(name)
         return s
 
     def load_database(self, name: str):
@@ -176,14 +210,15 @@ class Node:
         if name in self.databases:
             raise DatabaseError(f"database {name} is already loaded")
         self._open(name, self.settings[name])
+        self._replication_changed(name)
 
     def unload_database(self, name: str):
         if name in dbsettings.RESERVED_DATABASES:
             raise DatabaseError("database is reserved")
-        database = self.databases.pop(name, None)
-        if database is None:
+        if name not in self.databases:
             raise DatabaseError(f"database {name} is not loaded")
-        database.close()
+        self._replication_changed(name, stop_first=True)
+        self.databases.pop(name).close()
 
     def delete_database(self, name: str, by_user: str):
         """Delete an unloaded database: its settings are marked deleted and its folder removed."""
@@ -198,6 +233,32 @@ class Node:
         del self.settings[name]
         shutil.rmtree(os.path.join(self.options.dir, name), ignore_errors=True)
 
+    # --- replicators ------------------------------------------------------------------------
+
+    def _replication_changed(self, name: str, stop_first: bool = False):
+        """From any thread: stop (if asked) and start the database's replicator as its settings
+        now say. Waits until it is done, so callers see the new state."""
+        if self.loop is None:
+            return          # not serving yet: serve() starts every replicator
+        future = asyncio.run_coroutine_threadsafe(
+            self._restart_replicator(name, start=not stop_first), self.loop)
+        future.result()
+
+    async def _restart_replicator(self, name: str, start: bool = True):
+        old = self.replicators.pop(name, None)
+        if old is not None:
+            await old.stop()
+        s = self.settings.get(name)
+        if start and s is not None and name in self.databases and \
+                dbsettings.replicator_required(s):
+            replicator = Replicator(self.databases[name], s)
+            self.replicators[name] = replicator
+            replicator.start()
+
+    def replication_status(self, name: str) -> Optional[dict]:
+        replicator = self.replicators.get(name)
+        return replicator.status() if replicator is not None else None
+
     def list_databases(self) -> list:
         out = []
         for name in ["defaultdb"] + sorted(n for n in self.settings if n != "defaultdb"):
@@ -208,6 +269,9 @@ class Node:
                 "created_by": s.get("created_by", ""), "created_at": s.get("created_at", ""),
                 "tx_count": database.current_state().tx_id if database else None,
                 "disk_size_bytes": _folder_size(os.path.join(self.options.dir, name)),
+                "primary": (f"{s['primary_host']}:{s['primary_port']}/{s['primary_database']}"
+                            if s["replica"] and s["primary_host"] else ""),
+                "replication": self.replication_status(name),
             })
         return out
 
@@ -241,10 +305,12 @@ class Node:
                 "changepassword immudb) or start the node with --admin-password")
 
     async def serve(self, dispatch):
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self, dispatch),
                                                 self.options.address, self.options.port,
                                                 reuse_address=True)
+        for name in list(self.databases):
+            await self._restart_replicator(name)
         return self._server
 
     async def close(self):
@@ -252,6 +318,8 @@ class Node:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for name in list(self.replicators):
+            await self._restart_replicator(name, start=False)
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()

@@ -143,6 +143,13 @@ def validate(name: str, s: dict) -> None:
                 "SyncAcks should be set to 0")
 
 
+def replicator_required(s: dict) -> bool:
+    """immudb's rule: a replica with a primary to follow gets a replicator; a replica without
+    one is fed from outside (REPLICATE_TX, the external replicator)."""
+    return bool(s["replica"] and s["primary_database"] and s["primary_host"]
+                and s["primary_port"] > 0)
+
+
 def to_stored(s: dict) -> dict:
     fields = {**REPLICATION_FIELDS, **OTHER_FIELDS}
     return {fields[name][0]: value for name, value in s.items() if name in fields}

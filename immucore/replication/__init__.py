@@ -1,0 +1,1 @@
+"""Replication: a replica database pulls committed transactions from its primary."""

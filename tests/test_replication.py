@@ -1,0 +1,142 @@
+"""Replication between real nodes on loopback: a replica database follows its primary.
+
+Each test starts real ``immucore`` processes (tests/nodes.py) and drives them with the client.
+"""
+import time
+
+import pytest
+
+from immucore.client import Client
+from immucore.errors import ReadOnlyReplicaError
+
+from .nodes import running_node
+
+WAIT_SECONDS = 20
+
+
+def _login(node, database="defaultdb"):
+    client = Client(node.host, node.port)
+    client.login("immudb", "immudb", database)
+    return client
+
+
+def _replica_settings(primary, database="defaultdb", **extra):
+    return {"replica": True, "primary_database": database, "primary_host": primary.host,
+            "primary_port": primary.port, "primary_username": "immudb",
+            "primary_password": "immudb", **extra}
+
+
+def _wait_for(predicate, what: str, seconds: float = WAIT_SECONDS):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _status(client, name):
+    return next(d for d in client.list_databases() if d["name"] == name)["replication"]
+
+
+def test_replica_follows_its_primary_and_refuses_writes(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            for n in range(100):
+                p.set({f"k{n}".encode(): b"v" * 10})
+            r.create_database("replicadb", _replica_settings(primary))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 100, "catch-up")
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+            # a caught-up replica is woken by the next commit (long poll), not a polling delay
+            start = time.monotonic()
+            header = p.set({b"live": b"1"})
+            _wait_for(lambda: r.current_state().tx_id >= header.id, "live tx")
+            assert time.monotonic() - start < 1.0
+            assert r.get(b"live").value == b"1"
+            assert r.verified_get(b"k7").value == b"v" * 10
+            with pytest.raises(ReadOnlyReplicaError,
+                               match="database is read-only because it's a replica"):
+                r.set({b"x": b"y"})
+            status = _status(r, "replicadb")
+            assert status["state"] == "following" and status["lag_txs"] == 0
+
+
+def test_replication_resumes_after_either_side_restarts(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            p.set({b"a": b"1"})
+            r.create_database("replicadb", _replica_settings(primary))
+        replica.restart()                                  # settings persist in systemdb
+        with _login(primary) as p, _login(replica, "replicadb") as r:
+            p.set({b"b": b"2"})
+            _wait_for(lambda: r.current_state().tx_id == 2, "after replica restart")
+        primary.restart()                                  # the replica reconnects
+        with _login(primary) as p, _login(replica, "replicadb") as r:
+            header = p.set({b"c": b"3"})
+            _wait_for(lambda: r.current_state().tx_id == header.id, "after primary restart",
+                      seconds=40)
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_wrong_credentials_are_reported_and_fixing_them_recovers(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            p.set({b"a": b"1"})
+            r.create_database("replicadb", _replica_settings(primary,
+                                                             primary_password="wrong"))
+            status = _wait_for(lambda: (_status(r, "replicadb") or {}).get("last_error") and
+                               _status(r, "replicadb"), "the error to show")
+            assert "invalid user name or password" in status["last_error"]
+            assert status["state"] == "retrying"
+            r.update_database("replicadb", {"primary_password": "immudb"})
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 1, "recovery")
+
+
+def test_replica_of_a_replica_gets_everything(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "m") as middle, \
+            running_node(tmp_path / "l") as last:
+        with _login(primary) as p, _login(middle) as m, _login(last) as leaf:
+            m.create_database("replicadb", _replica_settings(primary))
+            leaf.create_database("replicadb2", _replica_settings(middle, "replicadb"))
+            for n in range(30):
+                p.set({f"k{n}".encode(): b"v"})
+            leaf.use_database("replicadb2")
+            _wait_for(lambda: leaf.current_state().tx_id == 30, "the chain")
+            assert leaf.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_divergence_is_detected_and_stops_replication(tmp_path):
+    with running_node(tmp_path / "a") as first, running_node(tmp_path / "b") as second, \
+            running_node(tmp_path / "r") as replica:
+        with _login(first) as a, _login(second) as b, _login(replica) as r:
+            a.set({b"history": b"A"})
+            for n in range(3):
+                b.set({f"other{n}".encode(): b"B"})
+            r.create_database("replicadb", _replica_settings(first))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 1, "first primary")
+            # re-pointed at a primary whose tx 1 is another tx: never merged, stopped
+            r.update_database("replicadb", {"primary_host": second.host,
+                                            "primary_port": second.port})
+            status = _wait_for(lambda: (_status(r, "replicadb") or {}).get("state") == "diverged"
+                               and _status(r, "replicadb"), "divergence")
+            assert "diverged" in status["last_error"]
+            time.sleep(0.5)
+            assert r.current_state().tx_id == 1
+
+
+def test_an_external_process_can_push_transactions_into_a_replica(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            for n in range(20):
+                p.set({f"k{n}".encode(): b"v"})
+            # replica with no primary address: no replicator, fed from outside (ReplicateTx)
+            r.create_database("pushed", {"replica": True})
+            r.use_database("pushed")
+            assert _status(r, "pushed") is None
+            r.replicate_txs(p.export_txs(1, 10))
+            r.replicate_txs(p.export_txs(5, 100))          # overlapping: already held = no-op
+            assert r.current_state().tx_hash == p.current_state().tx_hash
