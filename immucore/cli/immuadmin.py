@@ -59,11 +59,24 @@ def cmd_database_list(args):
         databases = client.list_databases()
     rows = [(d["name"], time_text(d["created_at"]), d["created_by"] or "-",
              "LOADED" if d["loaded"] else "UNLOADED", "TRUE" if d["replica"] else "FALSE",
-             size_text(d["disk_size_bytes"]), "-" if d["tx_count"] is None else d["tx_count"])
+             size_text(d["disk_size_bytes"]), "-" if d["tx_count"] is None else d["tx_count"],
+             _replication_text(d))
             for d in databases]
     print_table(("Database Name", "Created At", "Created By", "Status", "Is Replica",
-                 "Disk Size", "Transactions"), rows)
+                 "Disk Size", "Transactions", "Replication"), rows)
     print(f"{len(rows)} database(s)")
+
+
+def _replication_text(database: dict) -> str:
+    """``following 127.0.0.1:3322/defaultdb lag 0`` or ``retrying …: <error>``; ``-`` for a
+    primary, ``external`` for a replica fed from outside."""
+    status = database.get("replication")
+    if status is None:
+        return "external" if database["replica"] else "-"
+    text = f"{status['state']} {status['primary']} lag {status['lag_txs']}"
+    if status["last_error"]:
+        text += f": {status['last_error']}"
+    return text
 
 
 def cmd_database_load(args):
