@@ -1,0 +1,99 @@
+"""Catch-up of a replica over loopback: real primary and replica nodes, durable, all checks on.
+
+The primary's log is built with the embedded API before its node starts (that is not what is
+measured); then a fresh replica database is created on a second node and the clock runs until it
+holds every tx. Printed beside it, in the same run: the same copy in immudb's shape (one
+EXPORT_TX and one REPLICATE_TX round trip per tx, over a bounded prefix) and the raw floor
+(LMDB putmulti + one SHA-256 per blob of the same bytes)."""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import wait
+
+from immucore.client import Client
+from immucore.database import open_database
+
+from . import store_workloads
+from tests.nodes import NodeProcess
+
+
+def _build_primary(base_dir: str, txs: int, entries: int) -> None:
+    db = open_database(os.path.join(base_dir, "data", "defaultdb"), name="defaultdb")
+    try:
+        window = []
+        for _ in range(txs):
+            window.append(db.set_async({os.urandom(32): os.urandom(100) for _ in range(entries)}))
+            if len(window) >= 2000:
+                wait(window)
+                window = []
+        wait(window)
+    finally:
+        db.close()
+
+
+def _memory_bytes(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field: ``RssAnon`` is the process's own memory; ``VmHWM`` (peak
+    RSS) also counts the LMDB files' pages mapped in, which the kernel can drop at will."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000,
+             progress=print) -> dict:
+    primary = NodeProcess(os.path.join(workdir, "primary"))
+    _build_primary(primary.base_dir, txs, entries)
+    replica = NodeProcess(os.path.join(workdir, "replica"))
+    primary.start()
+    replica.start()
+    try:
+        with Client(primary.host, primary.port) as p, Client(replica.host, replica.port) as r:
+            p.login("immudb", "immudb")
+            r.login("immudb", "immudb")
+            start = time.perf_counter()
+            r.create_database("replicadb", {
+                "replica": True, "primary_database": "defaultdb", "primary_host": primary.host,
+                "primary_port": primary.port, "primary_username": "immudb",
+                "primary_password": "immudb"})
+            r.use_database("replicadb")
+            last_print = 0.0
+            anon_peak = 0
+            while True:
+                anon_peak = max(anon_peak, _memory_bytes(replica.process.pid, "RssAnon"))
+                held = r.current_state().tx_id
+                now = time.perf_counter() - start
+                if held >= txs:
+                    break
+                if now - last_print >= 2:
+                    progress(f"  catch-up: {held:,}/{txs:,} txs, {held / max(now, 1e-9):,.0f} tx/s")
+                    last_print = now
+                if now > 3600:
+                    raise TimeoutError("catch-up did not finish within an hour")
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - start
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+            rss = _memory_bytes(replica.process.pid, "VmHWM")
+
+            # immudb's shape: one export and one replicate round trip per tx
+            r.create_database("onebyone", {"replica": True})
+            r.use_database("onebyone")
+            count = min(baseline_txs, txs)
+            t0 = time.perf_counter()
+            for tx_id in range(1, count + 1):
+                r.replicate_tx(p.export_tx(tx_id))
+            one_by_one = count / (time.perf_counter() - t0)
+            blobs = p.export_txs(1, min(txs, 10_000))
+    finally:
+        primary.stop()
+        replica.stop()
+    floor = store_workloads._raw_floor(workdir, blobs, 1000, True)
+    rate = txs / elapsed
+    return {"txs": txs, "entries_per_tx": entries, "durable": True, "checks": "all",
+            "tx_per_s": rate, "entries_per_s": rate * entries,
+            "replica_anon_rss_peak_mb": round(anon_peak / 2**20, 1),
+            "replica_rss_peak_incl_mapped_files_mb": round(rss / 2**20, 1),
+            "one_tx_per_round_trip_tx_per_s": one_by_one,
+            "batched_vs_one_by_one": rate / one_by_one, "floor_tx_per_s": floor}
