@@ -1,0 +1,97 @@
+"""atheris (coverage-guided) fuzzing of what reads bytes from the network: the frame decoder,
+request bodies, export blobs (the replica's input) and stored records.
+
+    python tests/fuzz_targets.py -runs=200000 -rss_limit_mb=1024     # on demand, longer
+
+Inputs are valid frames, bodies, blobs and records (built here) cut and mutated where the fuzzer
+says, so it starts deep in every parser instead of at its first magic byte; raw bytes are tried
+too. Every target may only raise the errors it documents; anything else, a crash, or memory past
+the RSS limit is a finding. ``tests/test_fuzz.py`` runs a short budget in ``make test``.
+"""
+import os
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from immucore import codec
+    from immucore.constants import KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX
+    from immucore.errors import CorruptedDataError, IllegalArgumentsError
+    from immucore.protocol.frames import FrameDecoder, ProtocolError, encode_frame
+    from immucore.protocol.messages import pack, unpack
+
+LIMITS = (TX_ENTRIES_MAX, KEY_SIZE_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
+DATA_ERRORS = (IllegalArgumentsError, CorruptedDataError)
+_EMPTY = codec.sha256(b"")
+_SEALED = codec.build_txs(1, 1, _EMPTY, [], 1700000000, [
+    [(b"key-1", b"value-1", b""), (b"key-2", b"", codec.kv_metadata_bytes(True, 1900000000,
+                                                                          False))],
+    [(b"k" * 40, os.urandom(300), codec.kv_metadata_bytes(False, None, True))],
+], LIMITS)
+RECORDS = [record for _, _, record, _ in _SEALED]
+BLOBS = [codec.record_export_blob(record) for record in RECORDS]
+
+
+def _mutate(fdp, base: bytes) -> bytes:
+    """Cut ``base`` and overwrite a few of its bytes, where the fuzzer chooses."""
+    data = bytearray(base[:fdp.ConsumeIntInRange(0, len(base))])
+    for _ in range(fdp.ConsumeIntInRange(0, 4)):
+        if data:
+            data[fdp.ConsumeIntInRange(0, len(data) - 1)] = fdp.ConsumeIntInRange(0, 255)
+    return bytes(data) + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))
+
+
+def one_input(data: bytes):
+    fdp = atheris.FuzzedDataProvider(data)
+    target = fdp.ConsumeIntInRange(0, 4)
+    if target == 0:
+        body = pack({"key": fdp.ConsumeBytes(8), "at_tx": fdp.ConsumeIntInRange(0, 9)})
+        frame = encode_frame(fdp.ConsumeIntInRange(0, 255), fdp.ConsumeIntInRange(0, 7),
+                             fdp.ConsumeIntInRange(0, 2**32), body)
+        stream = _mutate(fdp, frame * 2)
+        decoder = FrameDecoder(fdp.ConsumeIntInRange(0, 1 << 16))
+        third = len(stream) // 3
+        try:                                   # fed in two pieces, as a socket delivers them
+            decoder.feed(stream[:third])
+            decoder.feed(stream[third:])
+        except ProtocolError:
+            pass
+    elif target == 1:
+        raw = _mutate(fdp, pack({"kvs": [[b"k", b"v"]], "n": 1, "s": "x"}))
+        try:
+            unpack(raw)
+        except Exception:  # noqa: BLE001 - the node answers any undecodable body with bad_body
+            pass
+    elif target == 2:
+        blob = _mutate(fdp, BLOBS[fdp.ConsumeIntInRange(0, len(BLOBS) - 1)])
+        try:
+            codec.verify_blob(blob, LIMITS)
+        except DATA_ERRORS:
+            pass
+        try:
+            codec.replicate_blobs([blob], 1, _EMPTY, [], LIMITS)
+        except DATA_ERRORS:
+            pass
+    elif target == 3:
+        record = _mutate(fdp, RECORDS[fdp.ConsumeIntInRange(0, len(RECORDS) - 1)])
+        for read in (codec.decode_record, codec.record_digests,
+                     lambda r: codec.record_entry(r, 0), lambda r: codec.index_items(1, [r])):
+            try:
+                read(record)
+            except DATA_ERRORS:
+                pass
+    else:
+        raw = fdp.ConsumeBytes(fdp.remaining_bytes())
+        try:
+            FrameDecoder(16 << 10).feed(raw)
+        except ProtocolError:
+            pass
+        try:
+            codec.verify_blob(raw, LIMITS)
+        except DATA_ERRORS:
+            pass
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
