@@ -94,6 +94,7 @@ def test_metrics_endpoint_reports_committed_tx_per_database(tmp_path):
             client.set({b"b": b"2"})
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         assert b'immudb_last_committed_trx_id{db="defaultdb"} 2.0' in text
+        assert b'immucore_requests_total{db="defaultdb",kind="write"} 2.0' in text
         assert b"immucore_sessions" in text
     finally:
         assert node.stop() == 0

@@ -109,7 +109,9 @@ class Dispatcher:
 
     def _db(self, conn, action: str):
         _, _, name = self._authorize(conn, action)
-        return self.node.database(name)
+        database = self.node.database(name)
+        self.node.count_request(name, action)
+        return database
 
     async def _read(self, fn, *args, **kwargs):
         """Run a blocking call on the node's read threads (index waits, hashing, fsyncs)."""

@@ -1,12 +1,13 @@
-"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id,
-sessions and connections. Values are read when Prometheus scrapes (a custom collector), so the
+"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id and
+requests served (read/write/admin; rates come from Prometheus), sessions, connections, and per
+replica its lag, its primary's committed tx id and its retries. Values are read when Prometheus scrapes (a custom collector), so the
 hot path pays nothing for them."""
 from __future__ import annotations
 
 import logging
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("immucore.metrics")
 
@@ -30,6 +31,25 @@ class NodeCollector:
                 continue
         yield committed
         yield indexed
+        requests = CounterMetricFamily("immucore_requests", "requests served per database and "
+                                       "kind (read, write, admin)", labels=["db", "kind"])
+        for (name, kind), count in list(self.node.request_counts.items()):
+            requests.add_metric([name, kind], count)
+        yield requests
+        lag = GaugeMetricFamily("immudb_replication_lag", "primary committed tx id minus the "
+                                "replica's", labels=["db"])
+        primary = GaugeMetricFamily("immudb_replication_primary_committed_tx_id",
+                                    "the primary's committed tx id as last seen", labels=["db"])
+        retries = CounterMetricFamily("immudb_replication_replicators_retries",
+                                      "replication failures retried", labels=["db"])
+        for name, replicator in list(self.node.replicators.items()):
+            status = replicator.status()
+            lag.add_metric([name], status["lag_txs"])
+            primary.add_metric([name], status["primary_committed_tx_id"])
+            retries.add_metric([name], status["retries"])
+        yield lag
+        yield primary
+        yield retries
         sessions = GaugeMetricFamily("immucore_sessions", "open sessions")
         sessions.add_metric([], len(self.node.sessions) + len(self.node.token_sessions))
         yield sessions

@@ -90,6 +90,8 @@ class Node:
         self.loop = None
         self._commit_waiters: Dict[str, list] = {}
         self.replicators: Dict[str, Replicator] = {}
+        # requests served per (database, read|write|admin): Prometheus derives the rates
+        self.request_counts: Dict[tuple, int] = {}
         self.signer = None
         if options.signing_key:
             from ..signing import StateSigner
@@ -156,6 +158,10 @@ class Node:
             out["signature"] = self.signer.sign(state.db, state.tx_id, state.tx_hash)
             out["public_key"] = self.signer.public_key
         return out
+
+    def count_request(self, name: str, action: str):
+        key = (name, action)
+        self.request_counts[key] = self.request_counts.get(key, 0) + 1
 
     def database(self, name: str) -> Database:
         if name == "systemdb":
