@@ -140,3 +140,45 @@ def test_an_external_process_can_push_transactions_into_a_replica(tmp_path):
             r.replicate_txs(p.export_txs(1, 10))
             r.replicate_txs(p.export_txs(5, 100))          # overlapping: already held = no-op
             assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_server_level_replication_with_the_guide_flags(tmp_path):
+    """`immucore --replication-enabled=true --replication-follower-username=immudb
+    --replication-follower-password=immudb --replication-master-address=127.0.0.1`: systemdb and
+    defaultdb follow the primary's (users included); the replica node manages no databases."""
+    with running_node(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.set({b"from-primary": b"1"})
+            p.create_user("reader", "Reader1!pw", "read", "defaultdb")
+        flags = ("--replication-enabled=true", "--replication-follower-username=immudb",
+                 "--replication-follower-password=immudb",
+                 f"--replication-master-address={primary.host}",
+                 f"--replication-master-port={primary.port}")
+        with running_node(tmp_path / "r", *flags) as replica:
+            def logged_in():
+                with Client(replica.host, replica.port) as client:
+                    try:
+                        return bool(client.login("reader", "Reader1!pw"))
+                    except Exception:  # noqa: BLE001 - systemdb not replicated yet
+                        return False
+            _wait_for(logged_in, "users replicated from the primary's systemdb")
+            with _login(replica) as r:
+                _wait_for(lambda: r.current_state().tx_id == 1, "defaultdb replicated")
+                assert r.get(b"from-primary").value == b"1"
+                with pytest.raises(ReadOnlyReplicaError):
+                    r.set({b"x": b"y"})
+                with pytest.raises(Exception, match="server-level replica"):
+                    r.create_database("newdb")
+
+
+def test_promoting_a_replica_makes_it_writable(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            p.set({b"a": b"1"})
+            r.create_database("replicadb", _replica_settings(primary))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 1, "catch-up")
+            r.update_database("replicadb", {"replica": False})      # promotion
+            assert _status(r, "replicadb") is None                   # no replicator any more
+            header = r.set({b"b": b"2"})
+            assert header.id == 2 and header.prev_alh == p.current_state().tx_hash

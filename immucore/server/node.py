@@ -67,10 +67,14 @@ class Node:
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
+        # Server-level replication (immudb's --replication-is-replica flags): systemdb and
+        # defaultdb follow the primary's, so users and their passwords come from the primary.
+        self.server_replication = _server_replication(options.replication)
+        replica = self.server_replication is not None
         self.systemdb = open_database(os.path.join(options.dir, "systemdb"), name="systemdb",
-                                      durable=options.synced)
+                                      durable=options.synced, replica=replica)
         self.users = auth.UserStore(self.systemdb)
-        auth.ensure_sysadmin(self.users, options.admin_password)
+        auth.ensure_sysadmin(self.users, options.admin_password)   # not on a replica systemdb
         self.sessions = auth.SessionManager(options.max_sessions,
                                             inactivity_timeout_seconds=SESSION_INACTIVITY_SECONDS)
         self.token_sessions = auth.SessionManager(
@@ -78,14 +82,20 @@ class Node:
         # Any change of a user (password, permissions, deactivation) ends its sessions.
         self.users.add_listener(self.sessions.user_changed)
         self.users.add_listener(self.token_sessions.user_changed)
-        self._open("defaultdb", dbsettings.defaults() | {"created_by": auth.SYSADMIN_USERNAME})
-        for name, stored in self._stored_settings().items():
-            self.settings[name] = stored
-            if stored["autoload"]:
-                try:
-                    self._open(name, stored)
-                except Exception as exc:  # noqa: BLE001 - one bad database must not stop the node
-                    log.error("database %s not loaded: %s", name, exc)
+        default_settings = dbsettings.defaults() | {"created_by": auth.SYSADMIN_USERNAME}
+        if replica:
+            default_settings |= self.server_replication | {"primary_database": "defaultdb"}
+        self._open("defaultdb", default_settings)
+        if not replica:
+            # On a server-level replica, the settings records in systemdb are the primary's:
+            # its databases are not this node's, so none of them is loaded here.
+            for name, stored in self._stored_settings().items():
+                self.settings[name] = stored
+                if stored["autoload"]:
+                    try:
+                        self._open(name, stored)
+                    except Exception as exc:  # noqa: BLE001 - one bad database must not stop it
+                        log.error("database %s not loaded: %s", name, exc)
         self._server = None
         self.loop = None
         self._commit_waiters: Dict[str, list] = {}
@@ -254,10 +264,15 @@ class Node:
         old = self.replicators.pop(name, None)
         if old is not None:
             await old.stop()
-        s = self.settings.get(name)
-        if start and s is not None and name in self.databases and \
+        if name == "systemdb":
+            s = (self.server_replication | {"primary_database": "systemdb"}
+                 if self.server_replication is not None else None)
+            database = self.systemdb
+        else:
+            s, database = self.settings.get(name), self.databases.get(name)
+        if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
-            replicator = Replicator(self.databases[name], s)
+            replicator = Replicator(database, s)
             self.replicators[name] = replicator
             replicator.start()
 
@@ -292,6 +307,10 @@ class Node:
 
     def manage(self, fn, *args):
         """Run a database management call under the node's management lock."""
+        if self.server_replication is not None:
+            raise DatabaseError(
+                "database management is not available on a server-level replica: its systemdb "
+                "(users and database settings) follows the primary")
         with self.management_lock:
             return fn(*args)
 
@@ -315,7 +334,7 @@ class Node:
         self._server = await loop.create_server(lambda: Connection(self, dispatch),
                                                 self.options.address, self.options.port,
                                                 reuse_address=True)
-        for name in list(self.databases):
+        for name in ["systemdb"] + list(self.databases):
             await self._restart_replicator(name)
         return self._server
 
@@ -338,8 +357,29 @@ class Node:
     def banner(self) -> str:
         roles = ", ".join(f"{name}{' (replica)' if self.settings.get(name, {}).get('replica') else ''}"
                           for name in self.databases)
-        return (f"immucore {__version__} listening on {self.options.address}:{self.options.port}"
+        text = (f"immucore {__version__} listening on {self.options.address}:{self.options.port}"
                 f", data in {os.path.abspath(self.options.dir)}, databases: systemdb, {roles}")
+        if self.server_replication is not None:
+            s = self.server_replication
+            text += f"; systemdb and defaultdb replica of {s['primary_host']}:{s['primary_port']}"
+        return text
+
+
+def _server_replication(flags: dict) -> Optional[dict]:
+    """The replication settings of systemdb and defaultdb from the node's flags (None: this node
+    is not a server-level replica). As immudb: the port defaults to 3322, and the primary
+    database is forced to the same name."""
+    if not flags.get("replica"):
+        return None
+    s = dbsettings.defaults()
+    s.update({key: value for key, value in flags.items() if key in s and value is not None})
+    s["replica"] = True
+    s["primary_port"] = s["primary_port"] or 3322
+    s["prefetch_tx_buffer_size"] = s["prefetch_tx_buffer_size"] or dbsettings.PREFETCH_DEFAULT
+    s["replication_commit_concurrency"] = (s["replication_commit_concurrency"]
+                                           or dbsettings.COMMIT_CONCURRENCY_DEFAULT)
+    dbsettings.validate("defaultdb", s)
+    return s
 
 
 def _folder_size(path: str) -> int:
