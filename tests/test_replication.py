@@ -2,11 +2,12 @@
 
 Each test starts real ``immucore`` processes (tests/nodes.py) and drives them with the client.
 """
+import asyncio
 import time
 
 import pytest
 
-from immucore.client import Client
+from immucore.client import AsyncClient, Client
 from immucore.errors import ReadOnlyReplicaError
 
 from .nodes import running_node
@@ -34,6 +35,16 @@ def _wait_for(predicate, what: str, seconds: float = WAIT_SECONDS):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _fill(node, txs: int):
+    """``txs`` single-entry transactions, pipelined on one connection."""
+    client = AsyncClient(node.host, node.port)
+    await client.login("immudb", "immudb")
+    for start in range(0, txs, 100):
+        await asyncio.gather(*(client.set({f"k{n}".encode(): b"v"})
+                               for n in range(start, min(start + 100, txs))))
+    await client.close()
 
 
 def _status(client, name):
@@ -182,3 +193,34 @@ def test_promoting_a_replica_makes_it_writable(tmp_path):
             assert _status(r, "replicadb") is None                   # no replicator any more
             header = r.set({b"b": b"2"})
             assert header.id == 2 and header.prev_alh == p.current_state().tx_hash
+
+
+def test_immuadmin_replication_push_copies_what_an_external_replica_lacks(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        asyncio.run(_fill(primary, 1100))          # more than one batch of 1000
+        with _login(replica) as r:
+            r.create_database("external", {"replica": True})
+        env = dict(os.environ, IMMUCORE_CLI_HOME=str(tmp_path / "home"))
+        os.makedirs(env["IMMUCORE_CLI_HOME"])
+
+        def admin(*args, stdin=""):
+            return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin",
+                                   "-a", replica.host, "-p", str(replica.port), *args],
+                                  input=stdin, capture_output=True, text=True, env=env,
+                                  timeout=60)
+
+        assert admin("login", "immudb", "--database", "external", stdin="immudb\n").returncode == 0
+        done = admin("replication", "push", "--from-address", primary.host,
+                     "--from-port", str(primary.port), "--from-password", "immudb")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "1100 transactions replicated"
+        assert "txs" in done.stderr                     # the progress line
+        again = admin("replication", "push", "--from-address", primary.host,
+                      "--from-port", str(primary.port), "--from-password", "immudb")
+        assert again.stdout.strip() == "0 transactions replicated"
+        with _login(primary) as p, _login(replica, "external") as r:
+            assert r.current_state().tx_hash == p.current_state().tx_hash

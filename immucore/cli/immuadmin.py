@@ -67,6 +67,35 @@ def cmd_database_list(args):
     print(f"{len(rows)} database(s)")
 
 
+def cmd_replication_push(args):
+    import asyncio
+    from .push import Progress, push
+    password = args.from_password
+    if password is None:
+        password = read_secrets(["Password of the primary user: "])[0]
+    saved = Session(args).load()
+    if saved is None:
+        raise CliError("please login first")
+
+    async def run():
+        from ..client import AsyncClient
+        address, port = Session(args).server(saved)
+        target = AsyncClient(address, port)
+        try:
+            await target.resume(saved["token"])
+            if args.database:
+                await target.use_database(args.database)
+            source = {"host": args.from_address, "port": args.from_port,
+                      "user": args.from_user, "password": password,
+                      "database": args.from_database}
+            return await push(source, target, follow=args.follow, progress=Progress())
+        finally:
+            await target.close()
+
+    copied = asyncio.run(run())
+    print(f"{copied} transactions replicated")
+
+
 def _replication_text(database: dict) -> str:
     """``following 127.0.0.1:3322/defaultdb lag 0`` or ``retrying …: <error>``; ``-`` for a
     primary, ``external`` for a replica fed from outside."""
@@ -242,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(users, name, cmd_user_activate, f"{name} a user")
         sub.add_argument("user")
         sub.set_defaults(active=active)
+
+    replication = commands.add_parser("replication", parents=[parent],
+                                      help="external replication (push into a replica)")
+    replications = replication.add_subparsers(metavar="action")
+    sub = command(replications, "push", cmd_replication_push,
+                  "copy the txs a replica database (the session's, or --database) lacks from a "
+                  "primary database; the replica must have no replicator of its own")
+    sub.add_argument("--from-address", required=True, help="primary host")
+    sub.add_argument("--from-port", type=int, default=3322, help="primary port (3322)")
+    sub.add_argument("--from-user", default="immudb", help="user on the primary (admin)")
+    sub.add_argument("--from-password", default=None,
+                     help="its password (asked, or read from stdin, when not given)")
+    sub.add_argument("--from-database", default="defaultdb", help="primary database")
+    sub.add_argument("--database", default=None, help="replica database (default: session's)")
+    sub.add_argument("--follow", action="store_true",
+                     help="keep copying new commits as they happen (Ctrl-C to stop)")
     return parser
 
 

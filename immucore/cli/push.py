@@ -1,0 +1,82 @@
+"""``immuadmin replication push``: the external replicator of immudb's guide, as a command.
+
+It copies every committed transaction a replica database lacks from a primary database, over two
+connections: EXPORT_TXS batches from the primary (``--from-*`` flags) and REPLICATE_TX batches
+into the replica of the logged-in session (the target must be a replica without a replicator).
+Each batch is verified by the replica before it is applied; the next batch is fetched while the
+previous one is applied. ``--follow`` keeps going as new commits arrive (long poll).
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from ..client import AsyncClient
+from ..constants import REPLICATION_BATCH_TXS, REPLICATION_WAIT_MS
+
+
+class Progress:
+    """One line, rewritten in place on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def show(self, done: int, target: int, final: bool = False):
+        now = time.monotonic()
+        if not final and now - self._last < (0.2 if self.tty else 5.0):
+            return
+        self._last = now
+        elapsed = max(now - self.started, 1e-9)
+        width = 30
+        filled = width if target <= 0 else min(width, width * done // max(target, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"[{bar}] {done:,}/{max(target, done):,} txs  {done / elapsed:,.0f} tx/s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+async def push(source: dict, target: AsyncClient, follow: bool = False,
+               progress: Progress = None) -> int:
+    """Copy what ``target``'s database lacks from ``source`` (host, port, user, password,
+    database); returns how many txs were applied."""
+    primary = AsyncClient(source["host"], source["port"],
+                          timeout=REPLICATION_WAIT_MS / 1000 + 30)
+    try:
+        await primary.login(source["user"], source["password"], source["database"])
+        start_id = (await target.current_state()).tx_id + 1
+        copied = 0
+
+        async def fetch(first):
+            wait_ms = REPLICATION_WAIT_MS if follow else 0
+            return await primary.export_txs(first, REPLICATION_BATCH_TXS, wait_ms=wait_ms,
+                                            with_state=True)
+
+        pending = asyncio.ensure_future(fetch(start_id))
+        try:
+            while True:
+                blobs, committed = await pending
+                if not blobs:
+                    if not follow:
+                        break
+                    pending = asyncio.ensure_future(fetch(start_id + copied))
+                    continue
+                pending = asyncio.ensure_future(fetch(start_id + copied + len(blobs)))
+                await target.replicate_txs(blobs)
+                copied += len(blobs)
+                if progress:
+                    progress.show(start_id - 1 + copied, committed)
+        finally:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        if progress:
+            progress.show(start_id - 1 + copied, start_id - 1 + copied, final=True)
+        return copied
+    finally:
+        await primary.close()
