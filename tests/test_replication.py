@@ -224,3 +224,32 @@ def test_immuadmin_replication_push_copies_what_an_external_replica_lacks(tmp_pa
         assert again.stdout.strip() == "0 transactions replicated"
         with _login(primary) as p, _login(replica, "external") as r:
             assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(tmp_path):
+    import subprocess
+    import sys
+
+    with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
+        with _login(main_node) as m:
+            m.create_database("orders")
+            m.use_database("orders")
+            m.set({b"order-1": b"paid"})
+            m.use_database("defaultdb")
+            m.set({b"d": b"1"})
+        command = [sys.executable, "-m", "immucore.cli.replicator",
+                   "-master-addr", main_node.host, "-master-port", str(main_node.port),
+                   "-replica-addr", rep.host, "-replica-port", str(rep.port),
+                   "-follower-pass", "Follower1!pw", "-once"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with _login(rep) as r:
+            names = {d["name"] for d in r.list_databases()}
+            assert {"orders", "defaultdbbak"} <= names
+            r.use_database("orders")
+            _wait_for(lambda: r.current_state().tx_id == 1, "orders replicated")
+            assert r.get(b"order-1").value == b"paid"
+            r.use_database("defaultdbbak")
+            _wait_for(lambda: r.current_state().tx_id == 1, "defaultdb into defaultdbbak")
+        again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "0 database(s) created" in again.stderr
