@@ -253,3 +253,30 @@ def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(
             _wait_for(lambda: r.current_state().tx_id == 1, "defaultdb into defaultdbbak")
         again = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and "0 database(s) created" in again.stderr
+
+
+def test_the_guide_command_creates_a_replica_that_follows_defaultdb_on_the_same_node(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with running_node(tmp_path / "n") as node:
+        env = dict(os.environ, IMMUCORE_CLI_HOME=str(tmp_path / "home"))
+        os.makedirs(env["IMMUCORE_CLI_HOME"])
+
+        def admin(*args, stdin=""):
+            return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin",
+                                   "-a", node.host, "-p", str(node.port), *args], input=stdin,
+                                  capture_output=True, text=True, env=env, timeout=60)
+
+        assert admin("login", "immudb", stdin="immudb\n").stdout == "logged in\n"
+        created = admin("database", "create", "--replication-enabled=true",
+                        "--replication-follower-username=immudb",
+                        "--replication-follower-password=immudb",
+                        "--replication-master-database=defaultdb", "replicadb")
+        assert created.stdout == "database 'replicadb' {replica: true} successfully created\n"
+        with _login(node) as client:
+            client.set({b"hello": b"world"})
+            client.use_database("replicadb")
+            _wait_for(lambda: client.current_state().tx_id == 1, "the replica to follow")
+            assert client.get(b"hello").value == b"world"

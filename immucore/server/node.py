@@ -192,7 +192,7 @@ class Node:
             if if_not_exists:
                 return self.settings[name]
             raise DatabaseError("database already exists")
-        s = dbsettings.merge(None, requested, creating=True)
+        s = self._local_primary(dbsettings.merge(None, requested, creating=True))
         dbsettings.validate(name, s)
         s["created_by"] = by_user
         s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -203,6 +203,14 @@ class Node:
         log.info("database %s created by %s (replica: %s)", name, by_user, s["replica"])
         return s
 
+    def _local_primary(self, s: dict) -> dict:
+        """A replica of a named primary database without a primary address follows that
+        database on this node (the replication guide's ``--replication-master-database=defaultdb
+        replicadb``); a replica with no primary database at all is fed from outside."""
+        if s["replica"] and s["primary_database"] and not s["primary_host"]:
+            s = dict(s, primary_host="127.0.0.1", primary_port=s["primary_port"] or self.options.port)
+        return s
+
     def update_database(self, name: str, requested: dict, by_user: str) -> dict:
         dbsettings.check_database_name(name)
         if name in dbsettings.RESERVED_DATABASES:
@@ -210,7 +218,7 @@ class Node:
         current = self.settings.get(name)
         if current is None:
             raise DatabaseError(f"database {name} does not exist")
-        s = dbsettings.merge(current, requested, creating=False)
+        s = self._local_primary(dbsettings.merge(current, requested, creating=False))
         dbsettings.validate(name, s)
         self._replication_changed(name, stop_first=True)   # as immudb: stop, apply, restart
         self._persist(name, s, by_user)
