@@ -83,6 +83,13 @@ class NodeProcess:
         self.stop()
         self.start()
 
+    def kill(self):
+        """SIGKILL: no shutdown at all, as a crash."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
     def log(self) -> str:
         with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
             return f.read()
