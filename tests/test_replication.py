@@ -3,11 +3,16 @@
 Each test starts real ``immucore`` processes (tests/nodes.py) and drives them with the client.
 """
 import asyncio
+import os
+import random
+import subprocess
+import sys
 import time
 
 import pytest
 
 from immucore.client import AsyncClient, Client
+from immucore.database import open_database
 from immucore.errors import ReadOnlyReplicaError
 
 from .nodes import running_node
@@ -35,6 +40,15 @@ def _wait_for(predicate, what: str, seconds: float = WAIT_SECONDS):
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _immuadmin(node, home, *args, stdin=""):
+    """Run ``immuadmin`` against ``node`` with its token file kept under ``home``."""
+    env = dict(os.environ, IMMUCORE_CLI_HOME=str(home))
+    os.makedirs(home, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin", "-a", node.host,
+                           "-p", str(node.port), *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=60)
 
 
 async def _fill(node, txs: int):
@@ -196,22 +210,12 @@ def test_promoting_a_replica_makes_it_writable(tmp_path):
 
 
 def test_immuadmin_replication_push_copies_what_an_external_replica_lacks(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
         asyncio.run(_fill(primary, 1100))          # more than one batch of 1000
         with _login(replica) as r:
             r.create_database("external", {"replica": True})
-        env = dict(os.environ, IMMUCORE_CLI_HOME=str(tmp_path / "home"))
-        os.makedirs(env["IMMUCORE_CLI_HOME"])
-
         def admin(*args, stdin=""):
-            return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin",
-                                   "-a", replica.host, "-p", str(replica.port), *args],
-                                  input=stdin, capture_output=True, text=True, env=env,
-                                  timeout=60)
+            return _immuadmin(replica, tmp_path / "home", *args, stdin=stdin)
 
         assert admin("login", "immudb", "--database", "external", stdin="immudb\n").returncode == 0
         done = admin("replication", "push", "--from-address", primary.host,
@@ -227,9 +231,6 @@ def test_immuadmin_replication_push_copies_what_an_external_replica_lacks(tmp_pa
 
 
 def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(tmp_path):
-    import subprocess
-    import sys
-
     with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
         with _login(main_node) as m:
             m.create_database("orders")
@@ -256,18 +257,9 @@ def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(
 
 
 def test_the_guide_command_creates_a_replica_that_follows_defaultdb_on_the_same_node(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     with running_node(tmp_path / "n") as node:
-        env = dict(os.environ, IMMUCORE_CLI_HOME=str(tmp_path / "home"))
-        os.makedirs(env["IMMUCORE_CLI_HOME"])
-
         def admin(*args, stdin=""):
-            return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin",
-                                   "-a", node.host, "-p", str(node.port), *args], input=stdin,
-                                  capture_output=True, text=True, env=env, timeout=60)
+            return _immuadmin(node, tmp_path / "home", *args, stdin=stdin)
 
         assert admin("login", "immudb", stdin="immudb\n").stdout == "logged in\n"
         created = admin("database", "create", "--replication-enabled=true",
@@ -284,11 +276,6 @@ def test_the_guide_command_creates_a_replica_that_follows_defaultdb_on_the_same_
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_replica_killed_mid_catch_up_resumes_without_gaps_or_duplicates(tmp_path, seed):
-    import os
-    import random
-
-    from immucore.database import open_database
-
     with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
         asyncio.run(_fill(primary, 3000))
         with _login(replica) as r:
