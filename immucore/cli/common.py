@@ -56,6 +56,9 @@ def add_connection_flags(parser: argparse.ArgumentParser, tokenfile_default: str
     parser.add_argument("--tokenfile", default=default(tokenfile_default),
                         help=f"session token file, relative to the home directory "
                              f"(default ~/{tokenfile_default})")
+    parser.add_argument("--tls-ca", dest="tls_ca", default=default(None),
+                        help="connect with TLS, verifying the node's certificate against this "
+                             "CA file (PEM)")
 
 
 def common_parent(tokenfile_default: str, extra: Optional[Callable] = None):
@@ -105,6 +108,7 @@ class Session:
     def __init__(self, args):
         self.path = home_path(args.tokenfile)
         self.address, self.port = args.address, args.port
+        self.tls = tls_context(getattr(args, "tls_ca", None))
         self.user = self.database = None         # set by resumed()
 
     def load(self) -> Optional[dict]:
@@ -150,7 +154,7 @@ class Session:
         if (address, port) != (saved["address"], saved["port"]):
             raise CliError(f"please login first (the saved session is for "
                            f"{saved['address']}:{saved['port']})")
-        with connected(address, port, **client_options) as client:
+        with connected(address, port, ssl=self.tls, **client_options) as client:
             try:
                 answer = client.resume(saved["token"])
             except ImmucoreError as exc:
@@ -169,7 +173,7 @@ class Session:
         except CliError:               # a damaged token file is simply replaced
             previous = None
         address, port = self.server()
-        with connected(address, port) as client:
+        with connected(address, port, ssl=self.tls) as client:
             answer = client.login(user, password, database, detached=True)
             self.save(address, port, answer)
             if previous and (previous["address"], previous["port"]) == (address, port) \
@@ -185,6 +189,14 @@ class Session:
                 client.logout()
         finally:
             self.remove()
+
+
+def tls_context(ca_file: Optional[str]):
+    """A client TLS context trusting ``ca_file`` (None: plain TCP)."""
+    if not ca_file:
+        return None
+    import ssl
+    return ssl.create_default_context(cafile=ca_file)
 
 
 @contextlib.contextmanager
@@ -234,7 +246,7 @@ def show_status(session: Session):
     """Health and version of the node; then the saved session's user, database and state."""
     saved = session.load()
     address, port = session.server(saved)
-    with connected(address, port) as client:
+    with connected(address, port, ssl=session.tls) as client:
         health, info = client.health(), client.server_info()
     print(f"OK - {address}:{port} is reachable and responding to queries")
     print(f"status:   {health.get('status', '?')}")

@@ -79,8 +79,9 @@ def cmd_replication_push(args):
 
     async def run():
         from ..client import AsyncClient
-        address, port = Session(args).server(saved)
-        target = AsyncClient(address, port)
+        session = Session(args)
+        address, port = session.server(saved)
+        target = AsyncClient(address, port, ssl=session.tls)
         try:
             await target.resume(saved["token"])
             if args.database:

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pidfile", default=None, help="write the process id to this file")
     parser.add_argument("--logfile", default=None, help="log to this file (default stderr)")
     parser.add_argument("--config", default=None, help="TOML file with any of these flags")
+    parser.add_argument("--certificate", default=None,
+                        help="TLS: the node's certificate (PEM); with --pkey, clients must use TLS")
+    parser.add_argument("--pkey", default=None, help="TLS: the certificate's private key (PEM)")
+    parser.add_argument("--replication-tls-ca", dest="replication_tls_ca", default=None,
+                        help="replicators connect to primaries with TLS, verifying their "
+                             "certificate against this CA file (PEM)")
     parser.add_argument("--signingKey", dest="signing_key", default=None,
                         help="ECDSA P-256 private key (PEM) used to sign states")
     add_replication_flags(parser)
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_password": "immudb",
              "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT, "metrics_server": True,
-             "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": ""}
+             "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": "",
+             "certificate": "", "pkey": "", "replication_tls_ca": ""}
 
 
 def resolve(args, environ=os.environ) -> dict:

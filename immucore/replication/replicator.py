@@ -29,8 +29,9 @@ log = logging.getLogger("immucore.replication")
 
 
 class Replicator:
-    def __init__(self, database, settings: dict):
+    def __init__(self, database, settings: dict, tls=None):
         self.database = database
+        self._tls = tls                    # an ssl.SSLContext verifying the primary, or None
         self.primary = (f"{settings['primary_host']}:{settings['primary_port']}/"
                         f"{settings['primary_database']}")
         self._settings = settings
@@ -68,7 +69,7 @@ class Replicator:
         failures = 0
         while True:
             client = AsyncClient(self._settings["primary_host"], self._settings["primary_port"],
-                                 timeout=REPLICATION_WAIT_MS / 1000 + 30)
+                                 timeout=REPLICATION_WAIT_MS / 1000 + 30, ssl=self._tls)
             try:
                 await self._follow(client)
             except asyncio.CancelledError:

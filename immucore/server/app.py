@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 
+from ..errors import ImmucoreError
 from .handlers import Dispatcher
 from .node import Node, NodeOptions
 
@@ -20,8 +21,15 @@ async def run_node(options: dict, *, ready=None) -> int:
         max_sessions=options["max_sessions"], metrics_server=options["metrics_server"],
         metrics_server_port=options["metrics_server_port"], pidfile=options["pidfile"],
         logfile=options["logfile"], signing_key=options["signing_key"],
+        certificate=options["certificate"], pkey=options["pkey"],
+        replication_tls_ca=options["replication_tls_ca"],
         replication={k: v for k, v in options.items() if k not in _NODE_KEYS})
-    node = Node(node_options)
+    try:
+        node = Node(node_options)
+        node._server_tls()                  # a TLS misconfiguration stops the start, clearly
+    except (ImmucoreError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,4 +67,5 @@ async def run_node(options: dict, *, ready=None) -> int:
 
 
 _NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
-              "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key"}
+              "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
+              "certificate", "pkey", "replication_tls_ca"}

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from .. import __version__
 from ..constants import SESSION_INACTIVITY_SECONDS, SESSIONS_MAX_DEFAULT, \
     TOKEN_SESSION_INACTIVITY_SECONDS
 from ..database import Database, open_database
-from ..errors import ImmucoreError
+from ..errors import IllegalArgumentsError, ImmucoreError
 from . import auth, settings as dbsettings
 from ..replication.replicator import Replicator
 from .connection import Connection
@@ -51,6 +52,9 @@ class NodeOptions:
     pidfile: str = ""
     logfile: str = ""
     signing_key: str = ""
+    certificate: str = ""          # TLS for clients and replicas (with pkey); off when empty
+    pkey: str = ""
+    replication_tls_ca: str = ""   # replicators use TLS and verify primaries against this CA
     # server-level replication flags (systemdb and defaultdb): parsed and kept for the
     # replicator, which is not part of this node yet
     replication: dict = field(default_factory=dict)
@@ -280,7 +284,7 @@ class Node:
             s, database = self.settings.get(name), self.databases.get(name)
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
-            replicator = Replicator(database, s)
+            replicator = Replicator(database, s, tls=self.replication_tls())
             self.replicators[name] = replicator
             replicator.start()
 
@@ -341,10 +345,27 @@ class Node:
         loop = self.loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self, dispatch),
                                                 self.options.address, self.options.port,
-                                                reuse_address=True)
+                                                reuse_address=True, ssl=self._server_tls())
         for name in ["systemdb"] + list(self.databases):
             await self._restart_replicator(name)
         return self._server
+
+    def _server_tls(self):
+        """A TLS context when --certificate and --pkey are given (then every client uses TLS)."""
+        if not self.options.certificate and not self.options.pkey:
+            return None
+        if not (self.options.certificate and self.options.pkey):
+            raise IllegalArgumentsError("TLS needs both --certificate and --pkey")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.options.certificate, self.options.pkey)
+        return context
+
+    def replication_tls(self):
+        """The client TLS context replicators use (None: plain TCP)."""
+        if not self.options.replication_tls_ca:
+            return None
+        return ssl.create_default_context(cafile=self.options.replication_tls_ca)
 
     async def close(self):
         """Stop accepting, let in-flight requests finish, then close every database."""
