@@ -11,13 +11,14 @@ Measurements behind this design: docs/storage.md.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
 from typing import Callable, Optional
 
 from .. import codec
-from ..constants import INDEX_BATCH_ENTRIES_MAX
+from ..constants import INDEX_BATCH_ENTRIES_MAX, INDEX_THREAD_NICE
 from ..errors import DatabaseClosedError, IndexTimeoutError
 
 log = logging.getLogger("immucore.indexer")
@@ -86,6 +87,7 @@ class Indexer:
 
     def _run(self):
         failures = 0
+        _lower_priority()
         while True:
             with self._cond:
                 while not self._stopping and self.indexed_tx_id >= self._committed_tx_id():
@@ -132,6 +134,15 @@ class Indexer:
         with self._cond:
             self.indexed_tx_id = last
             self._cond.notify_all()
+
+
+def _lower_priority():
+    """Linux schedules threads separately: the indexer yields the CPU to the writer and the
+    event loop (acknowledgements first; the index catches up when they are idle)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INDEX_THREAD_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 def _entry_count(record) -> int:
