@@ -89,7 +89,7 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
     finally:
         primary.stop()
         replica.stop()
-    floor = store_workloads._raw_floor(workdir, blobs, 1000, True)
+    floor = store_workloads.raw_floor(workdir, blobs, 1000, True)
     rate = txs / elapsed
     return {"txs": txs, "entries_per_tx": entries, "durable": True, "checks": "all",
             "tx_per_s": rate, "entries_per_s": rate * entries,

@@ -158,7 +158,7 @@ def replicate_apply(workdir: str, txs: int, batch_txs: int = 1000, entries: int 
         indexed = time.perf_counter() - start
     finally:
         replica.close()
-    floor = _raw_floor(workdir, blobs, batch_txs, durable)
+    floor = raw_floor(workdir, blobs, batch_txs, durable)
     rate = txs / elapsed
     return {"txs": txs, "entries_per_tx": entries, "batch_txs": batch_txs, "durable": durable,
             "in_flight_batches": in_flight, "codec": codec.IMPLEMENTATION, "tx_per_s": rate,
@@ -166,7 +166,7 @@ def replicate_apply(workdir: str, txs: int, batch_txs: int = 1000, entries: int 
             "floor_tx_per_s": floor, "ratio_to_floor": rate / floor}
 
 
-def _raw_floor(workdir: str, blobs: list, batch_txs: int, durable: bool) -> float:
+def raw_floor(workdir: str, blobs: list, batch_txs: int, durable: bool) -> float:
     """Raw LMDB ``putmulti`` of the same bytes + one SHA-256 over each blob: the least any
     verifying replica must do."""
     path = os.path.join(workdir, "rep_floor")

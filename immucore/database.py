@@ -450,9 +450,10 @@ class Database:
             raise IllegalArgumentsError("at_tx and at_revision can not be used together")
         self._wait_index(max(at_tx, since_tx))
         stored = _KV_PREFIX + key
+        index_key = codec.index_key(stored)
         with self._index_env.read() as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
-            if not cursor.set_key(codec.index_key(stored)):
+            if not cursor.set_key(index_key):
                 raise KeyNotFoundError()
             count = cursor.count()
             if at_revision:
@@ -461,22 +462,21 @@ class Database:
                     raise KeyNotFoundError()
                 for _ in range(revision - 1):
                     cursor.next_dup()
+                location = cursor.value()
             elif at_tx:
                 # versions are sorted by (tx id, entry index); find the last one at or before at_tx
-                if cursor.set_range_dup(codec.index_key(stored), _U64.pack(at_tx) + b"\xff\xff"):
+                if cursor.set_range_dup(index_key, _U64.pack(at_tx) + b"\xff\xff"):
                     if not cursor.prev_dup():
                         raise KeyNotFoundError()
                 else:
                     cursor.last_dup()
                 location = cursor.value()
-                revision = 1
+                revision = 1                     # its revision: the versions before it, plus one
                 while cursor.prev_dup():
                     revision += 1
-                cursor.set_range_dup(codec.index_key(stored), location)
             else:
                 cursor.last_dup()
-                revision = count
-            location = cursor.value()
+                location, revision = cursor.value(), count
         entry_index = _U16.unpack_from(location, 8)[0]
         return self._entry_at(stored, location, revision, include_deleted=False), entry_index
 

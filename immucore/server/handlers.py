@@ -51,6 +51,13 @@ def _kvs(body: dict) -> list:
     return [(k, v) for k, v in pairs]
 
 
+async def _write(db, body: dict) -> tuple:
+    """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy)."""
+    headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
+                                                     block=False))
+    return headers[0]
+
+
 class Dispatcher:
     def __init__(self, node: Node):
         self.node = node
@@ -183,9 +190,7 @@ class Dispatcher:
 
     async def set(self, conn, body):
         db = self._db(conn, "write")
-        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
-                                                         block=False))
-        return {"header": to_wire(TxHeader(*headers[0]))}
+        return {"header": to_wire(TxHeader(*await _write(db, body)))}
 
     async def delete(self, conn, body):
         db = self._db(conn, "write")
@@ -237,9 +242,8 @@ class Dispatcher:
     async def verifiable_set(self, conn, body):
         db = self._db(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
-        headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
-                                                         block=False))
-        vtx = await self._read(db.verifiable_tx_by_id, headers[0][0], prove_since_tx=prove_since)
+        header = await _write(db, body)
+        vtx = await self._read(db.verifiable_tx_by_id, header[0], prove_since_tx=prove_since)
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
     async def verifiable_get(self, conn, body):
