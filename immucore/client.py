@@ -314,6 +314,19 @@ class AsyncClient:
                                                   "wait_ms": wait_ms})
         return (answer["blobs"], answer["committed_tx_id"]) if with_state else answer["blobs"]
 
+    async def export_batch(self, first_tx_id: int, count: int, *, wait_ms: int = 0) -> dict:
+        """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx) and
+        ``acked_tx_id`` (its last tx acknowledged to clients: never discarded by a replica)."""
+        return await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id, "count": count,
+                                                "wait_ms": wait_ms})
+
+    async def replica_ack(self, replica_id: str, tx_id: int, alh: bytes) -> int:
+        """Tell the primary this replica durably holds every tx up to ``tx_id`` (with ``alh``);
+        returns the highest tx the sync quorum now holds."""
+        answer = await self.call(Msg.REPLICA_ACK, {"replica_id": replica_id, "tx_id": tx_id,
+                                                   "alh": alh})
+        return answer["acked_tx_id"]
+
     async def replicate_tx(self, blob: bytes):
         return (await self.replicate_txs([blob]))[0]
 

@@ -83,6 +83,12 @@ REPLICATION_BATCH_TXS = 1000             # txs a replica asks for per EXPORT_TXS
 REPLICATION_WAIT_MS = 10_000             # a caught-up replica's long poll
 REPLICATION_BACKOFF_SECONDS_MIN = 0.5    # after a failure: capped exponential backoff with jitter
 REPLICATION_BACKOFF_SECONDS_MAX = 30.0
+REPLICATION_QUEUE_BATCHES = 2            # received batches waiting for the apply (one more is
+REPLICATION_QUEUE_BYTES_MAX = 64 << 20   # being applied and one fetched): bounds replica memory
+REPLICA_ID_CHARS_MAX = 256              # a replica's name in its acknowledgements
+REPLICAS_TRACKED_MAX = 64                # replicas whose acks a sync primary remembers per db
+REPLICATION_SYNC_TIMEOUT_SECONDS = 10.0  # a sync commit not held by enough replicas by then fails
 
+_check(REPLICATION_BATCH_TXS <= EXPORT_TXS_COUNT_MAX, "a replica never asks for more than is sent")
 _check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
        "pre-auth frames must be smaller than authenticated ones")

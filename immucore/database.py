@@ -251,9 +251,11 @@ class Database:
         """
         return [TxHeader(*h) for h in self.replicate_txs_async(blobs).result()]
 
-    def replicate_txs_async(self, blobs: List[bytes]):
+    def replicate_txs_async(self, blobs: List[bytes], floor_tx_id: int = 0):
         """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples,
-        so a replicator can keep the next batch hashing while this one is fsynced."""
+        so a replicator can keep the next batch hashing while this one is fsynced.
+        ``floor_tx_id``: the primary acknowledged every tx up to it to its clients; stored with
+        the batch, it bounds what ``discard_txs_after`` may ever drop."""
         self._check_open()
         if not self.is_replica:
             raise NotReplicaError()
@@ -265,7 +267,38 @@ class Database:
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
                 f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
-        return self._writer.submit_replicate(blobs)
+        return self._writer.submit_replicate(blobs, floor_tx_id)
+
+    @property
+    def discard_floor(self) -> int:
+        """The highest tx this replica's primary told it was acknowledged to clients."""
+        return min(self._writer.floor_tx_id, self._writer.state.tx_id)
+
+    def discard_txs_after(self, tx_id: int) -> State:
+        """Drop every tx after ``tx_id`` — a replica discarding precommitted txs that its new
+        primary does not have (``--replication-allow-tx-discarding``). Only txs above the
+        discard floor go: those the primary acknowledged to its clients never do. The index
+        forgets their keys first, then the log and its hash tree are cut back."""
+        self._check_open()
+        if not self.is_replica:
+            raise NotReplicaError()
+        if tx_id < self.discard_floor:
+            raise IllegalArgumentsError(
+                f"only precommitted transactions can be discarded: tx {tx_id} is below the "
+                f"discard floor {self.discard_floor}")
+        if tx_id < self._writer.state.tx_id:
+            self._indexer.pause_and_rewind(tx_id)
+            try:
+                self._writer.truncate(tx_id, self._load_chain_state).result()
+            finally:
+                self._indexer.resume()
+        return self.current_state()
+
+    def alh_of(self, tx_id: int) -> bytes:
+        """The Alh of committed tx ``tx_id``."""
+        if not 0 < tx_id <= self._writer.state.tx_id:
+            raise TxNotFoundError(f"tx {tx_id} not found")
+        return self._alh_of(tx_id)
 
     # --- reads ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ..constants import SESSIONS_MAX_DEFAULT
+from ..constants import REPLICATION_SYNC_TIMEOUT_SECONDS, SESSIONS_MAX_DEFAULT
 from .flags import (REPLICATION_FLAGS, add_bool, add_replication_flags, normalize_bool_flags,
                     parse_bool)
 
@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replication-tls-ca", dest="replication_tls_ca", default=None,
                         help="replicators connect to primaries with TLS, verifying their "
                              "certificate against this CA file (PEM)")
+    parser.add_argument("--replication-sync-timeout", dest="replication_sync_timeout",
+                        type=float, default=None,
+                        help="seconds a sync commit waits for its replica acknowledgements "
+                             "before the write fails (it stays durable on the primary; default "
+                             f"{REPLICATION_SYNC_TIMEOUT_SECONDS:g})")
     parser.add_argument("--signingKey", dest="signing_key", default=None,
                         help="ECDSA P-256 private key (PEM) used to sign states")
     add_replication_flags(parser)
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 _DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_password": "immudb",
              "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT, "metrics_server": True,
              "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": "",
-             "certificate": "", "pkey": "", "replication_tls_ca": ""}
+             "certificate": "", "pkey": "", "replication_tls_ca": "",
+             "replication_sync_timeout": REPLICATION_SYNC_TIMEOUT_SECONDS}
 
 
 def resolve(args, environ=os.environ) -> dict:

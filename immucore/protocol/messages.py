@@ -41,6 +41,7 @@ class Msg(enum.IntEnum):
     EXPORT_TX = 20
     REPLICATE_TX = 21
     EXPORT_TXS = 22
+    REPLICA_ACK = 23
     # --- databases ----------------------------------------------------------------------
     DATABASE_CREATE = 30
     DATABASE_LIST = 31

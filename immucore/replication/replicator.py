@@ -1,48 +1,75 @@
-"""The replicator of one replica database: pull committed txs from the primary, verify, apply.
+"""The asyncio driver of one replica database: carries out what ``ReplicaMachine`` decides.
 
-    1. connect to the primary and log in with the configured user (admin on the primary db);
-    2. compare states: the primary's tx at our last id must have our Alh — else the logs
-       diverged, and replication stops with a terminal error (immudb's async replicas retry
-       forever instead);
-    3. loop: ask for everything after our last tx (EXPORT_TXS, up to REPLICATION_BATCH_TXS, long
-       polling REPLICATION_WAIT_MS when caught up, so a new commit arrives within milliseconds);
-       while one batch is verified and applied (``replicate_txs_async``: every Eh, prevAlh,
-       blRoot checked, one LMDB transaction and fsync), the next one is already being fetched;
-    4. any failure: disconnect, back off (capped exponential with jitter), resume from the
-       last durable tx + 1. Nothing is re-downloaded and nothing applied twice.
-Status (state, lag, last error, retries) is read by ``immuadmin database list`` and metrics.
+The machine (machine.py) holds every rule; this driver only does I/O, one task per command:
+    * log in to the primary with the configured user (admin on the primary database);
+    * CheckPrimary: read the primary's state and its Alh at our tip (and floor) — divergence;
+    * Fetch: EXPORT_TXS for everything after our tip; a caught-up replica's request waits on the
+      primary and is answered by the next commit, so new txs arrive within milliseconds;
+    * Apply: ``replicate_txs_async`` verifies every Eh, prevAlh and blRoot and writes the batch
+      with one LMDB transaction and fsync, while the next batch is already being fetched;
+    * Ack: REPLICA_ACK tells the primary what we durably hold (sync replication counts it);
+    * Discard: drop precommitted txs above the floor (``--replication-allow-tx-discarding``);
+    * Backoff: close, wait (capped exponential with jitter), connect again — resuming at the
+      last durable tx + 1;
+    * Stop: terminal divergence, reported by status, log and metrics.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import Optional
 
 from ..client import AsyncClient
 from ..constants import (REPLICATION_BACKOFF_SECONDS_MAX, REPLICATION_BACKOFF_SECONDS_MIN,
-                         REPLICATION_BATCH_TXS, REPLICATION_WAIT_MS)
+                         REPLICATION_BATCH_TXS, REPLICATION_QUEUE_BATCHES,
+                         REPLICATION_QUEUE_BYTES_MAX, REPLICATION_WAIT_MS)
 from ..errors import ReplicaDivergedError
+from . import machine as m
 
 log = logging.getLogger("immucore.replication")
 
 
 class Replicator:
-    def __init__(self, database, settings: dict, tls=None):
+    def __init__(self, database, settings: dict, tls=None, replica_id: str = ""):
         self.database = database
         self._tls = tls                    # an ssl.SSLContext verifying the primary, or None
         self.primary = (f"{settings['primary_host']}:{settings['primary_port']}/"
                         f"{settings['primary_database']}")
         self._settings = settings
-        self.state = "starting"
-        self.last_error: Optional[str] = None
-        self.retries = 0
-        self.primary_committed_tx_id = 0
+        self._replica_id = replica_id or f"{id(self):x}/{database.name}"
+        state = database.current_state()
+        self.machine = m.ReplicaMachine(
+            state.tx_id, state.tx_hash, database.discard_floor,
+            batch_txs=REPLICATION_BATCH_TXS, queue_batches=REPLICATION_QUEUE_BATCHES,
+            queue_bytes=REPLICATION_QUEUE_BYTES_MAX,
+            backoff_seconds_min=REPLICATION_BACKOFF_SECONDS_MIN,
+            backoff_seconds_max=REPLICATION_BACKOFF_SECONDS_MAX,
+            allow_discarding=bool(settings.get("allow_tx_discarding")), primary=self.primary)
         self.last_applied_at = 0.0
         self._task: Optional[asyncio.Task] = None
+        self._client: Optional[AsyncClient] = None
+        self._events: Optional[asyncio.Queue] = None
+        self._tasks: set = set()            # fetch/ack/check tasks of the current connection
+        self._apply_task: Optional[asyncio.Task] = None
 
     # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.machine.state
+
+    @property
+    def last_error(self) -> Optional[str]:
+        return self.machine.last_error
+
+    @property
+    def retries(self) -> int:
+        return self.machine.retries
+
+    @property
+    def primary_committed_tx_id(self) -> int:
+        return self.machine.primary_committed_tx_id
 
     def start(self):
         self._task = asyncio.ensure_future(self._run())
@@ -52,8 +79,7 @@ class Replicator:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.state != "diverged":
-            self.state = "stopped"
+        self.machine.stopped()
 
     def status(self) -> dict:
         local = self.database.current_state().tx_id
@@ -63,74 +89,175 @@ class Replicator:
                 "seconds_since_last_apply": (round(time.time() - self.last_applied_at, 3)
                                              if self.last_applied_at else None)}
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- the event loop of the machine --------------------------------------------------
 
     async def _run(self):
-        failures = 0
-        while True:
-            client = AsyncClient(self._settings["primary_host"], self._settings["primary_port"],
-                                 timeout=REPLICATION_WAIT_MS / 1000 + 30, ssl=self._tls)
-            try:
-                await self._follow(client)
-            except asyncio.CancelledError:
-                raise
-            except ReplicaDivergedError as exc:
-                self.state, self.last_error = "diverged", str(exc)
-                log.error("replication of %s stopped: %s", self.database.name, exc)
-                return
-            except Exception as exc:  # noqa: BLE001 - reported, retried with backoff
-                failures += 1
-                self.retries += 1
-                self.state = "retrying"
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("replication of %s from %s failed (%d in a row): %s",
-                            self.database.name, self.primary, failures, exc)
-            finally:
-                await client.close()
-            delay = min(REPLICATION_BACKOFF_SECONDS_MIN * 2 ** max(failures - 1, 0),
-                        REPLICATION_BACKOFF_SECONDS_MAX)
-            await asyncio.sleep(delay * random.uniform(0.9, 1.0))
-
-    async def _follow(self, client: AsyncClient):
-        s = self._settings
-        await client.login(s["primary_username"], s["primary_password"], s["primary_database"])
-        await self._check_divergence(client)
-        self.state, self.last_error = "following", None
-        db = self.database
-        fetch = asyncio.ensure_future(self._fetch(client, db.current_state().tx_id + 1))
+        self._events = asyncio.Queue()
         try:
+            self._spawn(self._connect())
             while True:
-                blobs = await fetch
-                if not blobs:
-                    fetch = asyncio.ensure_future(self._fetch(client,
-                                                              db.current_state().tx_id + 1))
-                    continue
-                next_id = int.from_bytes(blobs[-1][4:12], "big") + 1
-                fetch = asyncio.ensure_future(self._fetch(client, next_id))   # overlaps the apply
-                await asyncio.wrap_future(db.replicate_txs_async(blobs))
-                self.last_applied_at = time.time()
+                event, args = await self._events.get()
+                if event == "backoff":
+                    commands = await self._backoff(*args)
+                else:
+                    commands = getattr(self.machine, event)(*args)
+                for command in commands:
+                    if isinstance(command, m.Stop):
+                        log.error("replication of %s stopped: %s", self.database.name,
+                                  command.reason)
+                        return
+                    self._execute(command)
         finally:
-            fetch.cancel()
-            await asyncio.gather(fetch, return_exceptions=True)
+            await self._drop_connection()
+            if self._apply_task is not None:
+                await asyncio.gather(self._apply_task, return_exceptions=True)
 
-    async def _fetch(self, client: AsyncClient, first_tx_id: int):
-        blobs, committed = await client.export_txs(first_tx_id, REPLICATION_BATCH_TXS,
-                                                   wait_ms=REPLICATION_WAIT_MS, with_state=True)
-        self.primary_committed_tx_id = committed
-        return blobs
+    def _post(self, event: str, *args):
+        self._events.put_nowait((event, args))
 
-    async def _check_divergence(self, client: AsyncClient):
-        """Our last tx must be the primary's tx at that id (same Alh), or the logs diverged."""
-        local = self.database.current_state()
-        if local.tx_id == 0:
+    def _spawn(self, coro, *, apply: bool = False) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        if apply:
+            self._apply_task = task
+        else:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _execute(self, command):
+        if isinstance(command, m.Fetch):
+            self._spawn(self._fetch(command))
+        elif isinstance(command, m.Apply):
+            self._spawn(self._apply(command), apply=True)
+        elif isinstance(command, m.Ack):
+            self._spawn(self._ack(command))
+        elif isinstance(command, m.CheckPrimary):
+            self._spawn(self._check_primary(command))
+        elif isinstance(command, m.Discard):
+            self._spawn(self._discard(command))
+        elif isinstance(command, m.Backoff):
+            self._post("backoff", command.seconds)
+        else:
+            raise TypeError(f"unknown replication command {command!r}")
+
+    def _fail(self, exc: BaseException):
+        diverged = isinstance(exc, ReplicaDivergedError) or "diverged" in str(exc)
+        self._post("failed", f"{type(exc).__name__}: {exc}", diverged)
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def _connect(self):
+        s = self._settings
+        client = AsyncClient(s["primary_host"], s["primary_port"],
+                             timeout=REPLICATION_WAIT_MS / 1000 + 30, ssl=self._tls)
+        try:
+            await client.login(s["primary_username"], s["primary_password"],
+                               s["primary_database"])
+        except asyncio.CancelledError:
+            await client.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported by the machine, retried with backoff
+            await client.close()
+            log.warning("replication of %s: cannot log in to %s: %s", self.database.name,
+                        self.primary, exc)
+            self._fail(exc)
             return
-        primary_state = await client.current_state()
-        if primary_state.tx_id < local.tx_id:
-            raise ReplicaDivergedError(
-                f"replica diverged from primary: replica is at tx {local.tx_id}, primary "
-                f"{self.primary} only at tx {primary_state.tx_id}")
-        header = (await client.tx_by_id(local.tx_id)).header
-        if header.alh() != local.tx_hash:
-            raise ReplicaDivergedError(
-                f"replica diverged from primary: tx {local.tx_id} has a different Alh on "
-                f"{self.primary}")
+        self._client = client
+        self._post("connected")
+
+    async def _backoff(self, seconds: float) -> list:
+        log.warning("replication of %s from %s failed (%d in a row): %s; retrying in %.1fs",
+                    self.database.name, self.primary, self.machine.failures_in_a_row,
+                    self.machine.last_error, seconds)
+        await self._drop_connection()
+        if self._apply_task is not None:     # resume after what is being applied now
+            await asyncio.gather(self._apply_task, return_exceptions=True)
+            commands = await self._drain_apply_events()
+        else:
+            commands = []
+        await asyncio.sleep(seconds)
+        self._spawn(self._connect())
+        return [c for c in commands if not isinstance(c, (m.Fetch, m.Ack))]
+
+    async def _drain_apply_events(self) -> list:
+        """Feed the outcome of the apply that just ended to the machine (before reconnecting);
+        other events of the dropped connection are stale and skipped."""
+        commands = []
+        while not self._events.empty():
+            event, args = self._events.get_nowait()
+            if event in ("applied", "apply_failed"):
+                commands += getattr(self.machine, event)(*args)
+        return commands
+
+    async def _drop_connection(self):
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def _fetch(self, command: m.Fetch):
+        try:
+            answer = await self._client.export_batch(command.first_tx_id, command.count,
+                                                     wait_ms=REPLICATION_WAIT_MS)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return
+        blobs = answer["blobs"]
+        last = int.from_bytes(blobs[-1][4:12], "big") if blobs else command.first_tx_id - 1
+        self._post("received", command.epoch, command.first_tx_id, blobs, last,
+                   answer["committed_tx_id"], answer.get("acked_tx_id", 0))
+
+    async def _apply(self, command: m.Apply):
+        try:
+            headers = await asyncio.wrap_future(self.database.replicate_txs_async(
+                command.blobs, floor_tx_id=command.floor_tx_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nothing of the batch was applied
+            log.error("replication of %s: batch %d..%d rejected: %s", self.database.name,
+                      command.first_tx_id, command.last_tx_id, exc)
+            self._post("apply_failed", f"{type(exc).__name__}: {exc}",
+                       isinstance(exc, ReplicaDivergedError))
+            return
+        self.last_applied_at = time.time()
+        last = headers[-1]
+        self._post("applied", last[0], self.database.alh_of(last[0]))
+
+    async def _ack(self, command: m.Ack):
+        try:
+            await self._client.replica_ack(self._replica_id, command.tx_id, command.alh)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    async def _check_primary(self, command: m.CheckPrimary):
+        try:
+            state = await self._client.current_state()
+            primary_alhs = {}
+            for tx_id in command.tx_ids:
+                primary_alhs[tx_id] = ((await self._client.tx_by_id(tx_id)).header.alh()
+                                       if 0 < tx_id <= state.tx_id else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return
+        local_alhs = {tx_id: self.database.alh_of(tx_id) for tx_id in command.tx_ids}
+        self._post("primary_checked", state.tx_id, primary_alhs, local_alhs)
+
+    async def _discard(self, command: m.Discard):
+        log.warning("replication of %s: discarding txs after %d (not acknowledged by the "
+                    "primary): %s", self.database.name, command.after_tx_id, self.last_error)
+        try:
+            state = await asyncio.get_running_loop().run_in_executor(
+                None, self.database.discard_txs_after, command.after_tx_id)
+        except Exception as exc:  # noqa: BLE001
+            self._post("failed", f"discarding failed: {exc}", True)
+            return
+        self._post("discarded", state.tx_id, state.tx_hash)

@@ -23,6 +23,7 @@ async def run_node(options: dict, *, ready=None) -> int:
         logfile=options["logfile"], signing_key=options["signing_key"],
         certificate=options["certificate"], pkey=options["pkey"],
         replication_tls_ca=options["replication_tls_ca"],
+        replication_sync_timeout=options["replication_sync_timeout"],
         replication={k: v for k, v in options.items() if k not in _NODE_KEYS})
     try:
         node = Node(node_options)
@@ -68,4 +69,5 @@ async def run_node(options: dict, *, ready=None) -> int:
 
 _NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
               "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
-              "certificate", "pkey", "replication_tls_ca"}
+              "certificate", "pkey", "replication_tls_ca",
+              "replication_sync_timeout"}

@@ -8,8 +8,9 @@ import asyncio
 import functools
 
 from .. import __version__
-from ..constants import EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BYTES_MAX
-from ..errors import IllegalArgumentsError
+from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BYTES_MAX,
+                         REPLICA_ID_CHARS_MAX)
+from ..errors import IllegalArgumentsError, ReplicaDivergedError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
 from ..types import KVMetadata, State, TxHeader
@@ -51,10 +52,12 @@ def _kvs(body: dict) -> list:
     return [(k, v) for k, v in pairs]
 
 
-async def _write(db, body: dict) -> tuple:
-    """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy)."""
+async def _write(node, db, body: dict) -> tuple:
+    """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy), and
+    on a sync primary answered once enough replicas hold it."""
     headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
                                                      block=False))
+    await node.replicated(db.name, headers[0][0])
     return headers[0]
 
 
@@ -71,6 +74,7 @@ class Dispatcher:
             Msg.VERIFIABLE_GET: self.verifiable_get,
             Msg.VERIFIABLE_TX_BY_ID: self.verifiable_tx_by_id, Msg.EXPORT_TX: self.export_tx,
             Msg.EXPORT_TXS: self.export_txs, Msg.REPLICATE_TX: self.replicate_tx,
+            Msg.REPLICA_ACK: self.replica_ack,
             Msg.DATABASE_CREATE: self.database_create, Msg.DATABASE_LIST: self.database_list,
             Msg.DATABASE_LOAD: self.database_load, Msg.DATABASE_UNLOAD: self.database_unload,
             Msg.DATABASE_DELETE: self.database_delete, Msg.DATABASE_UPDATE: self.database_update,
@@ -190,12 +194,13 @@ class Dispatcher:
 
     async def set(self, conn, body):
         db = self._db(conn, "write")
-        return {"header": to_wire(TxHeader(*await _write(db, body)))}
+        return {"header": to_wire(TxHeader(*await _write(self.node, db, body)))}
 
     async def delete(self, conn, body):
         db = self._db(conn, "write")
         keys = _field(body, "keys", list)
         headers = await asyncio.wrap_future(db.delete_async(keys, block=False))
+        await self.node.replicated(db.name, headers[0][0])
         return {"header": to_wire(TxHeader(*headers[0]))}
 
     async def get(self, conn, body):
@@ -242,7 +247,7 @@ class Dispatcher:
     async def verifiable_set(self, conn, body):
         db = self._db(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
-        header = await _write(db, body)
+        header = await _write(self.node, db, body)
         vtx = await self._read(db.verifiable_tx_by_id, header[0], prove_since_tx=prove_since)
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
@@ -276,7 +281,23 @@ class Dispatcher:
         await self.node.wait_for_commit(db.name, first - 1, wait_ms / 1000)
         # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
         blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
-        return {"blobs": blobs, "committed_tx_id": db.current_state().tx_id}
+        return {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
+                "acked_tx_id": self.node.acked_tx_id(db)}
+
+    async def replica_ack(self, conn, body):
+        """A replica durably holds every tx up to ``tx_id``; counted for sync replication only
+        if ``alh`` is this database's Alh at that tx (a diverged replica never counts)."""
+        db = self._db(conn, "admin")
+        replica_id = _field(body, "replica_id", str)
+        tx_id, alh = _field(body, "tx_id", int), _field(body, "alh", bytes)
+        if not 0 < len(replica_id) <= REPLICA_ID_CHARS_MAX:
+            raise IllegalArgumentsError(f"replica_id must have 1..{REPLICA_ID_CHARS_MAX} chars")
+        if tx_id > db.current_state().tx_id or await self._read(db.alh_of, tx_id) != alh:
+            raise ReplicaDivergedError(
+                f"replica diverged from primary: its tx {tx_id} is not {db.name}'s tx {tx_id}")
+        acks = self.node.sync_acks.get(db.name)
+        quorum = acks.acknowledge(replica_id, tx_id) if acks is not None else 0
+        return {"acked_tx_id": quorum}
 
     async def replicate_tx(self, conn, body):
         db = self._db(conn, "admin")

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from .. import __version__
-from ..constants import SESSION_INACTIVITY_SECONDS, SESSIONS_MAX_DEFAULT, \
-    TOKEN_SESSION_INACTIVITY_SECONDS
+from ..constants import (REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
+                         SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS)
 from ..database import Database, open_database
-from ..errors import IllegalArgumentsError, ImmucoreError
+from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
 from . import auth, settings as dbsettings
+from ..replication.acks import SyncAcks
 from ..replication.replicator import Replicator
 from .connection import Connection
 
@@ -55,8 +56,10 @@ class NodeOptions:
     certificate: str = ""          # TLS for clients and replicas (with pkey); off when empty
     pkey: str = ""
     replication_tls_ca: str = ""   # replicators use TLS and verify primaries against this CA
-    # server-level replication flags (systemdb and defaultdb): parsed and kept for the
-    # replicator, which is not part of this node yet
+    # a sync commit not acknowledged by enough replicas within this fails (it stays durable)
+    replication_sync_timeout: float = REPLICATION_SYNC_TIMEOUT_SECONDS
+    # server-level replication flags: on a replica, systemdb and defaultdb follow the primary's;
+    # on a primary, the sync flags apply to defaultdb
     replication: dict = field(default_factory=dict)
 
 
@@ -71,6 +74,8 @@ class Node:
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
+        self.node_id = _node_id(options.dir)
+        self.sync_acks: Dict[str, SyncAcks] = {}
         # Server-level replication (immudb's --replication-is-replica flags): systemdb and
         # defaultdb follow the primary's, so users and their passwords come from the primary.
         self.server_replication = _server_replication(options.replication)
@@ -89,6 +94,8 @@ class Node:
         default_settings = dbsettings.defaults() | {"created_by": auth.SYSADMIN_USERNAME}
         if replica:
             default_settings |= self.server_replication | {"primary_database": "defaultdb"}
+        else:
+            default_settings |= _server_sync(options.replication)
         self._open("defaultdb", default_settings)
         if not replica:
             # On a server-level replica, the settings records in systemdb are the primary's:
@@ -130,6 +137,7 @@ class Node:
                                  max_value_len=s["max_value_len"])
         database.add_commit_listener(lambda tx_id, name=name: self._committed(name, tx_id))
         self.databases[name] = database
+        self.sync_acks[name] = SyncAcks(lambda name=name: self.required_acks(name))
         self.settings.setdefault(name, s)
         return database
 
@@ -158,6 +166,32 @@ class Node:
             await asyncio.wait_for(waiter, timeout_seconds)
         except asyncio.TimeoutError:
             pass
+
+    # --- synchronous replication --------------------------------------------------------------
+
+    def required_acks(self, name: str) -> int:
+        """How many replicas must hold a commit of ``name`` before it is acknowledged."""
+        s = self.settings.get(name)
+        if not s or s["replica"] or not s.get("sync_replication"):
+            return 0
+        return s["sync_acks"]
+
+    async def replicated(self, name: str, tx_id: int):
+        """Return once enough replicas hold ``tx_id`` (at once for an async database)."""
+        acks = self.sync_acks.get(name)
+        if acks is not None:
+            await acks.wait(tx_id, self.options.replication_sync_timeout)
+
+    def acked_tx_id(self, database) -> int:
+        """The highest tx of ``database`` acknowledged to its clients — what a replica may never
+        discard: every commit on an async primary, what the quorum holds on a sync one, and on
+        a replica (the middle of a chain) what its own primary acknowledged."""
+        committed = database.current_state().tx_id
+        if database.is_replica:
+            return database.discard_floor
+        if self.required_acks(database.name):
+            return min(self.sync_acks[database.name].held_by_quorum(), committed)
+        return committed
 
     def _persist(self, name: str, s: dict, by_user: str):
         record = {"settings": dbsettings.to_stored(s), "createdBy": s.get("created_by") or by_user,
@@ -230,6 +264,9 @@ class Node:
         if name in self.databases:
             self.databases[name].set_replica(bool(s["replica"]))
         self._replication_changed(name)
+        acks = self.sync_acks.get(name)
+        if acks is not None and self.loop is not None:     # fewer acks may free waiting writes
+            self.loop.call_soon_threadsafe(acks.recheck)
         return s
 
     def load_database(self, name: str):
@@ -246,7 +283,13 @@ class Node:
         if name not in self.databases:
             raise DatabaseError(f"database {name} is not loaded")
         self._replication_changed(name, stop_first=True)
+        self._fail_sync_waiters(name)
         self.databases.pop(name).close()
+
+    def _fail_sync_waiters(self, name: str):
+        acks = self.sync_acks.pop(name, None)
+        if acks is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(acks.fail_all, DatabaseClosedError())
 
     def delete_database(self, name: str, by_user: str):
         """Delete an unloaded database: its settings are marked deleted and its folder removed."""
@@ -284,7 +327,8 @@ class Node:
             s, database = self.settings.get(name), self.databases.get(name)
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
-            replicator = Replicator(database, s, tls=self.replication_tls())
+            replicator = Replicator(database, s, tls=self.replication_tls(),
+                                    replica_id=f"{self.node_id}/{name}")
             self.replicators[name] = replicator
             replicator.start()
 
@@ -374,6 +418,8 @@ class Node:
             await self._server.wait_closed()
         for name in list(self.replicators):
             await self._restart_replicator(name, start=False)
+        for acks in self.sync_acks.values():       # writes waiting for replicas end now
+            acks.fail_all(DatabaseClosedError())
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
@@ -409,6 +455,34 @@ def _server_replication(flags: dict) -> Optional[dict]:
                                            or dbsettings.COMMIT_CONCURRENCY_DEFAULT)
     dbsettings.validate("defaultdb", s)
     return s
+
+
+def _server_sync(flags: dict) -> dict:
+    """On a primary node, the sync replication flags configure defaultdb."""
+    if not flags.get("sync_replication"):
+        return {}
+    s = dbsettings.defaults() | {"sync_replication": True,
+                                 "sync_acks": flags.get("sync_acks") or 0}
+    dbsettings.validate("defaultdb", s)
+    return {"sync_replication": True, "sync_acks": s["sync_acks"]}
+
+
+def _node_id(folder: str) -> str:
+    """This node's identity, kept in its data folder: a replica acknowledges under it, so a
+    primary counts each replica once however often it reconnects."""
+    path = os.path.join(folder, "node_id")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        import uuid
+        node_id = uuid.uuid4().hex
+        with open(path + ".tmp", "w") as f:
+            f.write(node_id)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        return node_id
 
 
 def _folder_size(path: str) -> int:

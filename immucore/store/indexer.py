@@ -38,6 +38,8 @@ class Indexer:
         self._committed_tx_id = committed_tx_id
         self._cond = threading.Condition()
         self._stopping = False
+        self._paused = False       # a discard is cutting the log back: index nothing meanwhile
+        self._stepping = False     # an indexing step is running (outside the condition's lock)
         self.last_error: Optional[str] = None
         with index_env.read() as txn:
             raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
@@ -90,10 +92,12 @@ class Indexer:
         _lower_priority()
         while True:
             with self._cond:
-                while not self._stopping and self.indexed_tx_id >= self._committed_tx_id():
+                while not self._stopping and (
+                        self._paused or self.indexed_tx_id >= self._committed_tx_id()):
                     self._cond.wait()
                 if self._stopping:
                     return
+                self._stepping = True
             try:
                 self._index_step()
                 failures = 0
@@ -104,6 +108,46 @@ class Indexer:
                 log.error("indexing failed (%d in a row): %s", failures, exc)
                 with self._cond:
                     self._cond.wait(min(0.01 * 2 ** failures, _RETRY_SECONDS_MAX))
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._cond.notify_all()
+
+    def pause_and_rewind(self, tx_id: int):
+        """Stop indexing, and forget the keys of every indexed tx after ``tx_id`` (read from
+        the log, which still holds them). ``resume`` restarts indexing."""
+        with self._cond:
+            self._paused = True
+            while self._stepping:
+                self._cond.wait()
+        if self.indexed_tx_id <= tx_id:
+            return
+        with self._log_env.read() as txn:
+            cursor = txn.cursor(self._tx_db)
+            records = []
+            if cursor.set_key(_U64.pack(tx_id + 1)):
+                for key, record in cursor:
+                    if _U64.unpack(key)[0] > self.indexed_tx_id:
+                        break
+                    records.append(bytes(record))
+        rows = codec.index_items(tx_id + 1, records) if records else []
+
+        def write(txn):
+            for key, value in rows:
+                txn.delete(key, value, db=self._keys_db)
+            if tx_id:
+                txn.put(INDEXED_TX_KEY, _U64.pack(tx_id), db=self._meta_db)
+            else:
+                txn.delete(INDEXED_TX_KEY, db=self._meta_db)
+
+        self._env.write(write)
+        with self._cond:
+            self.indexed_tx_id = tx_id
+
+    def resume(self):
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
 
     def _index_step(self):
         first = self.indexed_tx_id + 1

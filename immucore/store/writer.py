@@ -31,7 +31,9 @@ from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
 
 log = logging.getLogger("immucore.writer")
 _U64 = struct.Struct(">Q")
-_SET, _REPLICATE, _ROLE, _STOP = "set", "replicate", "role", "stop"
+_SET, _REPLICATE, _ROLE, _TRUNCATE, _STOP = "set", "replicate", "role", "truncate", "stop"
+# log meta key: the highest tx a replica's primary acknowledged to its clients (never discarded)
+FLOOR_KEY = b"discard_floor"
 
 
 class WriterBusyError(ImmucoreError):
@@ -51,12 +53,13 @@ class ChainState:
 
 
 class _Request:
-    __slots__ = ("kind", "payload", "future", "size_bytes", "tx_count", "present")
+    __slots__ = ("kind", "payload", "future", "size_bytes", "tx_count", "present", "floor")
 
-    def __init__(self, kind, payload, size_bytes=0, tx_count=1):
+    def __init__(self, kind, payload, size_bytes=0, tx_count=1, floor=0):
         self.kind, self.payload, self.future = kind, payload, Future()
         self.size_bytes, self.tx_count = size_bytes, tx_count
         self.present = []      # replicate: headers of txs the log already held (no-ops)
+        self.floor = floor     # replicate: the discard floor stored with the batch
 
 
 class _Sealed:
@@ -75,6 +78,10 @@ class Writer:
         self._env = log_env
         self._tx_db = log_env.dbs["tx"]
         self._aht_db = log_env.dbs["aht"]
+        self._meta_db = log_env.dbs["meta"]
+        with log_env.read() as txn:
+            raw = txn.get(FLOOR_KEY, db=self._meta_db)
+        self.floor_tx_id = _U64.unpack(raw)[0] if raw else 0
         self.state = state                 # committed: what readers see
         self._sealed_state = state         # sealer's tip: committed + batches in the pipeline
         self._sealer_generation = 0
@@ -103,8 +110,14 @@ class Writer:
         a full queue raises WriterBusyError instead of waiting (the event loop must not wait)."""
         return self._submit(_Request(_SET, entries, size_bytes), block)
 
-    def submit_replicate(self, blobs: list) -> Future:
-        return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs)))
+    def submit_replicate(self, blobs: list, floor_tx_id: int = 0) -> Future:
+        return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs),
+                                     floor=floor_tx_id))
+
+    def truncate(self, after_tx_id: int, load_state: Callable[[], ChainState]) -> Future:
+        """Delete every tx after ``after_tx_id`` from the log (a replica discarding
+        precommitted txs), in order with the writes; ``load_state`` re-reads the new tail."""
+        return self._submit(_Request(_TRUNCATE, (after_tx_id, load_state), tx_count=0))
 
     def set_read_only(self, read_only: bool) -> None:
         """Change the role in order with the writes: sets queued before it still commit, sets
@@ -152,6 +165,15 @@ class Writer:
             if first.kind == _ROLE:
                 self._read_only = first.payload
                 first.future.set_result([])
+                continue
+            if first.kind == _TRUNCATE:
+                # the committer truncates after every batch before it; the chain then restarts
+                # from the new tail, so the sealer waits for it
+                self._sealed.put(_Sealed([first], [], None, self._sealer_generation))
+                try:
+                    first.future.exception()
+                finally:
+                    self._sealed_state = self.state
                 continue
             batch: List[_Request] = [first]
             txs, size = first.tx_count, first.size_bytes
@@ -276,7 +298,7 @@ class Writer:
                 except queue.Empty:
                     break
             stopping = items[-1] is None
-            live = []
+            group = []
             for item in items:
                 if item is None:
                     continue
@@ -284,12 +306,36 @@ class Writer:
                     for request in item.requests:
                         request.future.set_exception(CommitAbortedError(
                             "commit aborted: an earlier commit this tx was chained onto failed"))
+                elif item.requests[0].kind == _TRUNCATE:
+                    if group:
+                        self._commit(group)
+                        group = []
+                    self._truncate(item.requests[0])
                 else:
-                    live.append(item)
-            if live:
-                self._commit(live)
+                    group.append(item)
+            if group:
+                self._commit(group)
             if stopping:
                 return
+
+    def _truncate(self, request: _Request):
+        after_tx_id, load_state = request.payload
+
+        def write(txn):
+            for db in (self._tx_db, self._aht_db):
+                cursor = txn.cursor(db)
+                doomed = ([key for key, _ in cursor]
+                          if cursor.set_range(_U64.pack(after_tx_id + 1)) else [])
+                for key in doomed:
+                    txn.delete(key, db=db)
+
+        try:
+            self._env.write(write)
+            self.state = load_state()
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            request.future.set_exception(exc)
+            return
+        request.future.set_result([])
 
     def _commit(self, items: List[_Sealed]):
         """Write the items' sealed txs in one LMDB transaction, then resolve their futures."""
@@ -298,11 +344,16 @@ class Writer:
             tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
             aht_rows = [(_U64.pack(header[0]), nodes) for header, _, _, nodes in sealed]
 
+            floor = max((r.floor for item in items for r in item.requests), default=0)
+            floor = floor if floor > self.floor_tx_id else 0
+
             def write(txn):
                 added = txn.cursor(self._tx_db).putmulti(tx_rows, append=True)[1]
                 added += txn.cursor(self._aht_db).putmulti(aht_rows, append=True)[1]
                 if added != 2 * len(sealed):   # append=True refuses out-of-order ids
                     raise RuntimeError(f"log append wrote {added} of {2 * len(sealed)} rows")
+                if floor:
+                    txn.put(FLOOR_KEY, _U64.pack(floor), db=self._meta_db)
 
             try:
                 self._env.write(write)
@@ -314,6 +365,7 @@ class Writer:
                         request.future.set_exception(exc)
                 return
             self.state = items[-1].state
+            self.floor_tx_id = max(self.floor_tx_id, floor)
             self._on_commit(self.state)
         # Hand each caller its own headers: a set gets one, a replicate call one per new tx.
         for item in items:

@@ -1,0 +1,140 @@
+"""Synchronous replication and tx discarding between real nodes on loopback.
+
+A primary database with ``sync_replication`` and ``sync_acks`` N answers a write only once N
+replicas durably hold its tx; replicas acknowledge what they applied (REPLICA_ACK). A replica
+with ``allow_tx_discarding`` that finds its log ahead of a new primary drops only the txs that
+its old primary never acknowledged to clients.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from immucore.protocol.messages import RemoteError
+
+from .nodes import running_node
+from .test_replication import _login, _replica_settings, _status, _wait_for
+
+SYNC_FLAGS = ("--replication-sync-enabled=true", "--replication-sync-acks=1",
+              "--replication-sync-timeout=1.5")
+
+
+def _sync_db(acks: int) -> dict:
+    return {"sync_replication": True, "sync_acks": acks}
+
+
+def test_a_sync_write_is_answered_only_once_a_replica_holds_it(tmp_path):
+    with running_node(tmp_path / "p", *SYNC_FLAGS) as primary, \
+            running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            # no replica yet: the write is durable on the primary but fails, saying why
+            started = time.monotonic()
+            with pytest.raises(RemoteError, match="only 0 of 1 sync replicas") as failure:
+                p.set({b"alone": b"1"})
+            assert failure.value.code == "replication_timeout"
+            assert 1.4 < time.monotonic() - started < 5
+            assert p.current_state().tx_id == 1
+            r.create_database("replicadb", _replica_settings(primary))
+            r.use_database("replicadb")
+            for n in range(20):
+                header = p.set({b"k%d" % n: b"v"})
+                # acknowledged means the replica already holds it, durably
+                assert r.current_state().tx_id >= header.id
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_sync_acks_change_at_run_time_and_release_waiting_writes(tmp_path):
+    with running_node(tmp_path / "p", "--replication-sync-timeout=20") as primary, \
+            running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            p.create_database("syncdb", _sync_db(2))
+            r.create_database("replicadb", _replica_settings(primary, "syncdb"))
+            p.use_database("syncdb")
+            result = {}
+
+            def write():
+                try:
+                    with _login(primary, "syncdb") as writer:
+                        result["header"] = writer.set({b"waits": b"for two"})
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    result["error"] = exc
+
+            thread = threading.Thread(target=write)
+            thread.start()
+            time.sleep(1.0)
+            assert thread.is_alive(), f"answered with one replica of two: {result}"
+            p.update_database("syncdb", {"sync_acks": 1})
+            thread.join(10)
+            assert not thread.is_alive() and "header" in result, result
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id >= result["header"].id, "replica")
+
+
+def test_shutdown_never_hangs_on_writes_waiting_for_acks(tmp_path):
+    with running_node(tmp_path / "p", *SYNC_FLAGS[:2], "--replication-sync-timeout=60") as node:
+        errors = []
+
+        def write():
+            try:
+                with _login(node) as client:
+                    client.set({b"never": b"acked"})
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert node.stop() == 0
+        assert time.monotonic() - started < 10
+        thread.join(10)
+        assert errors, "the waiting write was answered as if replicated"
+
+
+def _point_at(client, name: str, primary, database: str, **extra):
+    client.update_database(name, {"primary_host": primary.host, "primary_port": primary.port,
+                                  "primary_database": database, **extra})
+
+
+@pytest.mark.parametrize("allow_discarding", [True, False])
+def test_a_replica_ahead_of_its_new_primary_discards_only_unacknowledged_txs(
+        tmp_path, allow_discarding):
+    """Old primary P (sync, acks 1) with replica A; B, another replica of P, is promoted after
+    tx 3 and writes its own tx 4. P goes on with txs 4 and 5 that no quorum acknowledges. A,
+    re-pointed to B, holds 4 and 5 of P: with discarding it drops them (never 1..3, which P
+    acknowledged) and follows B; without, it stops as diverged."""
+    with running_node(tmp_path / "p", "--replication-sync-timeout=1") as p_node, \
+            running_node(tmp_path / "r") as r_node:
+        with _login(p_node) as p, _login(r_node) as r:
+            p.create_database("main", _sync_db(1))
+            r.create_database("a", _replica_settings(
+                p_node, "main", allow_tx_discarding=allow_discarding))
+            r.create_database("b", _replica_settings(p_node, "main"))
+            p.use_database("main")
+            for n in range(3):
+                p.set({b"k%d" % n: b"acked"})
+            with _login(r_node, "b") as b:
+                _wait_for(lambda: b.current_state().tx_id == 3, "b at 3")
+            r.update_database("b", {"replica": False})           # promote b
+            with _login(r_node, "b") as b:
+                b.set({b"k3": b"b's own"})
+                b_state = b.current_state()
+            p.update_database("main", {"sync_acks": 3})           # nobody can ack any more
+            for n in (3, 4):
+                with pytest.raises(RemoteError, match="replication_timeout|sync replicas"):
+                    p.set({b"k%d" % n: b"never acked"})
+            with _login(r_node, "a") as a:
+                _wait_for(lambda: a.current_state().tx_id == 5, "a holds p's unacked txs")
+                _point_at(r, "a", r_node, "b")
+                if allow_discarding:
+                    _wait_for(lambda: a.current_state().tx_hash == b_state.tx_hash,
+                              "a follows b after discarding")
+                    assert a.get(b"k3").value == b"b's own"
+                    assert _status(r, "a")["state"] == "following"
+                else:
+                    status = _wait_for(lambda: (s := _status(r, "a"))["state"] == "diverged"
+                                       and s, "divergence")
+                    assert "diverged" in status["last_error"]
+                    assert a.current_state().tx_id == 5      # nothing dropped, nothing merged
