@@ -86,6 +86,7 @@ def test_replica_follows_its_primary_and_refuses_writes(tmp_path):
                 r.set({b"x": b"y"})
             status = _status(r, "replicadb")
             assert status["state"] == "following" and status["lag_txs"] == 0
+            assert status["lag_seconds"] == 0
 
 
 def test_replication_resumes_after_either_side_restarts(tmp_path):

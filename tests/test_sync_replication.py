@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from immucore.protocol.messages import RemoteError
 
-from .nodes import running_node
+from .nodes import free_port, running_node
 from .test_replication import _login, _replica_settings, _status, _wait_for
 
 SYNC_FLAGS = ("--replication-sync-enabled=true", "--replication-sync-acks=1",
@@ -25,9 +26,16 @@ def _sync_db(acks: int) -> dict:
     return {"sync_replication": True, "sync_acks": acks}
 
 
+def _metrics(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def test_a_sync_write_is_answered_only_once_a_replica_holds_it(tmp_path):
-    with running_node(tmp_path / "p", *SYNC_FLAGS) as primary, \
-            running_node(tmp_path / "r") as replica:
+    primary_metrics, replica_metrics = free_port(), free_port()
+    with running_node(tmp_path / "p", *SYNC_FLAGS, "--metrics-server=true",
+                      f"--metrics-server-port={primary_metrics}") as primary, \
+            running_node(tmp_path / "r", "--metrics-server=true",
+                         f"--metrics-server-port={replica_metrics}") as replica:
         with _login(primary) as p, _login(replica) as r:
             # no replica yet: the write is durable on the primary but fails, saying why
             started = time.monotonic()
@@ -43,6 +51,12 @@ def test_a_sync_write_is_answered_only_once_a_replica_holds_it(tmp_path):
                 # acknowledged means the replica already holds it, durably
                 assert r.current_state().tx_id >= header.id
             assert r.current_state().tx_hash == p.current_state().tx_hash
+            last = p.current_state().tx_id
+            assert f'immucore_replication_sync_quorum_tx_id{{db="defaultdb"}} {last}.0' in \
+                _metrics(primary_metrics)
+            scraped = _metrics(replica_metrics)
+            assert 'immucore_replication_state{db="replicadb",state="following"} 1.0' in scraped
+            assert 'immudb_replication_lag{db="replicadb"} 0.0' in scraped
 
 
 def test_sync_acks_change_at_run_time_and_release_waiting_writes(tmp_path):

@@ -98,12 +98,13 @@ def cmd_replication_push(args):
 
 
 def _replication_text(database: dict) -> str:
-    """``following 127.0.0.1:3322/defaultdb lag 0`` or ``retrying …: <error>``; ``-`` for a
-    primary, ``external`` for a replica fed from outside."""
+    """``following 127.0.0.1:3322/defaultdb lag 0 txs 0.0s`` or ``retrying …: <error>``; ``-``
+    for a primary, ``external`` for a replica fed from outside."""
     status = database.get("replication")
     if status is None:
         return "external" if database["replica"] else "-"
-    text = f"{status['state']} {status['primary']} lag {status['lag_txs']}"
+    text = (f"{status['state']} {status['primary']} lag {status['lag_txs']} txs "
+            f"{status.get('lag_seconds', 0):.1f}s")
     if status["last_error"]:
         text += f": {status['last_error']}"
     return text

@@ -47,6 +47,7 @@ class Replicator:
             backoff_seconds_max=REPLICATION_BACKOFF_SECONDS_MAX,
             allow_discarding=bool(settings.get("allow_tx_discarding")), primary=self.primary)
         self.last_applied_at = 0.0
+        self._caught_up_at = time.monotonic()   # lag_seconds: how long we have been behind
         self._task: Optional[asyncio.Task] = None
         self._client: Optional[AsyncClient] = None
         self._events: Optional[asyncio.Queue] = None
@@ -83,9 +84,15 @@ class Replicator:
 
     def status(self) -> dict:
         local = self.database.current_state().tx_id
+        lag_txs = max(self.primary_committed_tx_id - local, 0)
+        now = time.monotonic()
+        if lag_txs == 0:
+            self._caught_up_at = now
         return {"state": self.state, "primary": self.primary, "last_error": self.last_error,
                 "retries": self.retries, "primary_committed_tx_id": self.primary_committed_tx_id,
-                "lag_txs": max(self.primary_committed_tx_id - local, 0),
+                "lag_txs": lag_txs,
+                # an upper bound: the replica held everything the primary had committed then
+                "lag_seconds": round(now - self._caught_up_at, 3),
                 "seconds_since_last_apply": (round(time.time() - self.last_applied_at, 3)
                                              if self.last_applied_at else None)}
 
@@ -101,6 +108,8 @@ class Replicator:
                     commands = await self._backoff(*args)
                 else:
                     commands = getattr(self.machine, event)(*args)
+                if self.machine.lag_txs == 0:
+                    self._caught_up_at = time.monotonic()
                 for command in commands:
                     if isinstance(command, m.Stop):
                         log.error("replication of %s stopped: %s", self.database.name,

@@ -1,7 +1,8 @@
 """Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id and
-requests served (read/write/admin; rates come from Prometheus), sessions, connections, and per
-replica its lag, its primary's committed tx id and its retries. Values are read when Prometheus scrapes (a custom collector), so the
-hot path pays nothing for them."""
+requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
+replica its lag, state, its primary's committed tx id and its retries; per sync primary the
+quorum and each replica's acknowledged tx. Values are read when Prometheus scrapes (a custom
+collector), so the hot path pays nothing for them."""
 from __future__ import annotations
 
 import logging
@@ -42,14 +43,40 @@ class NodeCollector:
                                     "the primary's committed tx id as last seen", labels=["db"])
         retries = CounterMetricFamily("immudb_replication_replicators_retries",
                                       "replication failures retried", labels=["db"])
+        state = GaugeMetricFamily("immucore_replication_state", "1 for the replicator's current "
+                                  "state (following, checking, retrying, discarding, diverged)",
+                                  labels=["db", "state"])
+        lag_seconds = GaugeMetricFamily("immucore_replication_lag_seconds", "0 when caught up, "
+                                        "else seconds since the replica last was", labels=["db"])
+        since_apply = GaugeMetricFamily("immucore_replication_seconds_since_last_apply",
+                                        "seconds since the replica last applied a batch",
+                                        labels=["db"])
         for name, replicator in list(self.node.replicators.items()):
             status = replicator.status()
             lag.add_metric([name], status["lag_txs"])
             primary.add_metric([name], status["primary_committed_tx_id"])
             retries.add_metric([name], status["retries"])
+            state.add_metric([name, status["state"]], 1)
+            lag_seconds.add_metric([name], status["lag_seconds"])
+            if status["seconds_since_last_apply"] is not None:
+                since_apply.add_metric([name], status["seconds_since_last_apply"])
         yield lag
         yield primary
         yield retries
+        yield state
+        yield lag_seconds
+        yield since_apply
+        quorum = GaugeMetricFamily("immucore_replication_sync_quorum_tx_id", "on a sync primary: "
+                                   "the highest tx held by enough replicas", labels=["db"])
+        acked = GaugeMetricFamily("immucore_replication_replica_acked_tx_id", "the last tx each "
+                                  "replica acknowledged holding", labels=["db", "replica"])
+        for name, acks in list(self.node.sync_acks.items()):
+            if self.node.required_acks(name):
+                quorum.add_metric([name], acks.held_by_quorum())
+            for replica, tx_id in acks.replicas().items():
+                acked.add_metric([name, replica], tx_id)
+        yield quorum
+        yield acked
         sessions = GaugeMetricFamily("immucore_sessions", "open sessions")
         sessions.add_metric([], len(self.node.sessions) + len(self.node.token_sessions))
         yield sessions
