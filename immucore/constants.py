@@ -28,6 +28,8 @@ INDEX_KEY_SIZE_BYTES_MAX = 480
 INDEX_KEY_UNFOLDED_BYTES_MAX = INDEX_KEY_SIZE_BYTES_MAX - DIGEST_SIZE
 MAP_SIZE_BYTES_INITIAL = 64 << 20     # LMDB map; grows by doubling on MapFullError
 MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growth, not a reservation
+STORAGE_FREE_BYTES_LOW = 1 << 30        # a failed commit with less free space than this is
+                                         # reported as "storage full", not as an I/O error
 # Group commit: how much the writer thread takes from its queue for one LMDB transaction/fsync.
 COMMIT_BATCH_TXS_MAX = 4096
 COMMIT_BATCH_BYTES_MAX = 64 << 20

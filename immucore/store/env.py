@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 
 import lmdb
 
-from ..constants import MAP_SIZE_BYTES_INITIAL, MAP_SIZE_BYTES_MAX
+from ..constants import MAP_SIZE_BYTES_INITIAL, MAP_SIZE_BYTES_MAX, STORAGE_FREE_BYTES_LOW
 from ..errors import DatabaseClosedError, ImmucoreError
 
 
@@ -79,9 +80,26 @@ class LmdbEnv:
                 return result
             except lmdb.MapFullError:
                 pass
+            except lmdb.Error as exc:
+                raise self._explained(exc) from exc
             finally:
                 self._leave()
             self._grow()
+
+    def _explained(self, exc: lmdb.Error) -> Exception:
+        """LMDB reports a write cut short by a full file system as EIO ("Input/output error"),
+        which reads as a broken disk: say it is full when the file system has no room left."""
+        message = str(exc)
+        if "No space left" in message or "Input/output error" in message:
+            try:
+                free = shutil.disk_usage(self.path).free
+            except OSError:
+                return exc
+            if free < STORAGE_FREE_BYTES_LOW:
+                return StorageFullError(
+                    f"storage full: no space left on the device of {self.path} ({free} bytes "
+                    f"free); nothing of this write was committed ({message})")
+        return exc
 
     def _enter(self):
         with self._guard:
