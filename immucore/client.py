@@ -468,7 +468,8 @@ def _set_body(kvs, metadata) -> dict:
 _BLOCKING_METHODS = (
     "health", "server_info", "login", "resume", "logout", "keepalive", "use_database", "set",
     "delete", "get", "history", "scan", "tx_by_id", "current_state", "verifiable_set",
-    "verifiable_get", "verifiable_tx_by_id", "export_tx", "export_txs", "replicate_tx",
+    "verifiable_get", "verifiable_tx_by_id", "export_tx", "export_txs", "export_batch",
+    "replica_ack", "replicate_tx",
     "replicate_txs", "verified_set", "verified_get", "verified_tx_by_id", "create_database",
     "update_database", "list_databases", "database_settings", "load_database",
     "unload_database", "delete_database", "create_user", "list_users", "change_password",

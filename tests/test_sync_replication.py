@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from immucore.client import Client
+from immucore.errors import IllegalArgumentsError, ReplicaDivergedError
 from immucore.protocol.messages import RemoteError
 
 from .nodes import free_port, running_node
@@ -152,3 +154,28 @@ def test_a_replica_ahead_of_its_new_primary_discards_only_unacknowledged_txs(
                                        and s, "divergence")
                     assert "diverged" in status["last_error"]
                     assert a.current_state().tx_id == 5      # nothing dropped, nothing merged
+
+
+def test_replica_acks_are_checked_before_they_count(tmp_path):
+    with running_node(tmp_path / "p", "--replication-sync-timeout=1") as node:
+        with _login(node) as admin:
+            admin.create_database("syncdb", _sync_db(1))
+            admin.create_user("reader", "Reader1!pw", "read", "syncdb")
+            admin.use_database("syncdb")
+            with pytest.raises(RemoteError):
+                admin.set({b"a": b"1"})          # no replica yet: times out, stays durable
+            state = admin.current_state()
+            with pytest.raises(IllegalArgumentsError, match="replica_id must have"):
+                admin.replica_ack("x" * 257, state.tx_id, state.tx_hash)
+            with pytest.raises(ReplicaDivergedError):
+                admin.replica_ack("node/db", state.tx_id, b"\0" * 32)
+            with pytest.raises(ReplicaDivergedError):
+                admin.replica_ack("node/db", state.tx_id + 1, state.tx_hash)
+            with Client(node.host, node.port) as reader:
+                reader.login("reader", "Reader1!pw", "syncdb")
+                with pytest.raises(RemoteError, match="permission denied"):
+                    reader.replica_ack("node/db", state.tx_id, state.tx_hash)
+            # none of those counted: the quorum is still empty, a write still times out
+            with pytest.raises(RemoteError, match="only 0 of 1"):
+                admin.set({b"b": b"2"})
+            assert admin.replica_ack("node/db", 2, admin.current_state().tx_hash) == 2
