@@ -1,5 +1,5 @@
 """atheris (coverage-guided) fuzzing of what reads bytes from the network: the frame decoder,
-request bodies, export blobs (the replica's input) and stored records.
+request bodies, export blobs (the replica's input), stored records and the proof verifiers.
 
     python tests/fuzz_targets.py -runs=200000 -rss_limit_mb=1024     # on demand, longer
 
@@ -19,6 +19,7 @@ with atheris.instrument_imports():
     from immucore.errors import CorruptedDataError, IllegalArgumentsError
     from immucore.protocol.frames import FrameDecoder, ProtocolError, encode_frame
     from immucore.protocol.messages import pack, unpack
+    from immucore import verify
 
 LIMITS = (TX_ENTRIES_MAX, KEY_SIZE_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
 DATA_ERRORS = (IllegalArgumentsError, CorruptedDataError)
@@ -43,7 +44,7 @@ def _mutate(fdp, base: bytes) -> bytes:
 
 def one_input(data: bytes):
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 4)
+    target = fdp.ConsumeIntInRange(0, 5)
     if target == 0:
         body = pack({"key": fdp.ConsumeBytes(8), "at_tx": fdp.ConsumeIntInRange(0, 9)})
         frame = encode_frame(fdp.ConsumeIntInRange(0, 255), fdp.ConsumeIntInRange(0, 7),
@@ -80,6 +81,17 @@ def one_input(data: bytes):
                 read(record)
             except DATA_ERRORS:
                 pass
+    elif target == 4:
+        # proof verifiers take terms and sizes from the node: they must answer True/False
+        i, j = fdp.ConsumeIntInRange(0, 70), fdp.ConsumeIntInRange(0, 70)
+        terms = [fdp.ConsumeBytes(fdp.ConsumeIntInRange(31, 33))
+                 for _ in range(fdp.ConsumeIntInRange(0, 8))]
+        a, b = fdp.ConsumeBytes(32), fdp.ConsumeBytes(32)
+        for check in (lambda: verify.verify_aht_inclusion(terms, i, j, a, b),
+                      lambda: verify.verify_aht_consistency(terms, i, j, a, b),
+                      lambda: verify.verify_last_inclusion(terms, i, a, b)):
+            if check() not in (True, False):
+                raise AssertionError("a verifier answered neither True nor False")
     else:
         raw = fdp.ConsumeBytes(fdp.remaining_bytes())
         try:
