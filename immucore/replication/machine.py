@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 @dataclass(frozen=True)
 class CheckPrimary:
     """Fetch the primary's last tx id and its Alh at each of ``tx_ids`` (None where it has none)."""
+    epoch: int
     tx_ids: tuple
 
 
@@ -140,13 +141,14 @@ class ReplicaMachine:
         self.state = "checking"
         ids = (self.local_tx_id,) if self.floor_tx_id in (0, self.local_tx_id) else (
             self.local_tx_id, self.floor_tx_id)
-        return [CheckPrimary(ids)]
+        return [CheckPrimary(self.epoch, ids)]
 
-    def primary_checked(self, primary_tx_id: int, primary_alhs: Dict[int, Optional[bytes]],
+    def primary_checked(self, epoch: int, primary_tx_id: int,
+                        primary_alhs: Dict[int, Optional[bytes]],
                         local_alhs: Dict[int, bytes]) -> list:
         """The primary's last tx and its Alh at the ids CheckPrimary asked for; ``local_alhs``
         are ours at the same ids."""
-        if self.state != "checking":
+        if self.state != "checking" or epoch != self.epoch:
             return []
         self.primary_committed_tx_id = primary_tx_id
         local = self.local_tx_id
@@ -167,10 +169,12 @@ class ReplicaMachine:
                              "discarded)" if self._allow_discarding else ""))
 
     def discarded(self, tx_id: int, alh: bytes) -> list:
-        if self.state != "discarding":
-            return []
+        """The store dropped every tx after ``tx_id``: recorded whatever happened meanwhile (a
+        connection failure must not leave us believing in txs that are gone)."""
         self.local_tx_id, self.local_alh = tx_id, alh
         self._next_fetch_tx_id = tx_id + 1
+        if self.state != "discarding":
+            return []
         return self._follow()
 
     def received(self, epoch: int, first_tx_id: int, blobs: list, last_tx_id: int,
@@ -187,7 +191,6 @@ class ReplicaMachine:
             if last_tx_id != first_tx_id + len(blobs) - 1:
                 return self.failed(f"primary sent txs {first_tx_id}..{last_tx_id} as "
                                    f"{len(blobs)} blobs")
-            self.failures_in_a_row = 0
             self._queue.append(_Batch(first_tx_id, last_tx_id, blobs, sum(map(len, blobs)),
                                       min(acked_tx_id, last_tx_id)))
             self._next_fetch_tx_id = last_tx_id + 1
@@ -200,6 +203,7 @@ class ReplicaMachine:
             return []
         self.local_tx_id, self.local_alh = last_tx_id, alh
         self.floor_tx_id = max(self.floor_tx_id, batch.floor_tx_id)
+        self.failures_in_a_row = 0          # only durable progress resets the backoff
         out = []
         if self.state == "following":
             out.append(Ack(self.epoch, last_tx_id, alh))
@@ -225,7 +229,8 @@ class ReplicaMachine:
         self.retries += 1
         self.state, self.last_error = "retrying", error
         low, high = self._backoff
-        delay = min(low * 2 ** (self.failures_in_a_row - 1), high)
+        # the exponent is capped first: 2 ** 1024 would not even convert to a float
+        delay = min(low * 2 ** min(self.failures_in_a_row - 1, 62), high)
         return [Backoff(delay * self._rng.uniform(0.9, 1.0))]
 
     def stopped(self) -> None:

@@ -143,7 +143,8 @@ class Replicator:
         elif isinstance(command, m.CheckPrimary):
             self._spawn(self._check_primary(command))
         elif isinstance(command, m.Discard):
-            self._spawn(self._discard(command))
+            # like an apply, a discard is local work that outlives the connection
+            self._spawn(self._discard(command), apply=True)
         elif isinstance(command, m.Backoff):
             self._post("backoff", command.seconds)
         else:
@@ -181,20 +182,19 @@ class Replicator:
         await self._drop_connection()
         if self._apply_task is not None:     # resume after what is being applied now
             await asyncio.gather(self._apply_task, return_exceptions=True)
-            commands = await self._drain_apply_events()
-        else:
-            commands = []
+            self._apply_task = None
+        commands = self._drain_apply_events()
         await asyncio.sleep(seconds)
         self._spawn(self._connect())
         return [c for c in commands if not isinstance(c, (m.Fetch, m.Ack))]
 
-    async def _drain_apply_events(self) -> list:
+    def _drain_apply_events(self) -> list:
         """Feed the outcome of the apply that just ended to the machine (before reconnecting);
         other events of the dropped connection are stale and skipped."""
         commands = []
         while not self._events.empty():
             event, args = self._events.get_nowait()
-            if event in ("applied", "apply_failed"):
+            if event in ("applied", "apply_failed", "discarded"):
                 commands += getattr(self.machine, event)(*args)
         return commands
 
@@ -257,8 +257,12 @@ class Replicator:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             return
-        local_alhs = {tx_id: self.database.alh_of(tx_id) for tx_id in command.tx_ids}
-        self._post("primary_checked", state.tx_id, primary_alhs, local_alhs)
+        try:
+            local_alhs = {tx_id: self.database.alh_of(tx_id) for tx_id in command.tx_ids}
+        except Exception as exc:  # noqa: BLE001 - e.g. the database is closing
+            self._fail(exc)
+            return
+        self._post("primary_checked", command.epoch, state.tx_id, primary_alhs, local_alhs)
 
     async def _discard(self, command: m.Discard):
         log.warning("replication of %s: discarding txs after %d (not acknowledged by the "
