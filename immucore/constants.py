@@ -82,6 +82,8 @@ EXPORT_WAIT_MS_MAX = 30_000              # longest long poll of a caught-up repl
 
 # --- replication (docs/replication.md) -----------------------------------------------------------
 REPLICATION_BATCH_TXS = 1000             # txs a replica asks for per EXPORT_TXS
+REPLICATION_GRACE_SECONDS = 5.0          # a replica's request unanswered for the long poll plus
+                                         # this is given up (a silent network): reconnect
 REPLICATION_WAIT_MS = 10_000             # a caught-up replica's long poll
 REPLICATION_BACKOFF_SECONDS_MIN = 0.5    # after a failure: capped exponential backoff with jitter
 REPLICATION_BACKOFF_SECONDS_MAX = 30.0

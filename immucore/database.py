@@ -251,11 +251,14 @@ class Database:
         """
         return [TxHeader(*h) for h in self.replicate_txs_async(blobs).result()]
 
-    def replicate_txs_async(self, blobs: List[bytes], floor_tx_id: int = 0):
+    def replicate_txs_async(self, blobs: List[bytes], floor_tx_id: int = 0,
+                            last_alh: Optional[bytes] = None):
         """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples,
         so a replicator can keep the next batch hashing while this one is fsynced.
         ``floor_tx_id``: the primary acknowledged every tx up to it to its clients; stored with
-        the batch, it bounds what ``discard_txs_after`` may ever drop."""
+        the batch, it bounds what ``discard_txs_after`` may ever drop. ``last_alh``: the Alh
+        the primary announced for the last blob's tx; a batch whose last tx hashes otherwise
+        was altered after the primary read it and is refused whole."""
         self._check_open()
         if not self.is_replica:
             raise NotReplicaError()
@@ -267,7 +270,7 @@ class Database:
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
                 f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
-        return self._writer.submit_replicate(blobs, floor_tx_id)
+        return self._writer.submit_replicate(blobs, floor_tx_id, last_alh)
 
     @property
     def discard_floor(self) -> int:

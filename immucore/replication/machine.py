@@ -52,6 +52,7 @@ class Apply:
     first_tx_id: int
     last_tx_id: int
     floor_tx_id: int
+    last_alh: Optional[bytes] = None     # the primary's Alh of the last tx: checked on apply
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class _Batch:
     blobs: list
     size_bytes: int
     floor_tx_id: int
+    last_alh: Optional[bytes]
 
 
 class ReplicaMachine:
@@ -178,7 +180,8 @@ class ReplicaMachine:
         return self._follow()
 
     def received(self, epoch: int, first_tx_id: int, blobs: list, last_tx_id: int,
-                 committed_tx_id: int, acked_tx_id: int) -> list:
+                 committed_tx_id: int, acked_tx_id: int,
+                 last_alh: Optional[bytes] = None) -> list:
         """An EXPORT_TXS answer. ``acked_tx_id``: the primary's highest tx acknowledged to its
         clients (everything committed on an async primary; what enough replicas hold on a sync
         one) — our floor may rise to it."""
@@ -192,7 +195,7 @@ class ReplicaMachine:
                 return self.failed(f"primary sent txs {first_tx_id}..{last_tx_id} as "
                                    f"{len(blobs)} blobs")
             self._queue.append(_Batch(first_tx_id, last_tx_id, blobs, sum(map(len, blobs)),
-                                      min(acked_tx_id, last_tx_id)))
+                                      min(acked_tx_id, last_tx_id), last_alh))
             self._next_fetch_tx_id = last_tx_id + 1
         return self._pump()
 
@@ -250,7 +253,8 @@ class ReplicaMachine:
         out: List[object] = []
         if self._applying is None and self._queue:
             batch = self._applying = self._queue.popleft()
-            out.append(Apply(batch.blobs, batch.first_tx_id, batch.last_tx_id, batch.floor_tx_id))
+            out.append(Apply(batch.blobs, batch.first_tx_id, batch.last_tx_id, batch.floor_tx_id,
+                             batch.last_alh))
         if (self.state == "following" and not self._fetching
                 and len(self._queue) < self._queue_batches
                 and self.queued_bytes < self._queue_bytes):

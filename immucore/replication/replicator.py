@@ -22,7 +22,8 @@ from typing import Optional
 
 from ..client import AsyncClient
 from ..constants import (REPLICATION_BACKOFF_SECONDS_MAX, REPLICATION_BACKOFF_SECONDS_MIN,
-                         REPLICATION_BATCH_TXS, REPLICATION_QUEUE_BATCHES,
+                         REPLICATION_BATCH_TXS, REPLICATION_GRACE_SECONDS,
+                         REPLICATION_QUEUE_BATCHES,
                          REPLICATION_QUEUE_BYTES_MAX, REPLICATION_WAIT_MS)
 from ..errors import ReplicaDivergedError
 from . import machine as m
@@ -159,7 +160,8 @@ class Replicator:
     async def _connect(self):
         s = self._settings
         client = AsyncClient(s["primary_host"], s["primary_port"],
-                             timeout=REPLICATION_WAIT_MS / 1000 + 30, ssl=self._tls)
+                             timeout=REPLICATION_WAIT_MS / 1000 + REPLICATION_GRACE_SECONDS,
+                             ssl=self._tls)
         try:
             await client.login(s["primary_username"], s["primary_password"],
                                s["primary_database"])
@@ -219,12 +221,13 @@ class Replicator:
         blobs = answer["blobs"]
         last = int.from_bytes(blobs[-1][4:12], "big") if blobs else command.first_tx_id - 1
         self._post("received", command.epoch, command.first_tx_id, blobs, last,
-                   answer["committed_tx_id"], answer.get("acked_tx_id", 0))
+                   answer["committed_tx_id"], answer.get("acked_tx_id", 0),
+                   answer.get("last_alh"))
 
     async def _apply(self, command: m.Apply):
         try:
             headers = await asyncio.wrap_future(self.database.replicate_txs_async(
-                command.blobs, floor_tx_id=command.floor_tx_id))
+                command.blobs, floor_tx_id=command.floor_tx_id, last_alh=command.last_alh))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - nothing of the batch was applied

@@ -281,8 +281,11 @@ class Dispatcher:
         await self.node.wait_for_commit(db.name, first - 1, wait_ms / 1000)
         # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
         blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
-        return {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
-                "acked_tx_id": self.node.acked_tx_id(db)}
+        answer = {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
+                  "acked_tx_id": self.node.acked_tx_id(db)}
+        if blobs:       # the replica checks the last tx against it (no later prevAlh does)
+            answer["last_alh"] = await self._read(db.alh_of, first + len(blobs) - 1)
+        return answer
 
     async def replica_ack(self, conn, body):
         """A replica durably holds every tx up to ``tx_id``; counted for sync replication only

@@ -26,7 +26,8 @@ from typing import Callable, List, Optional
 from .. import codec
 from ..constants import (COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, COMMIT_PIPELINE_BATCHES,
                          WRITE_QUEUE_TXS_MAX)
-from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
+from ..errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
+                      ImmucoreError,
                       ReadOnlyReplicaError, ReplicaDivergedError)
 
 log = logging.getLogger("immucore.writer")
@@ -53,13 +54,15 @@ class ChainState:
 
 
 class _Request:
-    __slots__ = ("kind", "payload", "future", "size_bytes", "tx_count", "present", "floor")
+    __slots__ = ("kind", "payload", "future", "size_bytes", "tx_count", "present", "floor",
+                 "last_alh")
 
-    def __init__(self, kind, payload, size_bytes=0, tx_count=1, floor=0):
+    def __init__(self, kind, payload, size_bytes=0, tx_count=1, floor=0, last_alh=None):
         self.kind, self.payload, self.future = kind, payload, Future()
         self.size_bytes, self.tx_count = size_bytes, tx_count
         self.present = []      # replicate: headers of txs the log already held (no-ops)
         self.floor = floor     # replicate: the discard floor stored with the batch
+        self.last_alh = last_alh   # replicate: the Alh the primary says the last tx has
 
 
 class _Sealed:
@@ -110,9 +113,10 @@ class Writer:
         a full queue raises WriterBusyError instead of waiting (the event loop must not wait)."""
         return self._submit(_Request(_SET, entries, size_bytes), block)
 
-    def submit_replicate(self, blobs: list, floor_tx_id: int = 0) -> Future:
+    def submit_replicate(self, blobs: list, floor_tx_id: int = 0,
+                         last_alh: Optional[bytes] = None) -> Future:
         return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs),
-                                     floor=floor_tx_id))
+                                     floor=floor_tx_id, last_alh=last_alh))
 
     def truncate(self, after_tx_id: int, load_state: Callable[[], ChainState]) -> Future:
         """Delete every tx after ``after_tx_id`` from the log (a replica discarding
@@ -253,6 +257,12 @@ class Writer:
             tip = self._sealed_state
             peaks = list(tip.peaks)
             sealed = codec.replicate_blobs(blobs, tip.tx_id + 1, tip.alh, peaks, self._limits)
+            # Within a batch each tx's Alh is vouched for by the next one's prevAlh; the last
+            # one's only by the primary's word, checked here before anything is written.
+            if request.last_alh is not None and sealed and sealed[-1][1] != request.last_alh:
+                raise CorruptedDataError(
+                    f"tx {sealed[-1][0][0]} does not have the Alh its primary announced: "
+                    "altered in transit")
         except Exception as exc:       # noqa: BLE001 - reported to the caller, nothing written
             request.future.set_exception(exc)
             return
