@@ -177,3 +177,19 @@ def test_role_change_is_ordered_with_queued_writes(tmp_path):
         db.set({b"after": b"v"})
     assert db.current_state().tx_id == 500
     db.close()
+
+
+def test_a_durable_database_opens_every_environment_with_lmdb_syncing(tmp_path):
+    """R3: nothing a durable database acknowledges rests on unsynced pages. The log fsyncs data
+    and meta pages; the index (derived, rebuilt from the log) skips only the meta-page sync;
+    no environment uses writemap or map_async."""
+    database = open_database(str(tmp_path / "db"))
+    try:
+        log_flags = database._log.env.flags()
+        index_flags = database._index_env.env.flags()
+    finally:
+        database.close()
+    assert log_flags["sync"] and log_flags["metasync"]
+    assert index_flags["sync"] and not index_flags["metasync"]
+    for flags in (log_flags, index_flags):
+        assert not flags["writemap"] and not flags["map_async"]
