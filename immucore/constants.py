@@ -40,7 +40,7 @@ COMMIT_PIPELINE_BATCHES = 4           # sealed batches waiting for their fsync (
 # transaction dirties in memory until its commit: up to one 4 KiB page per entry. Measured on a
 # replica catching up 200,000 txs: 50,000 -> 168 MB own memory, index 272,000 entries/s;
 # 100,000 -> 221 MB, 461,000/s; 200,000 -> 270 MB, 508,000/s.
-INDEX_BATCH_ENTRIES_MAX = 100_000
+INDEX_BATCH_ENTRIES_MAX = 50_000         # bounds the dirty pages LMDB holds in memory per commit
 INDEX_THREAD_NICE = 10               # the indexer thread's nice value (Linux: per thread)
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
