@@ -78,6 +78,8 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._read_task = None
         self._closed_error: Optional[BaseException] = None
+        self._out: list = []              # request frames waiting for the flush below
+        self._flush_scheduled = False
 
     # --- connection -------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending[request_id] = waiter
-        self._writer.write(encode_frame(int(msg), 0, request_id, pack(body or {})))
+        self._write(encode_frame(int(msg), 0, request_id, pack(body or {})))
         # a timer on the future itself: cheaper than wait_for's task per request
         timer = loop.call_later(self.timeout, _expire, waiter, msg, self.timeout)
         try:
@@ -178,13 +180,26 @@ class AsyncClient:
             raise_error(answer)
         return answer
 
+    def _write(self, frame: bytes):
+        """Requests made in one turn of the event loop (a pipelined burst) leave in one write."""
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self):
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self._writer is not None:
+            self._writer.writelines(out)
+
     async def stream(self, msg: Msg, body: dict) -> AsyncIterator[Any]:
         """Send one request answered by a server stream; yields each item's body."""
         await self._ensure_connected()
         request_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
-        self._writer.write(encode_frame(int(msg), 0, request_id, pack(body)))
+        self._write(encode_frame(int(msg), 0, request_id, pack(body)))
         while True:
             flags, item = await asyncio.wait_for(queue.get(), self.timeout)
             if flags & FLAG_ERROR:

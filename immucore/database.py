@@ -175,7 +175,8 @@ class Database:
 
     def set_replica(self, replica: bool) -> None:
         """Switch role (promotion/demotion); stored, so it survives a restart. Ordered with the
-        writes: those submitted before the switch still commit, later ones are refused."""
+        writes: those submitted before the switch still commit, later ones are refused. A
+        demoted primary's discard floor rises to its last tx: it acknowledged them all."""
         self._check_open()
         self._writer.set_read_only(bool(replica))
         self._settings = self._load_settings(bool(replica), None)

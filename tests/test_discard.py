@@ -123,3 +123,19 @@ def test_a_primary_never_discards(db):
     db.set({b"a": b"1"})
     with pytest.raises(NotReplicaError):
         db.discard_txs_after(0)
+
+
+def test_a_demoted_primary_never_discards_what_it_acknowledged(db):
+    _history(db, 1, 4, b"mine")
+    db.set_replica(True)
+    assert db.discard_floor == 4
+    with pytest.raises(IllegalArgumentsError, match="only precommitted transactions"):
+        db.discard_txs_after(3)
+
+
+def test_updating_a_replica_keeps_its_floor(fork, replica):
+    a, _ = fork
+    _replicate(a, replica, 1, floor=5)
+    replica.set_replica(True)                 # e.g. re-pointed at another primary
+    assert replica.discard_floor == 5
+    assert replica.discard_txs_after(5).tx_id == 5

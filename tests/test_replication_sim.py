@@ -48,6 +48,9 @@ def connect_and_follow(machine: m.ReplicaMachine) -> m.Fetch:
     if commands and isinstance(commands[0], m.CheckPrimary):
         same = {t: alh(t) for t in commands[0].tx_ids}
         commands = machine.primary_checked(machine.epoch, 100, same, same)
+        if machine.local_tx_id:         # a reconnect first tells the primary what we hold
+            ack, *commands = commands
+            assert ack == m.Ack(machine.epoch, machine.local_tx_id, machine.local_alh)
     (fetch,) = commands
     assert isinstance(fetch, m.Fetch)
     return fetch
@@ -161,6 +164,17 @@ def test_apply_failure_reconnects_and_refetches():
     assert connect_and_follow(machine).first_tx_id == 5
 
 
+def test_a_reconnect_acknowledges_what_the_replica_already_holds():
+    """An ack lost with the last connection (or a primary restarted since) must not leave a sync
+    write waiting for a tx the replica holds."""
+    machine = new_machine(local_tx_id=7)
+    (check,) = machine.connected()
+    same = {t: alh(t) for t in check.tx_ids}
+    commands = machine.primary_checked(check.epoch, 9, same, same)
+    assert commands[0] == m.Ack(machine.epoch, 7, alh(7))
+    assert isinstance(commands[1], m.Fetch)
+
+
 def test_ack_after_each_apply():
     machine = new_machine()
     fetch = connect_and_follow(machine)
@@ -203,7 +217,8 @@ def test_diverged_apply_failure_is_terminal():
 def test_discarding_only_above_floor():
     machine = new_machine(local_tx_id=10, floor_tx_id=6, allow_discarding=True)
     assert diverge(machine, floor_alh_on_primary=alh(6)) == [m.Discard(6)]
-    (fetch,) = machine.discarded(6, alh(6))
+    ack, fetch = machine.discarded(6, alh(6))
+    assert ack == m.Ack(machine.epoch, 6, alh(6))
     assert fetch.first_tx_id == 7 and machine.state == "following"
 
 

@@ -100,3 +100,26 @@ def test_writes_that_gave_up_do_not_accumulate():
                 await acks.wait(tx_id, 0.001)
         assert len(acks._waiters) == 0
     _run(scenario())
+
+
+def test_after_closing_no_write_waits_not_even_one_committed_later():
+    async def scenario():
+        acks = SyncAcks(lambda: 1)
+        acks.fail_all(DatabaseClosedError())
+        with pytest.raises(DatabaseClosedError):
+            await asyncio.wait_for(acks.wait(5, 30), 1)
+    _run(scenario())
+
+
+def test_many_writes_giving_up_at_once_stay_cheap():
+    """An outage with thousands of waiting writes: their timeouts must not cost the event loop
+    quadratic time."""
+    async def scenario():
+        acks = SyncAcks(lambda: 1)
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(acks.wait(n, 0.2) for n in range(1, 5001)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, ReplicationTimeoutError) for r in results)
+        assert asyncio.get_running_loop().time() - started < 3
+        assert len(acks._waiters) <= 2500
+    _run(scenario())

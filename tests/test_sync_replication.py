@@ -109,6 +109,29 @@ def test_shutdown_never_hangs_on_writes_waiting_for_acks(tmp_path):
         assert errors, "the waiting write was answered as if replicated"
 
 
+def test_demoting_a_sync_primary_fails_its_waiting_writes(tmp_path):
+    with running_node(tmp_path / "p", "--replication-sync-timeout=30") as node:
+        with _login(node) as admin:
+            admin.create_database("syncdb", _sync_db(1))
+            result = {}
+
+            def write():
+                try:
+                    with _login(node, "syncdb") as writer:
+                        result["header"] = writer.set({b"waits": b"forever"})
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    result["error"] = exc
+
+            thread = threading.Thread(target=write)
+            thread.start()
+            time.sleep(0.5)
+            admin.update_database("syncdb", {"replica": True, "sync_replication": False,
+                                             "sync_acks": 0})
+            thread.join(5)
+            assert not thread.is_alive()
+            assert getattr(result.get("error"), "code", None) == "not_primary", result
+
+
 def _point_at(client, name: str, primary, database: str, **extra):
     client.update_database(name, {"primary_host": primary.host, "primary_port": primary.port,
                                   "primary_database": database, **extra})

@@ -32,18 +32,21 @@ class SyncAcks:
         self._replicas_max = replicas_max
         self._held: Dict[str, Tuple[int, float]] = {}    # replica id -> (tx id, last heard)
         self._waiters: List[tuple] = []                   # heap of (tx id, seq, future)
+        self._abandoned = 0            # waiters in the heap that gave up (removed lazily)
         self._seq = itertools.count()
+        self._closed_by: BaseException = None             # set by fail_all: nothing waits
 
     def held_by_quorum(self) -> int:
         """The highest tx that at least ``required`` replicas hold (0 if there are fewer)."""
         required = self._required()
         if required <= 0:
             return 0
-        held = sorted((tx_id for tx_id, _ in self._held.values()), reverse=True)
+        # list(): the metrics thread reads this while the event loop updates it
+        held = sorted((tx_id for tx_id, _ in list(self._held.values())), reverse=True)
         return held[required - 1] if len(held) >= required else 0
 
     def replicas(self) -> Dict[str, int]:
-        return {replica: tx_id for replica, (tx_id, _) in self._held.items()}
+        return {replica: tx_id for replica, (tx_id, _) in list(self._held.items())}
 
     def acknowledge(self, replica_id: str, tx_id: int) -> int:
         """Record that ``replica_id`` durably holds every tx up to ``tx_id``; returns the quorum."""
@@ -62,10 +65,14 @@ class SyncAcks:
         quorum = self.held_by_quorum() if self._required() > 0 else float("inf")
         while self._waiters and self._waiters[0][0] <= quorum:
             _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
+            if future.done():
+                self._abandoned -= 1
+            else:
                 future.set_result(None)
 
     async def wait(self, tx_id: int, timeout_seconds: float):
+        if self._closed_by is not None:
+            raise self._closed_by
         required = self._required()
         if required <= 0 or self.held_by_quorum() >= tx_id:
             return
@@ -74,9 +81,14 @@ class SyncAcks:
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout_seconds)
         except asyncio.TimeoutError:
-            # forget waiters that gave up, so a long outage cannot grow the heap without bound
-            self._waiters = [w for w in self._waiters if not w[2].done() and w[2] is not future]
-            heapq.heapify(self._waiters)
+            future.cancel()
+            self._abandoned += 1
+            if self._abandoned > len(self._waiters) // 2:
+                # compact now and then (not per timeout: that would be quadratic), so a long
+                # outage cannot grow the heap without bound
+                self._waiters = [w for w in self._waiters if not w[2].done()]
+                heapq.heapify(self._waiters)
+                self._abandoned = 0
             held = sum(1 for t, _ in self._held.values() if t >= tx_id)
             raise ReplicationTimeoutError(
                 f"tx {tx_id} is durable on the primary but only {held} of {required} sync "
@@ -85,8 +97,11 @@ class SyncAcks:
             future.cancel()
 
     def fail_all(self, exc: BaseException):
-        """The database is closing: nobody waits for acknowledgements that cannot come."""
+        """The database is closing or no longer a primary: nobody waits for acknowledgements
+        that cannot come, now or later (writes still committing get ``exc`` at once)."""
+        self._closed_by = exc
         waiters, self._waiters = self._waiters, []
+        self._abandoned = 0
         for _, _, future in waiters:
             if not future.done():
                 future.set_exception(exc)

@@ -155,7 +155,7 @@ class ReplicaMachine:
         self.primary_committed_tx_id = primary_tx_id
         local = self.local_tx_id
         if primary_alhs.get(local) == local_alhs.get(local):
-            return self._follow()
+            return self._follow(ack=True)
         if primary_tx_id < local:
             why = f"replica is at tx {local}, primary {self.primary} only at tx {primary_tx_id}"
         else:
@@ -177,7 +177,7 @@ class ReplicaMachine:
         self._next_fetch_tx_id = tx_id + 1
         if self.state != "discarding":
             return []
-        return self._follow()
+        return self._follow(ack=True)
 
     def received(self, epoch: int, first_tx_id: int, blobs: list, last_tx_id: int,
                  committed_tx_id: int, acked_tx_id: int,
@@ -245,9 +245,13 @@ class ReplicaMachine:
     def _tip_tx_id(self) -> int:
         return self._applying.last_tx_id if self._applying else self.local_tx_id
 
-    def _follow(self) -> list:
+    def _follow(self, ack: bool = False) -> list:
+        """Follow the primary; after a (re)connect, first tell it what we hold: an ack lost
+        with the last connection, or a primary restarted since, must not leave a sync write
+        waiting for a tx we have."""
         self.state, self.last_error = "following", None
-        return self._pump()
+        out = [Ack(self.epoch, self.local_tx_id, self.local_alh)] if ack and self.local_tx_id else []
+        return out + self._pump()
 
     def _pump(self) -> List[object]:
         out: List[object] = []

@@ -151,8 +151,8 @@ class Replicator:
         else:
             raise TypeError(f"unknown replication command {command!r}")
 
-    def _fail(self, exc: BaseException):
-        diverged = isinstance(exc, ReplicaDivergedError) or "diverged" in str(exc)
+    def _fail(self, exc: BaseException, diverged_is_terminal: bool = True):
+        diverged = diverged_is_terminal and isinstance(exc, ReplicaDivergedError)
         self._post("failed", f"{type(exc).__name__}: {exc}", diverged)
 
     # --- commands ---------------------------------------------------------------------------
@@ -221,7 +221,8 @@ class Replicator:
         blobs = answer["blobs"]
         last = int.from_bytes(blobs[-1][4:12], "big") if blobs else command.first_tx_id - 1
         self._post("received", command.epoch, command.first_tx_id, blobs, last,
-                   answer["committed_tx_id"], answer.get("acked_tx_id", 0),
+                   # a primary that does not say what it acknowledged: assume all of it
+                   answer["committed_tx_id"], answer.get("acked_tx_id", last),
                    answer.get("last_alh"))
 
     async def _apply(self, command: m.Apply):
@@ -245,8 +246,8 @@ class Replicator:
             await self._client.replica_ack(self._replica_id, command.tx_id, command.alh)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - even "diverged": the reconnect's check decides
+            self._fail(exc, diverged_is_terminal=False)
 
     async def _check_primary(self, command: m.CheckPrimary):
         try:

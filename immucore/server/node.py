@@ -40,6 +40,10 @@ class DatabaseError(ImmucoreError):
     """A database management request that cannot be done (missing, exists, reserved…)."""
 
 
+class NotPrimaryError(ImmucoreError):
+    """A sync write's database was demoted to a replica before enough replicas held it."""
+
+
 @dataclass
 class NodeOptions:
     dir: str = "./data"
@@ -181,6 +185,8 @@ class Node:
         acks = self.sync_acks.get(name)
         if acks is not None:
             await acks.wait(tx_id, self.options.replication_sync_timeout)
+        elif self.required_acks(name):
+            raise DatabaseClosedError()      # unloaded while the write was committing
 
     def acked_tx_id(self, database) -> int:
         """The highest tx of ``database`` acknowledged to its clients — what a replica may never
@@ -189,8 +195,9 @@ class Node:
         committed = database.current_state().tx_id
         if database.is_replica:
             return database.discard_floor
-        if self.required_acks(database.name):
-            return min(self.sync_acks[database.name].held_by_quorum(), committed)
+        acks = self.sync_acks.get(database.name)
+        if acks is not None and self.required_acks(database.name):
+            return min(acks.held_by_quorum(), committed)
         return committed
 
     def _persist(self, name: str, s: dict, by_user: str):
@@ -265,8 +272,15 @@ class Node:
             self.databases[name].set_replica(bool(s["replica"]))
         self._replication_changed(name)
         acks = self.sync_acks.get(name)
-        if acks is not None and self.loop is not None:     # fewer acks may free waiting writes
-            self.loop.call_soon_threadsafe(acks.recheck)
+        if acks is not None and self.loop is not None:
+            if s["replica"]:
+                # demoted: writes still waiting were never replicated, and nothing will be now
+                self.loop.call_soon_threadsafe(acks.fail_all, NotPrimaryError(
+                    f"database {name} became a replica: the write is durable here but was not "
+                    "acknowledged by its sync replicas"))
+                self.sync_acks[name] = SyncAcks(lambda name=name: self.required_acks(name))
+            else:          # fewer acks (or sync off) answers the writes the quorum now covers
+                self.loop.call_soon_threadsafe(acks.recheck)
         return s
 
     def load_database(self, name: str):

@@ -26,6 +26,7 @@ _U64 = struct.Struct(">Q")
 INDEXED_TX_KEY = b"indexed_tx"
 _RECORD_BYTES_PER_BATCH_MAX = 64 << 20   # bounds the memory of one indexing step
 _RETRY_SECONDS_MAX = 5.0
+_REWIND_CHUNK_TXS = 1000                 # txs whose keys one discard step forgets
 
 
 class Indexer:
@@ -122,27 +123,31 @@ class Indexer:
                 self._cond.wait()
         if self.indexed_tx_id <= tx_id:
             return
-        with self._log_env.read() as txn:
-            cursor = txn.cursor(self._tx_db)
-            records = []
-            if cursor.set_key(_U64.pack(tx_id + 1)):
-                for key, record in cursor:
-                    if _U64.unpack(key)[0] > self.indexed_tx_id:
-                        break
-                    records.append(bytes(record))
-        rows = codec.index_items(tx_id + 1, records) if records else []
+        # From the top down, a bounded chunk per index transaction; the index claims to cover
+        # only what is left after each one.
+        while self.indexed_tx_id > tx_id:
+            first = max(tx_id + 1, self.indexed_tx_id - _REWIND_CHUNK_TXS + 1)
+            last = self.indexed_tx_id
+            with self._log_env.read() as txn:
+                records = [bytes(txn.get(_U64.pack(t), db=self._tx_db))
+                           for t in range(first, last + 1)]
+            rows = codec.index_items(first, records)
+            remaining = first - 1
 
-        def write(txn):
-            for key, value in rows:
-                txn.delete(key, value, db=self._keys_db)
-            if tx_id:
-                txn.put(INDEXED_TX_KEY, _U64.pack(tx_id), db=self._meta_db)
-            else:
-                txn.delete(INDEXED_TX_KEY, db=self._meta_db)
+            def write(txn):
+                for key, value in rows:
+                    txn.delete(key, value, db=self._keys_db)
+                if remaining:
+                    txn.put(INDEXED_TX_KEY, _U64.pack(remaining), db=self._meta_db)
+                else:
+                    txn.delete(INDEXED_TX_KEY, db=self._meta_db)
 
-        self._env.write(write)
-        with self._cond:
-            self.indexed_tx_id = tx_id
+            self._env.write(write)
+            with self._cond:
+                self.indexed_tx_id = remaining
+        # The index skips the meta-page fsync; the log's cut that follows must never survive a
+        # power loss that this rewind does not.
+        self._env.sync()
 
     def resume(self):
         with self._cond:

@@ -167,8 +167,13 @@ class Writer:
                 self._sealed.put(None)
                 return
             if first.kind == _ROLE:
-                self._read_only = first.payload
-                first.future.set_result([])
+                was_read_only, self._read_only = self._read_only, first.payload
+                if first.payload and not was_read_only:
+                    # becoming a replica: every tx committed so far was acknowledged to this
+                    # node's clients, so the committer raises the discard floor to them all
+                    self._sealed.put(_Sealed([first], [], None, self._sealer_generation))
+                else:
+                    first.future.set_result([])
                 continue
             if first.kind == _TRUNCATE:
                 # the committer truncates after every batch before it; the chain then restarts
@@ -316,11 +321,14 @@ class Writer:
                     for request in item.requests:
                         request.future.set_exception(CommitAbortedError(
                             "commit aborted: an earlier commit this tx was chained onto failed"))
-                elif item.requests[0].kind == _TRUNCATE:
+                elif item.requests[0].kind in (_TRUNCATE, _ROLE):
                     if group:
                         self._commit(group)
                         group = []
-                    self._truncate(item.requests[0])
+                    if item.requests[0].kind == _TRUNCATE:
+                        self._truncate(item.requests[0])
+                    else:
+                        self._raise_floor_to_tip(item.requests[0])
                 else:
                     group.append(item)
             if group:
@@ -328,8 +336,24 @@ class Writer:
             if stopping:
                 return
 
+    def _raise_floor_to_tip(self, request: _Request):
+        tip = self.state.tx_id
+        try:
+            if tip > self.floor_tx_id:
+                self._env.write(lambda txn: txn.put(FLOOR_KEY, _U64.pack(tip), db=self._meta_db))
+                self.floor_tx_id = tip
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            request.future.set_exception(exc)
+            return
+        request.future.set_result([])
+
     def _truncate(self, request: _Request):
         after_tx_id, load_state = request.payload
+        if after_tx_id < self.floor_tx_id:     # checked again here, in order with every write
+            request.future.set_exception(IllegalArgumentsError(
+                f"only precommitted transactions can be discarded: tx {after_tx_id} is below "
+                f"the discard floor {self.floor_tx_id}"))
+            return
 
         def write(txn):
             for db in (self._tx_db, self._aht_db):
