@@ -345,8 +345,13 @@ class AsyncClient:
     async def replicate_tx(self, blob: bytes):
         return (await self.replicate_txs([blob]))[0]
 
-    async def replicate_txs(self, blobs: List[bytes]):
-        return from_wire((await self.call(Msg.REPLICATE_TX, {"blobs": list(blobs)}))["headers"])
+    async def replicate_txs(self, blobs: List[bytes], *, last_alh: Optional[bytes] = None):
+        """Apply exported txs on a replica; ``last_alh`` (from ``export_batch``) makes the node
+        refuse the batch if its last tx does not hash to what the primary announced."""
+        body = {"blobs": list(blobs)}
+        if last_alh is not None:
+            body["last_alh"] = last_alh
+        return from_wire((await self.call(Msg.REPLICATE_TX, body))["headers"])
 
     # --- verified calls ---------------------------------------------------------------
 

@@ -11,8 +11,9 @@ import pytest
 from immucore import codec
 from immucore.constants import REPLICATE_BATCH_TXS_MAX
 from immucore.database import open_database
-from immucore.errors import (IllegalArgumentsError, KeyNotFoundError, NotReplicaError,
-                             ReadOnlyReplicaError, ReplicaDivergedError, TxNotFoundError)
+from immucore.errors import (CorruptedDataError, IllegalArgumentsError, KeyNotFoundError,
+                             NotReplicaError, ReadOnlyReplicaError, ReplicaDivergedError,
+                             TxNotFoundError)
 from immucore.types import KVMetadata
 
 from .test_database import (assert_chain_verifies, client_entry_digest, dual_proof_verifies,
@@ -383,3 +384,21 @@ def test_a_replica_reopened_keeps_its_data_and_goes_on_replicating(db, tmp_path)
         replica.replicate_txs(blobs[4:])
         assert replica.current_state().tx_hash == db.current_state().tx_hash
         assert replica.scan() == db.scan()
+
+
+def test_a_batch_whose_last_tx_is_not_the_announced_one_writes_nothing(db, replica):
+    """Within a batch every tx's Alh is vouched for by the next one's prevAlh; the last one's only
+    by the Alh its primary announced (EXPORT_TXS last_alh)."""
+    write_history(db)
+    blobs = exported(db)
+    last = db.current_state()
+    with pytest.raises(CorruptedDataError, match="does not have the Alh its primary announced"):
+        replica.replicate_txs_async(blobs, last_alh=bytes(32)).result()
+    assert replica.current_state().tx_id == 0
+    # the same batch with a last tx altered in its timestamp (hashes otherwise)
+    altered = blobs[:-1] + [patched(blobs[-1], TS_AT, b"\x00" * 8)]
+    with pytest.raises(CorruptedDataError):
+        replica.replicate_txs_async(altered, last_alh=last.tx_hash).result()
+    assert replica.current_state().tx_id == 0
+    replica.replicate_txs_async(blobs, last_alh=last.tx_hash).result()
+    assert replica.current_state().tx_hash == last.tx_hash

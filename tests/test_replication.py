@@ -13,7 +13,7 @@ import pytest
 
 from immucore.client import AsyncClient, Client
 from immucore.database import open_database
-from immucore.errors import ReadOnlyReplicaError
+from immucore.errors import CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError
 
 from .nodes import running_node
 
@@ -165,6 +165,15 @@ def test_an_external_process_can_push_transactions_into_a_replica(tmp_path):
             assert _status(r, "pushed") is None
             r.replicate_txs(p.export_txs(1, 10))
             r.replicate_txs(p.export_txs(5, 100))          # overlapping: already held = no-op
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+            # with the Alh EXPORT_TXS announces for its last tx, a wrong last tx is refused
+            p.set({b"later": b"1"})
+            answer = p.export_batch(21, 10)
+            with pytest.raises(CorruptedDataError):
+                r.replicate_txs(answer["blobs"], last_alh=bytes(32))
+            with pytest.raises(IllegalArgumentsError, match="last_alh"):
+                r.replicate_txs(answer["blobs"], last_alh=b"short")
+            r.replicate_txs(answer["blobs"], last_alh=answer["last_alh"])
             assert r.current_state().tx_hash == p.current_state().tx_hash
 
 

@@ -55,20 +55,21 @@ async def push(source: dict, target: AsyncClient, follow: bool = False,
 
         async def fetch(first):
             wait_ms = REPLICATION_WAIT_MS if follow else 0
-            return await primary.export_txs(first, REPLICATION_BATCH_TXS, wait_ms=wait_ms,
-                                            with_state=True)
+            return await primary.export_batch(first, REPLICATION_BATCH_TXS, wait_ms=wait_ms)
 
         pending = asyncio.ensure_future(fetch(start_id))
         try:
             while True:
-                blobs, committed = await pending
+                answer = await pending
+                blobs, committed = answer["blobs"], answer["committed_tx_id"]
                 if not blobs:
                     if not follow:
                         break
                     pending = asyncio.ensure_future(fetch(start_id + copied))
                     continue
                 pending = asyncio.ensure_future(fetch(start_id + copied + len(blobs)))
-                await target.replicate_txs(blobs)
+                # the primary's Alh of the last tx: nothing else vouches for it on the way
+                await target.replicate_txs(blobs, last_alh=answer.get("last_alh"))
                 copied += len(blobs)
                 if progress:
                     progress.show(start_id - 1 + copied, committed)

@@ -305,7 +305,10 @@ class Dispatcher:
     async def replicate_tx(self, conn, body):
         db = self._db(conn, "admin")
         blobs = _field(body, "blobs", list)
-        headers = await asyncio.wrap_future(db.replicate_txs_async(blobs))
+        last_alh = body.get("last_alh")
+        if last_alh is not None and not (isinstance(last_alh, bytes) and len(last_alh) == 32):
+            raise IllegalArgumentsError("field 'last_alh' must be 32 bytes")
+        headers = await asyncio.wrap_future(db.replicate_txs_async(blobs, last_alh=last_alh))
         return {"headers": to_wire([TxHeader(*h) for h in headers])}
 
     # --- databases ------------------------------------------------------------------------
