@@ -29,6 +29,7 @@ from immucore.database import open_database
 from .history import History, WriterPool, check_history, check_node_storage, check_storage, \
     wait_converged
 from .nodes import NodeProcess, free_port, running_node
+from .test_replication import _wait_for
 
 CLIENT_TIMEOUT_SECONDS = 10.0       # every client call; an op longer than this is a failure
 CONVERGE_SECONDS = 45.0             # > REPLICATION_BACKOFF_SECONDS_MAX: a backoff may be due
@@ -84,14 +85,6 @@ def _describer(node, name: str):
     return describe
 
 
-def _wait_for(predicate, what: str, seconds: float = WAIT_SECONDS):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {seconds:g}s waiting for {what}")
 
 
 @contextlib.contextmanager

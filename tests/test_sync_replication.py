@@ -28,6 +28,23 @@ def _sync_db(acks: int) -> dict:
     return {"sync_replication": True, "sync_acks": acks}
 
 
+def _write_in_background(node, database: str, kvs: dict):
+    """One write on its own connection and thread (it may wait for acks); its outcome lands in
+    the returned dict as ``header`` or ``error``."""
+    result = {}
+
+    def write():
+        try:
+            with _login(node, database) as writer:
+                result["header"] = writer.set(kvs)
+        except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+            result["error"] = exc
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread, result
+
+
 def _metrics(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
@@ -68,17 +85,7 @@ def test_sync_acks_change_at_run_time_and_release_waiting_writes(tmp_path):
             p.create_database("syncdb", _sync_db(2))
             r.create_database("replicadb", _replica_settings(primary, "syncdb"))
             p.use_database("syncdb")
-            result = {}
-
-            def write():
-                try:
-                    with _login(primary, "syncdb") as writer:
-                        result["header"] = writer.set({b"waits": b"for two"})
-                except Exception as exc:  # noqa: BLE001 - asserted below
-                    result["error"] = exc
-
-            thread = threading.Thread(target=write)
-            thread.start()
+            thread, result = _write_in_background(primary, "syncdb", {b"waits": b"for two"})
             time.sleep(1.0)
             assert thread.is_alive(), f"answered with one replica of two: {result}"
             p.update_database("syncdb", {"sync_acks": 1})
@@ -113,17 +120,7 @@ def test_demoting_a_sync_primary_fails_its_waiting_writes(tmp_path):
     with running_node(tmp_path / "p", "--replication-sync-timeout=30") as node:
         with _login(node) as admin:
             admin.create_database("syncdb", _sync_db(1))
-            result = {}
-
-            def write():
-                try:
-                    with _login(node, "syncdb") as writer:
-                        result["header"] = writer.set({b"waits": b"forever"})
-                except Exception as exc:  # noqa: BLE001 - asserted below
-                    result["error"] = exc
-
-            thread = threading.Thread(target=write)
-            thread.start()
+            thread, result = _write_in_background(node, "syncdb", {b"waits": b"forever"})
             time.sleep(0.5)
             admin.update_database("syncdb", {"replica": True, "sync_replication": False,
                                              "sync_acks": 0})
