@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 import urllib.request
@@ -29,7 +28,7 @@ from immucore.database import open_database
 from .history import History, WriterPool, check_history, check_node_storage, check_storage, \
     wait_converged
 from .nodes import NodeProcess, free_port, running_node
-from .test_replication import _wait_for
+from .test_replication import _immuadmin, _wait_for
 
 CLIENT_TIMEOUT_SECONDS = 10.0       # every client call; an op longer than this is a failure
 CONVERGE_SECONDS = 45.0             # > REPLICATION_BACKOFF_SECONDS_MAX: a backoff may be due
@@ -475,14 +474,6 @@ def _middle_of_a_chain_killed(tmp_path, seed: int, kills: int):
 
 
 # --- R10: promotion while the old primary still writes, then the old primary re-pointed ------
-
-def _immuadmin(node, home, *args, stdin=""):
-    env = dict(os.environ, IMMUCORE_CLI_HOME=str(home))
-    os.makedirs(home, exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "immucore.cli.immuadmin", "-a", node.host,
-                           "-p", str(node.port), *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=60)
-
 
 def _write_some(client, txs: int, prefix: str):
     for n in range(txs):
