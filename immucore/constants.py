@@ -26,6 +26,10 @@ VALUE_SIZE_BYTES_MAX = 32 << 20   # immudb server MaxValueLen (32 MiB), counted 
 # than any unfolded one and the two can never collide (docs/storage.md).
 INDEX_KEY_SIZE_BYTES_MAX = 480
 INDEX_KEY_UNFOLDED_BYTES_MAX = INDEX_KEY_SIZE_BYTES_MAX - DIGEST_SIZE
+# An index row holds where its entry starts in the tx record (u32), so a get reads one entry
+# instead of walking them all; this value means "walk": the record's values are truncated (a
+# replica of a truncating primary) or the entry starts past 4 GiB.
+INDEX_ENTRY_OFFSET_UNKNOWN = 0xFFFFFFFF
 MAP_SIZE_BYTES_INITIAL = 64 << 20     # LMDB map; grows by doubling on MapFullError
 MAP_SIZE_BYTES_MAX = 1 << 40          # 1 TiB of address space: a bound on growth, not a reservation
 STORAGE_FREE_BYTES_LOW = 1 << 30        # a failed commit with less free space than this is

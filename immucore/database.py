@@ -29,7 +29,9 @@ from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, S
                     TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
 
 _U64 = struct.Struct(">Q")
+_U64_MAX = (1 << 64) - 1
 _U16 = struct.Struct(">H")
+_LOCATION = struct.Struct(">QHI")     # an index row's value: tx id, entry index, entry offset
 _EMPTY_ALH = codec.sha256(b"")
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 _KV_PREFIX = b"\x00"
@@ -502,7 +504,7 @@ class Database:
                 location = cursor.value()
             elif at_tx:
                 # versions are sorted by (tx id, entry index); find the last one at or before at_tx
-                if cursor.set_range_dup(index_key, _U64.pack(at_tx) + b"\xff\xff"):
+                if cursor.set_range_dup(index_key, _U64.pack(min(at_tx + 1, _U64_MAX))):
                     if not cursor.prev_dup():
                         raise KeyNotFoundError()
                 else:
@@ -519,10 +521,10 @@ class Database:
 
     def _entry_at(self, stored_key, location: bytes, revision: int, *,
                   include_deleted: bool) -> Entry:
-        tx_id = _U64.unpack_from(location, 0)[0]
-        entry_index = _U16.unpack_from(location, 8)[0]
+        tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
         with self._log.read(buffers=True) as txn:     # the entry is cut out without a copy
-            key, md_raw, value, _ = codec.record_entry(self._record_in(txn, tx_id), entry_index)
+            key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),
+                                                          entry_index, entry_offset)
         if stored_key is not None and key != stored_key:
             raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
         metadata = KVMetadata.from_bytes(md_raw)

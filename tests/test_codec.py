@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from immucore.codec import API, pure
-from immucore.constants import INDEX_KEY_SIZE_BYTES_MAX, INDEX_KEY_UNFOLDED_BYTES_MAX
+from immucore.constants import (INDEX_ENTRY_OFFSET_UNKNOWN, INDEX_KEY_SIZE_BYTES_MAX,
+                                INDEX_KEY_UNFOLDED_BYTES_MAX)
 from immucore.errors import CorruptedDataError, IllegalArgumentsError
 
 try:
@@ -237,6 +238,23 @@ def test_record_entry_index_out_of_range(impl, chain):
             impl.record_entry(record, index)
 
 
+def located(impl, first_tx_id, records, rows) -> list:
+    """Rows with their entry offset checked and cut off: the offset must lead ``record_entry_at``
+    to the very entry the walk finds, in a record that holds the row's key there."""
+    out = []
+    for key, value in rows:
+        assert len(value) == 14
+        tx_id, index, offset = struct.unpack(">QHI", value)
+        record = records[tx_id - first_tx_id]
+        entry = impl.record_entry(record, index)
+        assert impl.record_entry_at(record, index, offset) == entry
+        assert impl.index_key(entry[0]) == key
+        if offset != INDEX_ENTRY_OFFSET_UNKNOWN:
+            assert record[offset + 2:offset + 2 + len(entry[0])] == entry[0]
+        out.append((key, value[:10]))
+    return out
+
+
 def test_index_items_over_the_chain(impl, chain):
     results, _ = build_chain(impl, chain)
     records = [r[2] for r in results]
@@ -246,8 +264,8 @@ def test_index_items_over_the_chain(impl, chain):
             if e["metadata"].get("nonIndexable"):
                 continue
             expected.append((hx(e["stored_key"]), struct.pack(">QH", tx["id"], index)))
-    assert impl.index_items(1, records) == sorted(expected)
-    assert impl.index_items(1, iter(records)) == sorted(expected)    # any iterable
+    assert located(impl, 1, records, impl.index_items(1, records)) == sorted(expected)
+    assert impl.index_items(1, iter(records)) == impl.index_items(1, records)  # any iterable
     assert impl.index_items(1, []) == []
     assert len(impl.index_items(1, records)) < sum(len(tx["entries"]) for tx in chain["txs"]) \
         or chain["header_version"] == 0
@@ -271,7 +289,8 @@ def test_index_items_sorts_by_key_then_tx_and_folds(impl):
                False, None, True))],
            [(b"ab", b"3", impl.kv_metadata_bytes(True, 9, False)), (long_key, b"y", b"")]]
     results = impl.build_txs(1, 1, EMPTY_ALH, [], 1, txs, LIMITS)
-    rows = impl.index_items(10, [r[2] for r in results])
+    records = [r[2] for r in results]
+    rows = located(impl, 10, records, impl.index_items(10, records))
     folded = impl.index_key(b"\x00" + long_key)
     assert rows == [
         (b"\x00a", struct.pack(">QH", 10, 1)), (b"\x00a", struct.pack(">QH", 11, 0)),
@@ -290,7 +309,7 @@ def test_index_items_sorts_keys_that_share_heads(impl):
     records = [r[2] for r in impl.build_txs(1, 1, EMPTY_ALH, [], 1, txs, LIMITS)]
     expected = sorted((impl.index_key(b"\x00" + k), struct.pack(">QH", 7 + t, i))
                       for t, tx in enumerate(txs) for i, (k, _, _) in enumerate(tx))
-    assert impl.index_items(7, records) == expected
+    assert located(impl, 7, records, impl.index_items(7, records)) == expected
 
 
 def _truncated_blob(blob: bytes, hvalues: list) -> bytes:
@@ -320,6 +339,25 @@ def test_truncated_values_verify_replicate_and_decode(impl, chain):
         assert [(k, v, hv) for k, _, v, hv in entries] == [
             (hx(e["stored_key"]), None, hx(e["hValue"])) for e in tx["entries"]]
         assert impl.record_digests(record) == [hx(e["digest"]) for e in tx["entries"]]
+    # a truncated value's place is not worth keeping: its rows send reads to the walk
+    records = [r[2] for r in results]
+    rows = impl.index_items(1, records)
+    assert rows and all(v[10:] == struct.pack(">I", INDEX_ENTRY_OFFSET_UNKNOWN) for _, v in rows)
+    located(impl, 1, records, rows)
+
+
+def test_record_entry_at_refuses_offsets_outside_the_entries(impl, chain):
+    record = build_chain(impl, chain)[0][0][2]
+    (_, value), = impl.index_items(1, [record])[:1]
+    _, index, offset = struct.unpack(">QHI", value)
+    blob_len = len(impl.record_export_blob(record))
+    hdr_len = struct.unpack_from(">I", record)[0]
+    for bad in (0, 3 + hdr_len, blob_len, blob_len + 40, INDEX_ENTRY_OFFSET_UNKNOWN - 1):
+        with pytest.raises(CorruptedDataError, match="entry offset out of range"):
+            impl.record_entry_at(record, index, bad)
+    for bad_index in (-1, 1 << 16, 1 << 70):
+        with pytest.raises(CorruptedDataError, match="entry index out of range"):
+            impl.record_entry_at(record, bad_index, offset)
 
 
 def test_large_batches_and_values_hash_without_the_gil_the_same(impl):
@@ -889,12 +927,18 @@ def test_records_agree(case, first_tx_id, flip):
     flipped[int(flip[0] * len(flipped))] ^= flip[1]
     if pure_record_blob_len(bytes(flipped)) is not None:   # see pure_record_blob_len
         records.append(bytes(flipped))
+    # where the intact records' entries start: the flipped copy is then read at real offsets
+    entry_offsets = sorted({struct.unpack(">QHI", v)[2]
+                            for _, v in pure.index_items(1, records[:len(built)])})[:8]
     for record in records:
         for fn in ("decode_record", "record_digests", "record_export_blob", "record_alh"):
             _same(outcome(getattr(native, fn), record), outcome(getattr(pure, fn), record))
         for index in (0, 1, 7):
             _same(outcome(native.record_entry, record, index),
                   outcome(pure.record_entry, record, index))
+            for offset in (0, 4, 130, 200, 1000, INDEX_ENTRY_OFFSET_UNKNOWN, *entry_offsets):
+                _same(outcome(native.record_entry_at, record, index, offset),
+                      outcome(pure.record_entry_at, record, index, offset))
     _same(outcome(native.index_items, first_tx_id, records),
           outcome(pure.index_items, first_tx_id, records))
 

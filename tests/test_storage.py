@@ -9,7 +9,7 @@ import pytest
 from immucore import IllegalArgumentsError, KeyNotFoundError, ReadOnlyReplicaError, codec
 from immucore.database import open_database
 from immucore.store.writer import CommitAbortedError
-from immucore.store.indexer import INDEXED_TX_KEY
+from immucore.store.indexer import INDEX_FORMAT_KEY, INDEXED_TX_KEY
 
 
 def test_map_grows_when_full_while_readers_run(tmp_path):
@@ -93,6 +93,33 @@ def test_index_ahead_of_log_is_rebuilt(tmp_path):
     with open_database(path) as db:
         assert db.get(b"k4").tx == 5
         assert db.indexed_tx_id == 5
+
+
+def test_index_of_an_older_row_format_is_rebuilt(tmp_path):
+    """Rows written before entry offsets existed (u64 tx || u16 index, no format key) are
+    replaced by rebuilt ones instead of being misread."""
+    path = str(tmp_path / "db")
+    with open_database(path) as db:
+        db.set({b"a": b"1", b"b": b"2"})
+        db.set({b"a": b"3"})
+    env = lmdb.open(str(tmp_path / "db" / "index"), max_dbs=2)
+    keys, meta = env.open_db(b"keys", dupsort=True), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        rows = list(txn.cursor(db=keys))
+        txn.drop(keys, delete=False)
+        for key, value in rows:
+            txn.put(key, value[:10], db=keys, dupdata=True)
+        txn.delete(INDEX_FORMAT_KEY, db=meta)
+    env.close()
+    with open_database(path) as db:
+        assert db.get(b"a").value == b"3" and db.get(b"b").value == b"2"
+        assert [e.value for e in db.history(b"a")] == [b"1", b"3"]
+        assert db.get(b"a", at_tx=1).value == b"1"
+    env = lmdb.open(str(tmp_path / "db" / "index"), max_dbs=2)
+    keys = env.open_db(b"keys", dupsort=True)
+    with env.begin() as txn:
+        assert {len(v) for _, v in txn.cursor(db=keys)} == {14}
+    env.close()
 
 
 def test_reads_see_writes_made_before_them(tmp_path):

@@ -42,6 +42,7 @@ import struct as _struct
 
 from immucore.constants import (DIGEST_SIZE as _DIGEST_SIZE_PY,
                                 INDEX_KEY_SIZE_BYTES_MAX as _INDEX_KEY_SIZE_BYTES_MAX_PY,
+                                INDEX_ENTRY_OFFSET_UNKNOWN as _INDEX_ENTRY_OFFSET_UNKNOWN_PY,
                                 INDEX_KEY_UNFOLDED_BYTES_MAX as _INDEX_KEY_UNFOLDED_BYTES_MAX_PY,
                                 KV_METADATA_SIZE_MAX as _KV_METADATA_SIZE_MAX_PY,
                                 TX_METADATA_SIZE_MAX as _TX_METADATA_SIZE_MAX_PY)
@@ -53,6 +54,7 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "decode_header", "inner_hash", "alh", "entry_digest", "entries_hash",
            "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
+           "record_entry_at",
            "record_digests", "index_key", "index_items")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
@@ -69,6 +71,10 @@ cdef enum:
     # Below it, releasing and re-taking the GIL costs more than it lets other threads gain (and a
     # re-take can wait a whole switch interval behind a busy thread).
     NOGIL_BLOCKS_MIN = 1024
+
+
+# An index row's entry_offset when the entry must be found by walking its record (constants.py).
+cdef uint32_t ENTRY_OFFSET_UNKNOWN = _INDEX_ENTRY_OFFSET_UNKNOWN_PY
 
 
 def _check_constants():

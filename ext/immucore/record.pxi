@@ -84,24 +84,129 @@ def decode_record(record):
 
 
 def record_entry(record, index):
-    """One entry of a record: (stored_key, md, value or None, hvalue)."""
+    """One entry of a record: (stored_key, md, value or None, hvalue).
+
+    The hot read of a get, so the record is not parsed into an entry array: every entry's
+    lengths are walked and checked against what is left (parse_blob's checks, messages and
+    order), but limits and metadata are checked for the wanted entry only, as the pure codec's
+    ``checked_entry`` does: the whole tx was checked when it was written.
+    """
     cdef InBuf b
     cdef Header h
-    cdef EntBuf ents
-    cdef bint truncated
-    cdef Py_ssize_t i
-    ents_init(&ents)
+    cdef Ent e, wanted
+    cdef Py_ssize_t want = index if 0 <= index < 0x100000000 else -1
+    cdef Py_ssize_t size, hdr_len, pos
+    cdef uint64_t k
+    cdef unsigned int flag
+    cdef bint truncated = False, found = False
+    cdef bint deleted, has_expiry, non_indexable
+    cdef uint64_t expires_at
     inbuf_get(record, &b)
     try:
-        parse_record(b.p, b.n, &h, &ents, &truncated)
-        if not 0 <= index < ents.count:
+        size = record_blob_len(b.p, b.n)
+        if size < 4:
+            raise IllegalArgumentsError("export blob too short")
+        hdr_len = get_u32(b.p)
+        if hdr_len > size - 4 or hdr_len > HEADER_V1_SIZE_MIN + TX_MD_MAX:
+            raise IllegalArgumentsError("export blob header length out of range")
+        decode_header_into(b.p + 4, hdr_len, &h)
+        pos = 4 + hdr_len
+        k = 0
+        while k < h.nentries:
+            pos = walk_entry(b.p, size, pos, &e)
+            if <Py_ssize_t>k == want:
+                wanted = e
+                found = True
+            k += 1
+        if pos != size:     # the trailer is optional (older primaries)
+            if size - pos != 3 or get_u16(b.p + pos) != 1:
+                raise IllegalArgumentsError("export blob has trailing bytes")
+            flag = b.p[pos + 2]
+            if flag > 1:
+                raise IllegalArgumentsError("invalid truncation info")
+            truncated = flag == 1
+        if found:
+            check_entry(wanted.key_len, 0 if truncated else wanted.value_len, wanted.md_len,
+                        _RECORD_LIMITS)
+            if truncated and wanted.value_len != DIGEST:
+                raise IllegalArgumentsError("truncated value must be a 32-byte hash")
+            if h.version == 0 and wanted.md_len:
+                raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
+            if wanted.md_len:
+                parse_kv_md(wanted.md, wanted.md_len, &deleted, &has_expiry, &expires_at,
+                            &non_indexable)
+        else:
             raise CorruptedDataError("data is corrupted: entry index out of range")
-        i = index
-        return entry_tuple(&ents.items[i], truncated,
-                           b.p + b.n - (ents.count + 1 - i) * DIGEST)
+        return entry_tuple(&wanted, truncated, b.p + size + want * DIGEST)
     finally:
         inbuf_release(&b)
-        ents_free(&ents)
+
+
+def record_entry_at(record, index, offset):
+    """``record_entry`` for an entry whose start the key index gave (``entry_offset``): one entry
+    is read, not the whole record walked. The offset is checked to lie among the entries and the
+    entry's lengths against what is left; the caller checks that the key is the one it wanted.
+    ``ENTRY_OFFSET_UNKNOWN`` (truncated values, or a record past 4 GiB) walks the record."""
+    cdef InBuf b
+    cdef Header h
+    cdef Ent e
+    cdef Py_ssize_t size, hdr_len, want, at
+    cdef bint deleted, has_expiry, non_indexable
+    cdef uint64_t expires_at
+    if offset == ENTRY_OFFSET_UNKNOWN:
+        return record_entry(record, index)
+    inbuf_get(record, &b)
+    try:
+        size = record_blob_len(b.p, b.n)
+        hdr_len = get_u32(b.p) if size >= 4 else size
+        if hdr_len > size - 4 or hdr_len > HEADER_V1_SIZE_MIN + TX_MD_MAX:
+            raise CorruptedDataError("data is corrupted: record header length out of range")
+        decode_header_into(b.p + 4, hdr_len, &h)
+        if not 0 <= index < h.nentries:
+            raise CorruptedDataError("data is corrupted: entry index out of range")
+        if not 4 + hdr_len <= offset < size:
+            raise CorruptedDataError("data is corrupted: entry offset out of range")
+        want = index
+        at = offset
+        walk_entry(b.p, size, at, &e)
+        check_entry(e.key_len, e.value_len, e.md_len, _RECORD_LIMITS)
+        if h.version == 0 and e.md_len:
+            raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
+        if e.md_len:
+            parse_kv_md(e.md, e.md_len, &deleted, &has_expiry, &expires_at, &non_indexable)
+        return entry_tuple(&e, False, b.p + size + want * DIGEST)
+    finally:
+        inbuf_release(&b)
+
+
+cdef Py_ssize_t walk_entry(const uchar* p, Py_ssize_t size, Py_ssize_t pos, Ent* e) except -1:
+    """Read the entry at ``pos`` into ``e`` (pointers into ``p``) and return where the next one
+    starts; each length is checked against what is left, with parse_blob's messages."""
+    cdef Py_ssize_t key_len, md_len
+    cdef uint32_t value_len
+    if pos + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry")
+    key_len = get_u16(p + pos)
+    pos += 2
+    if pos + key_len + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry key")
+    e.key = p + pos
+    e.key_len = key_len
+    pos += key_len
+    md_len = get_u16(p + pos)
+    pos += 2
+    if md_len > KV_MD_MAX or pos + md_len + 4 > size:
+        raise IllegalArgumentsError("export blob kv metadata length out of range")
+    e.md = p + pos
+    e.md_len = md_len
+    pos += md_len
+    value_len = get_u32(p + pos)
+    pos += 4
+    if value_len > size - pos:
+        raise IllegalArgumentsError("export blob truncated in an entry value")
+    e.value = p + pos
+    e.value_len = value_len
+    return pos + value_len
 
 
 cdef void digests_run(bint v0, const Ent* ents, Py_ssize_t n, const uchar* hvalues,
@@ -171,6 +276,7 @@ ctypedef struct IndexRow:
     Py_ssize_t folded_at        # offset in the folded-key buffer, or -1
     uint64_t tx_id
     unsigned int entry_index
+    uint32_t entry_offset       # where the entry starts in its record, or ENTRY_OFFSET_UNKNOWN
 
 
 cdef inline uint64_t key_head(const uchar* key, Py_ssize_t n) noexcept nogil:
@@ -203,7 +309,8 @@ cdef int index_row_cmp(const void* a, const void* b) noexcept nogil:
 
 
 def index_items(first_tx_id, records):
-    """Index rows for consecutive records: ``(index_key, u64 tx_id || u16 entry_index)``, sorted.
+    """Index rows for consecutive records, sorted:
+    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)``.
 
     Non-indexable entries are skipped; deleted ones are indexed. Rows are collected and sorted in
     C; Python objects are made only for the sorted result.
@@ -257,6 +364,9 @@ def index_items(first_tx_id, records):
                 row = &rows[n_rows]
                 row.tx_id = tx_id
                 row.entry_index = <unsigned int>i
+                row.entry_offset = ENTRY_OFFSET_UNKNOWN
+                if not truncated and <size_t>(e.key - 2 - bptr(b)) < ENTRY_OFFSET_UNKNOWN:
+                    row.entry_offset = <uint32_t>(e.key - 2 - bptr(b))
                 if e.key_len <= INDEX_KEY_UNFOLDED_MAX:
                     row.key = e.key
                     row.key_len = e.key_len
@@ -284,10 +394,11 @@ def index_items(first_tx_id, records):
         out = [None] * n_rows
         for i in range(n_rows):
             row = &rows[i]
-            value = new_bytes(10)
+            value = new_bytes(14)
             v = wptr(value)
             put_u64(v, row.tx_id)
             put_u16(v + 8, row.entry_index)
+            put_u32(v + 10, row.entry_offset)
             out[i] = (slice_bytes(row.key, row.key_len), value)
         return out
     finally:

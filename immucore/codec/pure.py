@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Optional
 
-from ..constants import (DIGEST_SIZE, INDEX_KEY_UNFOLDED_BYTES_MAX,
+from ..constants import (DIGEST_SIZE, INDEX_ENTRY_OFFSET_UNKNOWN, INDEX_KEY_UNFOLDED_BYTES_MAX,
                          KV_METADATA_SIZE_MAX, TX_METADATA_SIZE_MAX)
 from ..errors import CorruptedDataError, IllegalArgumentsError
 
@@ -286,9 +287,36 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
     return out
 
 
-def _parse_blob(blob: bytes, limits, check_duplicates: bool = True):
+def _walk_entry(blob: bytes, size: int, pos: int):
+    """(key, md, value, where the next entry starts) of the entry at ``pos``; each length is
+    checked against what is left of the first ``size`` bytes."""
+    if pos + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry")
+    key_len = _U16.unpack_from(blob, pos)[0]
+    pos += 2
+    if pos + key_len + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry key")
+    key = blob[pos:pos + key_len]
+    pos += key_len
+    md_len = _U16.unpack_from(blob, pos)[0]
+    pos += 2
+    if md_len > KV_METADATA_SIZE_MAX or pos + md_len + 4 > size:
+        raise IllegalArgumentsError("export blob kv metadata length out of range")
+    md = blob[pos:pos + md_len]
+    pos += md_len
+    value_len = _U32.unpack_from(blob, pos)[0]
+    pos += 4
+    if value_len > size - pos:
+        raise IllegalArgumentsError("export blob truncated in an entry value")
+    return key, md, blob[pos:pos + value_len], pos + value_len
+
+
+def _parse_blob(blob: bytes, limits, check_duplicates: bool = True,
+                checked_entry: Optional[int] = None):
     """(header tuple, [(key, md, value-or-hvalue)], truncated) with every length checked.
-    Stored records skip the duplicate-key check: it was made when the tx was written."""
+    Stored records skip the duplicate-key check: it was made when the tx was written. With
+    ``checked_entry``, only that entry's limits and metadata are checked (a read of one entry of
+    a stored record; the walk still checks every length against what is left of the blob)."""
     size = len(blob)
     if size < 4:
         raise IllegalArgumentsError("export blob too short")
@@ -303,26 +331,7 @@ def _parse_blob(blob: bytes, limits, check_duplicates: bool = True):
     pos = 4 + hdr_len
     entries = []
     for _ in range(nentries):
-        if pos + 2 > size:
-            raise IllegalArgumentsError("export blob truncated in an entry")
-        key_len = _U16.unpack_from(blob, pos)[0]
-        pos += 2
-        if pos + key_len + 2 > size:
-            raise IllegalArgumentsError("export blob truncated in an entry key")
-        key = blob[pos:pos + key_len]
-        pos += key_len
-        md_len = _U16.unpack_from(blob, pos)[0]
-        pos += 2
-        if md_len > KV_METADATA_SIZE_MAX or pos + md_len + 4 > size:
-            raise IllegalArgumentsError("export blob kv metadata length out of range")
-        md = blob[pos:pos + md_len]
-        pos += md_len
-        value_len = _U32.unpack_from(blob, pos)[0]
-        pos += 4
-        if value_len > size - pos:
-            raise IllegalArgumentsError("export blob truncated in an entry value")
-        value = blob[pos:pos + value_len]
-        pos += value_len
+        key, md, value, pos = _walk_entry(blob, size, pos)
         entries.append((key, md, value))
     truncated = False
     if pos != size:  # the trailer is optional (older primaries)
@@ -332,7 +341,10 @@ def _parse_blob(blob: bytes, limits, check_duplicates: bool = True):
         if flag > 1:
             raise IllegalArgumentsError("invalid truncation info")
         truncated = flag == 1
-    for key, md, value in entries:
+    checked = entries
+    if checked_entry is not None:
+        checked = entries[checked_entry:checked_entry + 1] if checked_entry >= 0 else []
+    for key, md, value in checked:
         _check_entry(key, 0 if truncated else len(value), md, limits)
         if truncated and len(value) != DIGEST_SIZE:
             raise IllegalArgumentsError("truncated value must be a 32-byte hash")
@@ -393,6 +405,9 @@ def replicate_blobs(blobs, first_id: int, prev_alh: bytes, peaks: list, limits):
 
 # --- reading records back ---------------------------------------------------------------------
 
+_RECORD_LIMITS = (1 << 32, 1 << 16, 1 << 32)     # a stored record's own counts, checked on write
+
+
 def _record_blob_len(record: bytes) -> int:
     """A record's export blob is followed by one hvalue per entry and the alh."""
     if len(record) < 4 + 52:
@@ -422,7 +437,7 @@ def decode_record(record: bytes):
     """(header, alh, [(stored_key, md, value or None if truncated, hvalue)])."""
     record = bytes(record)      # results are bytes, never views into the caller's buffer
     blob_len = _record_blob_len(record)
-    header, entries, truncated = _parse_blob(record[:blob_len], (1 << 32, 1 << 16, 1 << 32),
+    header, entries, truncated = _parse_blob(record[:blob_len], _RECORD_LIMITS,
                                              check_duplicates=False)
     hvalues = record[blob_len:-DIGEST_SIZE]
     out = [(k, md, None if truncated else v, hvalues[i * 32:(i + 1) * 32])
@@ -431,11 +446,46 @@ def decode_record(record: bytes):
 
 
 def record_entry(record: bytes, index: int):
-    """One entry of a record: (stored_key, md, value or None, hvalue)."""
-    entries = decode_record(record)[2]
+    """One entry of a record: (stored_key, md, value or None, hvalue).
+
+    The hot read of a get: every entry's lengths are walked (and checked), but only the wanted
+    entry's limits and metadata are checked, since the whole tx was checked when it was written.
+    """
+    record = bytes(record)
+    blob_len = _record_blob_len(record)
+    _, entries, truncated = _parse_blob(record[:blob_len], _RECORD_LIMITS,
+                                        check_duplicates=False, checked_entry=index)
     if not 0 <= index < len(entries):
         raise CorruptedDataError("data is corrupted: entry index out of range")
-    return entries[index]
+    key, md, value = entries[index]
+    hvalue = record[blob_len + index * DIGEST_SIZE:blob_len + (index + 1) * DIGEST_SIZE]
+    return key, md, None if truncated else value, hvalue
+
+
+def record_entry_at(record: bytes, index: int, offset: int):
+    """``record_entry`` for an entry whose start the key index gave (``entry_offset``): one entry
+    is read, not the whole record walked. The offset is checked to lie among the entries and the
+    entry's lengths against what is left; the caller checks that the key is the one it wanted.
+    ``INDEX_ENTRY_OFFSET_UNKNOWN`` (truncated values, or a record past 4 GiB) walks the record."""
+    if offset == INDEX_ENTRY_OFFSET_UNKNOWN:
+        return record_entry(record, index)
+    record = bytes(record)
+    size = _record_blob_len(record)
+    hdr_len = _U32.unpack_from(record, 0)[0] if size >= 4 else size
+    if hdr_len > size - 4 or hdr_len > 128 + TX_METADATA_SIZE_MAX:
+        raise CorruptedDataError("data is corrupted: record header length out of range")
+    header = decode_header(record[4:4 + hdr_len])
+    if not 0 <= index < header[5]:
+        raise CorruptedDataError("data is corrupted: entry index out of range")
+    if not 4 + hdr_len <= offset < size:
+        raise CorruptedDataError("data is corrupted: entry offset out of range")
+    key, md, value, _ = _walk_entry(record, size, offset)
+    _check_entry(key, len(value), md, _RECORD_LIMITS)
+    if header[3] == 0 and md:
+        raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
+    parse_kv_metadata(md)
+    hvalue = record[size + index * DIGEST_SIZE:size + (index + 1) * DIGEST_SIZE]
+    return key, md, value, hvalue
 
 
 def record_digests(record: bytes) -> list:
@@ -454,17 +504,26 @@ def index_key(stored_key: bytes) -> bytes:
 
 
 def index_items(first_tx_id: int, records) -> list:
-    """Index rows for consecutive records: ``(index_key, u64 tx_id || u16 entry_index)``, sorted.
+    """Index rows for consecutive records, sorted:
+    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)``.
 
-    Non-indexable entries are skipped; deleted ones are indexed (a read then reports the key as
-    missing). Sorted by (key, tx) so the LMDB cursor walks the B-tree in order.
+    ``entry_offset`` is where the entry starts in its record (``record_entry_at``), or
+    INDEX_ENTRY_OFFSET_UNKNOWN. Non-indexable entries are skipped; deleted ones are indexed (a
+    read then reports the key as missing). Sorted by (key, tx) so the LMDB cursor walks the
+    B-tree in order.
     """
     rows = []
-    for offset, record in enumerate(records):
-        tx_id = first_tx_id + offset
-        for entry_index, (key, md, _, _) in enumerate(decode_record(record)[2]):
+    for n, record in enumerate(records):
+        tx_id = first_tx_id + n
+        header, _, entries = decode_record(record)
+        offset = 4 + _U32.unpack_from(record, 0)[0]
+        for entry_index, (key, md, value, _) in enumerate(entries):
+            entry_offset = offset if value is not None else INDEX_ENTRY_OFFSET_UNKNOWN
+            offset += 2 + len(key) + 2 + len(md) + 4 + (DIGEST_SIZE if value is None
+                                                         else len(value))
             if md and parse_kv_metadata(md)[2]:
                 continue
-            rows.append((index_key(key), _U64.pack(tx_id) + _U16.pack(entry_index)))
+            rows.append((index_key(key), _U64.pack(tx_id) + _U16.pack(entry_index)
+                         + _U32.pack(min(entry_offset, INDEX_ENTRY_OFFSET_UNKNOWN))))
     rows.sort()
     return rows

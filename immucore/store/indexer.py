@@ -2,9 +2,10 @@
 
 The log is the source of truth and is written first; the index lives in its own LMDB
 environment (``<db>/index``) so that its commits, with their random-page write amplification,
-never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_index`` sit in a
-DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the highest
-indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes exactly
+never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_index || u32
+entry_offset`` (where the entry starts in its record: a get reads that entry, not the whole tx)
+sit in a DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the
+highest indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes exactly
 where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's ``SinceTx``).
 Measurements behind this design: docs/storage.md.
 """
@@ -24,6 +25,8 @@ from ..errors import DatabaseClosedError, IndexTimeoutError
 log = logging.getLogger("immucore.indexer")
 _U64 = struct.Struct(">Q")
 INDEXED_TX_KEY = b"indexed_tx"
+INDEX_FORMAT_KEY = b"row_format"
+INDEX_FORMAT = b"2"           # rows: index_key -> u64 tx_id || u16 entry_index || u32 entry_offset
 _RECORD_BYTES_PER_BATCH_MAX = 64 << 20   # bounds the memory of one indexing step
 _RETRY_SECONDS_MAX = 5.0
 _REWIND_CHUNK_TXS = 1000                 # txs whose keys one discard step forgets
@@ -44,7 +47,17 @@ class Indexer:
         self.last_error: Optional[str] = None
         with index_env.read() as txn:
             raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
+        with index_env.read() as txn:
+            row_format = txn.get(INDEX_FORMAT_KEY, db=self._meta_db)
         self.indexed_tx_id = _U64.unpack(raw)[0] if raw else 0
+        if row_format != INDEX_FORMAT and self.indexed_tx_id:
+            # Rows of an older layout (without entry offsets): the index is derived data, so it
+            # is rebuilt from the log rather than read two ways.
+            log.warning("index of %s has an older row format; rebuilding it", name)
+            self._env.write(self._drop_all)
+            self.indexed_tx_id = 0
+        if row_format != INDEX_FORMAT:
+            self._env.write(lambda txn: txn.put(INDEX_FORMAT_KEY, INDEX_FORMAT, db=self._meta_db))
         if self.indexed_tx_id > committed_tx_id():
             # The index claims txs the log does not hold (a log restored from an older copy):
             # it cannot be trusted, so it is rebuilt from the log.
