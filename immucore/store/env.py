@@ -6,7 +6,6 @@ guard. The guard costs two uncontended lock operations per transaction.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import threading
@@ -51,20 +50,17 @@ class LmdbEnv:
             lock=True,
         )
         self.dbs = {name: self.env.open_db(name.encode(), **spec) for name, spec in db_specs.items()}
-        self._guard = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._guard = threading.Condition(self._lock)
         self._readers = 0
         self._resizing = False
         self._closed = False
 
-    @contextlib.contextmanager
-    def read(self, buffers: bool = False):
-        """A read-only LMDB transaction (``buffers=True`` returns memoryviews valid inside it)."""
-        self._enter()
-        try:
-            with self.env.begin(write=False, buffers=buffers) as txn:
-                yield txn
-        finally:
-            self._leave()
+    def read(self, buffers: bool = False) -> "_Read":
+        """A read-only LMDB transaction (``buffers=True`` returns memoryviews valid inside it).
+        A class, not a generator context manager: a get opens two of these, and the generator
+        machinery cost more than the LMDB lookups themselves."""
+        return _Read(self, buffers)
 
     def write(self, body):
         """Run ``body(txn)`` in one write transaction and commit, growing the map when it is full.
@@ -102,6 +98,10 @@ class LmdbEnv:
         return exc
 
     def _enter(self):
+        with self._lock:                 # the guard's own lock: Condition.__enter__ is Python
+            if not self._resizing and not self._closed:
+                self._readers += 1
+                return
         with self._guard:
             while self._resizing:
                 self._guard.wait()
@@ -110,7 +110,7 @@ class LmdbEnv:
             self._readers += 1
 
     def _leave(self):
-        with self._guard:
+        with self._lock:
             self._readers -= 1
             if self._readers == 0 and self._resizing:     # only a waiting resize needs waking
                 self._guard.notify_all()
@@ -160,3 +160,27 @@ def _existing_size(path: str) -> int:
         return os.path.getsize(os.path.join(path, "data.mdb"))
     except OSError:
         return 0
+
+
+class _Read:
+    """``LmdbEnv.read()``: the map guard held for the life of one read transaction."""
+    __slots__ = ("_env", "_buffers", "_txn")
+
+    def __init__(self, env: LmdbEnv, buffers: bool):
+        self._env, self._buffers = env, buffers
+
+    def __enter__(self):
+        env = self._env
+        env._enter()
+        try:
+            self._txn = env.env.begin(write=False, buffers=self._buffers)
+        except BaseException:
+            env._leave()
+            raise
+        return self._txn
+
+    def __exit__(self, *exc_info):
+        try:
+            self._txn.abort()        # a read transaction has nothing to commit
+        finally:
+            self._env._leave()
