@@ -575,6 +575,13 @@ class SessionManager:
             session = self._live_locked(session_id, self._clock())
             return dataclasses.replace(session)
 
+    def touch(self, session_id: str) -> tuple:
+        """``(database, user)`` of the live session (its last use is now), else
+        ``SessionNotFoundError``: what every request checks, without ``get``'s copy."""
+        with self._lock:
+            session = self._live_locked(session_id, self._clock())
+            return session.database, session.user
+
     def use_database(self, session_id: str, database: str) -> Session:
         with self._lock:
             session = self._live_locked(session_id, self._clock())

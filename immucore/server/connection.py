@@ -22,6 +22,17 @@ from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, 
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
 
 log = logging.getLogger("immucore.server")
+_MESSAGES = {int(msg): msg for msg in Msg}      # a dict lookup; Msg(n) costs a microsecond
+
+
+def _request_body(raw: bytes) -> dict:
+    try:
+        body = unpack(raw) if raw else {}
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
+        raise ProtocolError("bad_body", f"a request body must be a msgpack map ({exc})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_body", "a request body must be a map")
+    return body
 
 
 def _no_delay(transport):
@@ -30,6 +41,37 @@ def _no_delay(transport):
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _ready(value):
+    return value
+
+
+class _Started:
+    """The rest of a coroutine whose first step has already run and yielded ``waiting_on``
+    (Python 3.12's eager tasks, for 3.11): awaited in a task, it hands that future to the task
+    and then drives the coroutine as a task would."""
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro, waiting_on):
+        self._coro, self._waiting_on = coro, waiting_on
+
+    def __await__(self):
+        coro, waiting_on = self._coro, self._waiting_on
+        self._waiting_on = None
+        while True:
+            try:
+                yield waiting_on
+            except BaseException as exc:     # cancellation, thrown into the task
+                try:
+                    waiting_on = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration as done:
+                    return done.value
 
 
 class Connection(asyncio.Protocol):
@@ -98,59 +140,77 @@ class Connection(asyncio.Protocol):
             self._dispatch_backlog()
 
     def _dispatch_backlog(self):
-        """Start queued requests while fewer than CONNECTION_INFLIGHT_REQUESTS_MAX run; reading
-        stays paused while any wait, so one read of many small frames cannot exceed the cap."""
+        """Serve queued requests while fewer than CONNECTION_INFLIGHT_REQUESTS_MAX wait; reading
+        stays paused while any are queued, so one read of many small frames cannot exceed the
+        cap. A request whose answer is ready at once (a get the index already covers) is
+        answered here, without a task: most of a pipelined burst never leaves this loop."""
         while self._backlog and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX:
-            msg_type, flags, request_id, body = self._backlog.popleft()
-            if not self._accept(msg_type, request_id):
+            msg_type, flags, request_id, raw = self._backlog.popleft()
+            msg = self._accept(msg_type, request_id)
+            if msg is None:
                 self._backlog.clear()
                 return
-            self._inflight += 1
-            asyncio.ensure_future(self._serve(msg_type, request_id, body))
+            self._serve_now(msg, request_id, raw)
+            if self._closed:
+                return
         if self._backlog or self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
             self._pause_reading()
 
     # --- serving --------------------------------------------------------------------------
 
-    def _accept(self, msg_type: int, request_id: int) -> bool:
-        try:
-            msg = Msg(msg_type)
-        except ValueError:
+    def _accept(self, msg_type: int, request_id: int):
+        """The request's message, or None once the connection has been failed for it."""
+        msg = _MESSAGES.get(msg_type)
+        if msg is None:
             self._fail("unknown_message", f"unknown message type {msg_type}", request_id)
-            return False
+            return None
         if self.session is None and msg not in PREAUTH_MESSAGES:
             self._fail("not_logged_in", "not logged in", request_id, msg)
-            return False
-        return True
+            return None
+        return msg
 
-    async def _serve(self, msg_type: int, request_id: int, raw: bytes):
-        msg = Msg(msg_type)
+    def _serve_now(self, msg, request_id: int, raw: bytes):
+        """Run the request's handler up to its first wait, here and in request order; only a
+        handler that has to wait (a write, an index wait, a stream) goes on in a task. Most of
+        a pipelined burst of gets is answered in this loop, with no task at all."""
         try:
-            try:
-                body = unpack(raw) if raw else {}
-            except Exception as exc:  # noqa: BLE001 - msgpack raises several types for bad input
-                raise ProtocolError("bad_body",
-                                    f"a request body must be a msgpack map ({exc})") from None
-            if not isinstance(body, dict):
-                raise ProtocolError("bad_body", "a request body must be a map")
-            result = await self._dispatch(self, msg, body)
+            handler = self._dispatch(self, msg, _request_body(raw))
+            rest = _Started(handler, handler.send(None))
+        except StopIteration as done:
+            if not hasattr(done.value, "__aiter__"):
+                self._send(msg, 0, request_id, done.value)
+                return
+            rest = _ready(done.value)                  # a server stream: sent from a task
+        except Exception as exc:  # noqa: BLE001 - every error is answered, the node keeps going
+            self._answer_error(msg, request_id, exc)
+            return
+        self._inflight += 1
+        asyncio.ensure_future(self._finish(msg, request_id, rest))
+
+    async def _finish(self, msg, request_id: int, rest):
+        try:
+            result = await rest
             if hasattr(result, "__aiter__"):         # a server stream
                 async for item in result:
                     await self._send_when_writable(msg, FLAG_STREAM, request_id, item)
                 self._send(msg, FLAG_END, request_id, {})
             else:
                 self._send(msg, 0, request_id, result)
-        except ProtocolError as exc:
-            self._fail(exc.code, str(exc), request_id, msg)
         except Exception as exc:  # noqa: BLE001 - every error is answered, the node keeps going
-            body = error_body(exc)
-            if body["code"] == "internal":
-                log.exception("%s from %s failed", msg.name, self.peer)
-            self._send(msg, FLAG_ERROR, request_id, body)
+            self._answer_error(msg, request_id, exc)
         finally:
             self._inflight -= 1
             self._dispatch_backlog()
             self._maybe_resume_reading()
+
+    def _answer_error(self, msg, request_id: int, exc: Exception):
+        if isinstance(exc, ProtocolError):
+            self._fail(exc.code, str(exc), request_id, msg)
+            return
+        body = error_body(exc)
+        if body["code"] == "internal":
+            log.error("%s from %s failed", msg.name, self.peer, exc_info=exc)
+        self._send(msg, FLAG_ERROR, request_id, body)
 
     def logged_in(self, session_id: str, detached: bool):
         """LOGIN succeeded: authenticated frames may now be large. A session this connection

@@ -84,11 +84,12 @@ class Dispatcher:
             Msg.USER_PERMISSION: self.user_permission, Msg.USER_SET_ACTIVE: self.user_set_active,
         }
 
-    async def __call__(self, conn, msg: Msg, body: dict):
+    def __call__(self, conn, msg: Msg, body: dict):
+        """The handler's coroutine, not yet started (the connection runs its first step)."""
         handler = self._handlers.get(msg)
         if handler is None:
             raise ProtocolError("unknown_message", f"message {msg.name} is not served")
-        return await handler(conn, body)
+        return handler(conn, body)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -96,30 +97,30 @@ class Dispatcher:
         return self.node.token_sessions if conn.detached else self.node.sessions
 
     def _session(self, conn):
-        """The connection's session and user, re-checked on every request. The session carries
-        its user as of login; any change of that user (password, permissions, deactivation)
-        ends the session (``UserStore`` listeners), so a live session's user is current."""
+        """The connection's session database and user, re-checked on every request. The session
+        carries its user as of login; any change of that user (password, permissions,
+        deactivation) ends the session (``UserStore`` listeners), so a live session's user is
+        current."""
         try:
-            session = self._manager(conn).get(conn.session)
+            database, user = self._manager(conn).touch(conn.session)
         except auth.AuthError:
             conn.logged_out()
             raise
-        user = session.user
         if not user.active:
-            self._manager(conn).close(session.id)
+            self._manager(conn).close(conn.session)
             conn.logged_out()
             raise auth.UserNotActiveError()
-        return session, user
+        return database, user
 
     def _authorize(self, conn, action: str, database: str = None):
-        session, user = self._session(conn)
-        name = database or session.database
+        session_database, user = self._session(conn)
+        name = database or session_database
         if not user.can(name, action):
             raise PermissionDeniedError("permission denied")
-        return session, user, name
+        return user, name
 
     def _db(self, conn, action: str):
-        _, _, name = self._authorize(conn, action)
+        _, name = self._authorize(conn, action)
         database = self.node.database(name)
         self.node.count_request(name, action)
         return database
