@@ -45,6 +45,11 @@ COMMIT_PIPELINE_BATCHES = 4           # sealed batches waiting for their fsync (
 # replica catching up 200,000 txs: 50,000 -> 168 MB own memory, index 272,000 entries/s;
 # 100,000 -> 221 MB, 461,000/s; 200,000 -> 270 MB, 508,000/s.
 INDEX_BATCH_ENTRIES_MAX = 50_000         # bounds the dirty pages LMDB holds in memory per commit
+# With no read waiting for it, the indexer lets commits gather this long (or up to this many txs)
+# before a step: each step costs two LMDB transactions and its Python, so one-tx steps under a
+# stream of small commits cost more CPU (and GIL) than the writes they index.
+INDEX_GATHER_SECONDS = 0.01
+INDEX_GATHER_TXS_MAX = 2_000
 INDEX_THREAD_NICE = 10               # the indexer thread's nice value (Linux: per thread)
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).

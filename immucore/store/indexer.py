@@ -19,7 +19,8 @@ import time
 from typing import Callable, Optional
 
 from .. import codec
-from ..constants import INDEX_BATCH_ENTRIES_MAX, INDEX_THREAD_NICE
+from ..constants import (INDEX_BATCH_ENTRIES_MAX, INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX,
+                         INDEX_THREAD_NICE)
 from ..errors import DatabaseClosedError, IndexTimeoutError
 
 log = logging.getLogger("immucore.indexer")
@@ -44,6 +45,7 @@ class Indexer:
         self._stopping = False
         self._paused = False       # a discard is cutting the log back: index nothing meanwhile
         self._stepping = False     # an indexing step is running (outside the condition's lock)
+        self._readers_waiting = 0  # reads blocked in wait_for: index now, do not gather
         self.last_error: Optional[str] = None
         with index_env.read() as txn:
             raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
@@ -84,16 +86,24 @@ class Indexer:
             return
         deadline = time.monotonic() + timeout_seconds
         with self._cond:
-            while self.indexed_tx_id < tx_id:
-                if self._stopping:
-                    raise DatabaseClosedError()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    detail = f" (last error: {self.last_error})" if self.last_error else ""
-                    raise IndexTimeoutError(
-                        f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "
-                        f"to tx {self.indexed_tx_id}{detail}")
-                self._cond.wait(remaining)
+            self._readers_waiting += 1
+            self._cond.notify_all()          # an indexer gathering commits starts its step now
+            try:
+                self._wait_locked(tx_id, deadline, timeout_seconds)
+            finally:
+                self._readers_waiting -= 1
+
+    def _wait_locked(self, tx_id: int, deadline: float, timeout_seconds: float):
+        while self.indexed_tx_id < tx_id:
+            if self._stopping:
+                raise DatabaseClosedError()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                detail = f" (last error: {self.last_error})" if self.last_error else ""
+                raise IndexTimeoutError(
+                    f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "
+                    f"to tx {self.indexed_tx_id}{detail}")
+            self._cond.wait(remaining)
 
     def close(self):
         with self._cond:
@@ -111,6 +121,8 @@ class Indexer:
                     self._cond.wait()
                 if self._stopping:
                     return
+                if not self._gather_locked():
+                    continue
                 self._stepping = True
             try:
                 self._index_step()
@@ -126,6 +138,19 @@ class Indexer:
                 with self._cond:
                     self._stepping = False
                     self._cond.notify_all()
+
+    def _gather_locked(self) -> bool:
+        """Let commits gather for up to INDEX_GATHER_SECONDS (or INDEX_GATHER_TXS_MAX txs) so one
+        step indexes them all; a read waiting for the index ends the gathering at once. False
+        when a pause or stop came meanwhile."""
+        deadline = time.monotonic() + INDEX_GATHER_SECONDS
+        while (not self._readers_waiting and not self._stopping and not self._paused
+               and self._committed_tx_id() - self.indexed_tx_id < INDEX_GATHER_TXS_MAX):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        return not self._stopping and not self._paused
 
     def pause_and_rewind(self, tx_id: int):
         """Stop indexing, and forget the keys of every indexed tx after ``tx_id`` (read from
