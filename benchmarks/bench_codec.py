@@ -4,6 +4,8 @@
   replicate_blobs of 1000 such txs per call, native              [a replica at 100,000 tx/s]
   decode_record / record_entry of such records                   [replica and reads]
   index_items over 1000 such records                             [indexer at 300,000 entries/s]
+  encode_frame + FrameDecoder.feed of 256 pipelined frames,      [every request and answer]
+    60-byte bodies (the wire protocol's frame codec)
 
 CPU only, in memory: no storage, so no durability mode is involved. Every tx extends an AHT of
 1,000,000 leaves (7 peaks), so each also folds its blRoot over 7 peaks, as on a real database.
@@ -22,6 +24,7 @@ import random
 import sys
 import timeit
 from pathlib import Path
+from types import SimpleNamespace
 
 if __name__ == "__main__":   # run as a script from anywhere: import the repository's package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,8 +32,9 @@ if __name__ == "__main__":   # run as a script from anywhere: import the reposit
 import pytest  # noqa: E402
 
 from immucore.codec import pure  # noqa: E402
-from immucore.constants import (KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX,  # noqa: E402
-                                VALUE_SIZE_BYTES_MAX)
+from immucore.constants import (FRAME_BODY_BYTES_MAX, KEY_SIZE_BYTES_MAX,  # noqa: E402
+                                TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX)
+from immucore.protocol.frames import PureFrameDecoder, pure_encode_frame  # noqa: E402
 
 try:
     from immucore import _native as native
@@ -47,6 +51,12 @@ TREE_LEAVES = 1_000_000
 BATCH_TXS = 1000
 SETTINGS = (f"{TX_ENTRIES} entries/tx, {KEY_SIZE_BYTES} B keys, {VALUE_SIZE_BYTES} B values, "
             f"header v1, AHT of {TREE_LEAVES:,} leaves")
+FRAMES_PIPELINED, FRAME_BODY_BYTES = 256, 60     # a burst of small requests, e.g. GETs
+FRAME_SETTINGS = (f"{FRAMES_PIPELINED} pipelined frames of {FRAME_BODY_BYTES} B bodies, "
+                  f"encoded, joined and decoded in one feed")
+# The pure frame codec, shaped like the native module (which has both names itself).
+PURE_FRAMES = SimpleNamespace(IMPLEMENTATION="pure", encode_frame=pure_encode_frame,
+                              FrameDecoder=PureFrameDecoder)
 
 
 def _codecs():
@@ -107,6 +117,33 @@ def workload():
     return Workload()
 
 
+def _frame_codecs():
+    params = [pytest.param(PURE_FRAMES, id="pure")]
+    params.append(pytest.param(native, id="native", marks=pytest.mark.skipif(
+        native is None, reason="immucore._native is not built")))
+    return params
+
+
+class FrameWorkload:
+    """A pipelined burst as one client write and one node read: every frame encoded, the
+    stream decoded by a fresh decoder."""
+
+    def __init__(self, seed: int = 2):
+        rnd = random.Random(seed)
+        self.frames = [(11, 0, request_id, rnd.randbytes(FRAME_BODY_BYTES))
+                       for request_id in range(1, FRAMES_PIPELINED + 1)]
+
+    def round_trip(self, frame_codec):
+        encode = frame_codec.encode_frame
+        stream = b"".join([encode(*frame) for frame in self.frames])
+        return frame_codec.FrameDecoder(FRAME_BODY_BYTES_MAX).feed(stream)
+
+
+@pytest.fixture(scope="module")
+def frame_workload():
+    return FrameWorkload()
+
+
 _MEASURED: dict = {}    # (benchmark, codec) -> units per second, for the native/pure ratios
 
 
@@ -114,7 +151,8 @@ def _rounds(benchmark) -> int:
     return 1 if benchmark.disabled else ROUNDS
 
 
-def _report(capsys, benchmark, name: str, codec, units: int, unit: str, target: str = ""):
+def _report(capsys, benchmark, name: str, codec, units: int, unit: str, target: str = "",
+            settings: str = SETTINGS):
     """Print (and keep) units/s from the benchmark's fastest round, with the ratio to pure."""
     stats = getattr(benchmark, "stats", None)
     if not stats:           # --benchmark-disable: the body ran once, nothing was measured
@@ -122,7 +160,7 @@ def _report(capsys, benchmark, name: str, codec, units: int, unit: str, target: 
     per_s = units / stats.stats.min
     _MEASURED[(name, codec.IMPLEMENTATION)] = per_s
     line = {"benchmark": name, "codec": codec.IMPLEMENTATION, f"{unit}_per_s": round(per_s),
-            "settings": SETTINGS}
+            f"us_per_{unit}": round(1e6 / per_s, 3), "settings": settings}
     pure_per_s = _MEASURED.get((name, "pure"))
     if codec.IMPLEMENTATION == "native" and pure_per_s:
         line["native_vs_pure"] = round(per_s / pure_per_s, 1)
@@ -172,6 +210,13 @@ def test_index_items_1000_records(benchmark, capsys, workload, codec):
             "300,000 entries/s for the whole indexer")
 
 
+@pytest.mark.parametrize("frame_codec", _frame_codecs())
+def test_frames_encode_decode_256_pipelined(benchmark, capsys, frame_workload, frame_codec):
+    assert benchmark(frame_workload.round_trip, frame_codec) == frame_workload.frames
+    _report(capsys, benchmark, "frames encode+decode", frame_codec, FRAMES_PIPELINED, "frame",
+            settings=FRAME_SETTINGS)
+
+
 # --- script mode -------------------------------------------------------------------------------
 
 def _min_per_call(fn, calls: int, repeats: int) -> float:
@@ -206,6 +251,7 @@ def main() -> None:
     import platform
     import ssl
     w = Workload()
+    fw = FrameWorkload()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     print(f"codec benchmark: {SETTINGS}; Python {platform.python_version()}, {ssl.OPENSSL_VERSION},"
@@ -216,6 +262,9 @@ def main() -> None:
         ("decode_record", w.decode_all, 3, 1, BATCH_TXS, "tx"),
         ("record_entry", w.entry_each, 3, 1, BATCH_TXS, "entry"),
         ("index_items", w.index_all, 3, 1, BATCH_TXS * TX_ENTRIES, "entry"),
+        ("frames encode+decode",         # the frame codec of the same implementation
+         lambda codec: fw.round_trip(native if codec is native else PURE_FRAMES), 200, 20,
+         FRAMES_PIPELINED, "frame"),
     ]
     for name, fn, native_calls, pure_calls, units, unit in cases:
         best = {"native": float("inf"), "pure": float("inf")}

@@ -16,6 +16,17 @@ class CorruptedDataError(ImmucoreError):
     """Stored data does not hash to what the chain says it should."""
 
 
+class ProtocolError(ImmucoreError):
+    """A frame or request that breaks the wire protocol; ``code`` is machine-readable.
+
+    Defined here, not in immucore/protocol/frames.py, so the pure and the native frame codec
+    raise the very same class."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class KeyNotFoundError(ImmucoreError, KeyError):
     def __init__(self, message: str = "key not found"):
         super().__init__(message)

@@ -5,8 +5,9 @@ request bodies, export blobs (the replica's input), stored records and the proof
 
 Inputs are valid frames, bodies, blobs and records (built here) cut and mutated where the fuzzer
 says, so it starts deep in every parser instead of at its first magic byte; raw bytes are tried
-too. Every target may only raise the errors it documents; anything else, a crash, or memory past
-the RSS limit is a finding. ``tests/test_fuzz.py`` runs a short budget in ``make test``.
+too. Frames are decoded by the active decoder and by the pure one, which must agree. Every
+target may only raise the errors it documents; anything else, a crash, or memory past the RSS
+limit is a finding. ``tests/test_fuzz.py`` runs a short budget in ``make test``.
 """
 import os
 import sys
@@ -17,7 +18,8 @@ with atheris.instrument_imports():
     from immucore import codec
     from immucore.constants import KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX
     from immucore.errors import CorruptedDataError, IllegalArgumentsError
-    from immucore.protocol.frames import FrameDecoder, ProtocolError, encode_frame
+    from immucore.protocol.frames import (FrameDecoder, ProtocolError, PureFrameDecoder,
+                                          encode_frame)
     from immucore.protocol.messages import pack, unpack
     from immucore import verify
 
@@ -42,6 +44,17 @@ def _mutate(fdp, base: bytes) -> bytes:
     return bytes(data) + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16))
 
 
+def _decode(decoder, pieces) -> list:
+    """The frames a decoder returns for each piece, or the error it stopped at."""
+    answers = []
+    try:
+        for piece in pieces:
+            answers.append(decoder.feed(piece))
+    except ProtocolError as exc:
+        answers.append((exc.code, str(exc)))
+    return answers
+
+
 def one_input(data: bytes):
     fdp = atheris.FuzzedDataProvider(data)
     target = fdp.ConsumeIntInRange(0, 5)
@@ -50,13 +63,12 @@ def one_input(data: bytes):
         frame = encode_frame(fdp.ConsumeIntInRange(0, 255), fdp.ConsumeIntInRange(0, 7),
                              fdp.ConsumeIntInRange(0, 2**32), body)
         stream = _mutate(fdp, frame * 2)
-        decoder = FrameDecoder(fdp.ConsumeIntInRange(0, 1 << 16))
+        limit = fdp.ConsumeIntInRange(0, 1 << 16)
         third = len(stream) // 3
-        try:                                   # fed in two pieces, as a socket delivers them
-            decoder.feed(stream[:third])
-            decoder.feed(stream[third:])
-        except ProtocolError:
-            pass
+        pieces = (stream[:third], stream[third:])      # two pieces, as a socket delivers them
+        # the active decoder (native under IMMUCORE_FORCE_NATIVE) must answer as the pure one
+        if _decode(FrameDecoder(limit), pieces) != _decode(PureFrameDecoder(limit), pieces):
+            raise AssertionError("the native and the pure frame decoders disagree")
     elif target == 1:
         raw = _mutate(fdp, pack({"kvs": [[b"k", b"v"]], "n": 1, "s": "x"}))
         try:

@@ -1,10 +1,12 @@
 # cython: language_level=3
-"""The native codec: immudb's encodings and hashes in C, with the API of ``immucore.codec.pure``.
+"""The native codec: immudb's encodings and hashes in C, with the API of ``immucore.codec.pure``,
+and the wire protocol's frame codec, with the API of ``immucore.protocol.frames``.
 
 Every function here has the same arguments, results and exceptions as its twin in
-``immucore/codec/pure.py`` (the reference the tests compare against); the per-byte and per-entry
-work (parsing export blobs, writing records, SHA-256 via OpenSSL's libcrypto, the entry hash tree,
-Alh, the AHT) is C. Python objects appear only at the API boundary. Formats:
+``immucore/codec/pure.py`` (the frame codec's twins are in ``immucore/protocol/frames.py``), the
+reference the tests compare against; the per-byte and per-entry work (parsing export blobs,
+writing records, SHA-256 via OpenSSL's libcrypto, the entry hash tree, Alh, the AHT, XXH64 and
+frames) is C. Python objects appear only at the API boundary. Formats:
 ../shared/reference/immudb-format.md (the § numbers in the .pxi files).
 
 Where the pure codec lets Python raise ``struct.error`` (an integer that does not fit its field),
@@ -20,10 +22,14 @@ Where this module differs from the pure codec, on purpose, all on error paths:
     pure.build_txs can raise IndexError/struct.error for a later tx after advancing peaks.
   * Read-only inputs (blobs, records, digests, hashes) may be any bytes-like object, e.g. an LMDB
     memoryview, read in place; results are always bytes.
+  * FrameDecoder.feed raises RuntimeError when called while a feed of the same decoder runs
+    (another thread during a large body's hash without the GIL, or a re-entrant call), where
+    the pure decoder has no such guard: the running feed is reading the buffer in place.
 
 Files: util.pxi (byte order, integers, bytes, limits), hashing.pxi (SHA-256, htree, AHT),
 header.pxi (kv metadata, tx header, inner hash, Alh), blob.pxi (export blobs: parse, verify,
-build, replicate), record.pxi (records and the key index).
+build, replicate), record.pxi (records and the key index), frames.pxi (XXH64, encode_frame,
+FrameDecoder: the wire protocol's frames).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -54,8 +60,8 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "decode_header", "inner_hash", "alh", "entry_digest", "entries_hash",
            "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
-           "record_entry_at",
-           "record_digests", "index_key", "index_items")
+           "record_entry_at", "record_digests", "index_key", "index_items", "xxh64_intdigest",
+           "encode_frame", "FrameDecoder")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
 cdef enum:
@@ -97,3 +103,4 @@ include "hashing.pxi"
 include "header.pxi"
 include "blob.pxi"
 include "record.pxi"
+include "frames.pxi"

@@ -13,6 +13,15 @@
 
 All integers big-endian. The decoder (``FrameDecoder``) reassembles frames from a byte stream
 and raises ``ProtocolError`` at the first bad byte; the connection is then closed.
+
+Two implementations, one behaviour: ``encode_frame`` and ``FrameDecoder`` are the native ones
+(ext/immucore/frames.pxi, in ``immucore._native``) whenever the native codec is the active one
+(``immucore.codec.IMPLEMENTATION``, chosen by IMMUCORE_FORCE_NATIVE / IMMUCORE_FORCE_PURE), and
+the pure-Python ones below otherwise. Every request and answer goes through them on the event
+loop's thread, where per-frame Python work (struct, slicing, xxhash calls) costs throughput; the
+pure ones stay as the readable reference the native ones are tested against (tests/test_frames.py:
+same bytes, same frames, same ``ProtocolError`` code and message) and as the fallback where the
+extension is not built.
 """
 from __future__ import annotations
 
@@ -20,8 +29,9 @@ import struct
 
 import xxhash
 
+from ..codec import IMPLEMENTATION
 from ..constants import FRAME_HEADER_SIZE, FRAME_MAGIC, PROTOCOL_VERSION
-from ..errors import ImmucoreError
+from ..errors import ProtocolError  # defined there, so both frame codecs raise the one class
 
 FLAG_ERROR = 0x1        # body is {"code", "message"}
 FLAG_STREAM = 0x2       # one item of a server stream; more follow
@@ -31,22 +41,14 @@ _HEADER = struct.Struct(">4sBBHQII")       # the first 24 bytes
 _HASHES = struct.Struct(">QQ")
 
 
-class ProtocolError(ImmucoreError):
-    """A frame that breaks the protocol; ``code`` is machine-readable."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def encode_frame(msg_type: int, flags: int, request_id: int, body: bytes) -> bytes:
+def pure_encode_frame(msg_type: int, flags: int, request_id: int, body: bytes) -> bytes:
     head = _HEADER.pack(FRAME_MAGIC, PROTOCOL_VERSION, msg_type, flags, request_id, len(body), 0)
     body_hash = xxhash.xxh64_intdigest(body)
     head += struct.pack(">Q", body_hash)
     return head + struct.pack(">Q", xxhash.xxh64_intdigest(head)) + body
 
 
-class FrameDecoder:
+class PureFrameDecoder:
     """Feed bytes in, get whole frames out: ``(msg_type, flags, request_id, body)`` tuples."""
 
     def __init__(self, body_bytes_max: int):
@@ -98,3 +100,10 @@ class FrameDecoder:
     @property
     def buffered_bytes(self) -> int:
         return len(self._buffer)
+
+
+if IMPLEMENTATION == "native":
+    from .._native import FrameDecoder, encode_frame
+else:
+    FrameDecoder = PureFrameDecoder
+    encode_frame = pure_encode_frame
