@@ -77,24 +77,36 @@ def batched_sets(node, txs: int, entries: int = 1000, in_flight: int = 4) -> dic
             "entries_per_s": txs * entries / elapsed}
 
 
-def pipelined_gets(node, gets: int, in_flight: int = 256) -> dict:
-    """One connection: bursts of ``in_flight`` gets sent back to back before any answer is read
-    (pipelining), on 1000 existing keys."""
+def pipelined_gets(node, gets: int, in_flight: int = 256, bursts: bool = False) -> dict:
+    """One connection, ``in_flight`` gets outstanding at all times (pipelining: ``in_flight``
+    tasks each sending its next get as soon as its last is answered), on 1000 existing keys.
+    ``bursts=True`` instead sends ``in_flight`` gets, waits for all of them, then sends the
+    next burst: client and node then take turns instead of working at once."""
     async def main():
         (client,) = await _clients(node, 1)
         await client.set({f"key{n}".encode(): b"v" * 100 for n in range(1000)})
+        expected = b"v" * 100
         start = time.perf_counter()
-        done = 0
-        while done < gets:
-            burst = min(in_flight, gets - done)
-            entries = await asyncio.gather(*(client.get(f"key{(done + i) % 1000}".encode())
-                                             for i in range(burst)))
-            if any(e.value != b"v" * 100 for e in entries):
-                raise AssertionError("wrong value")
-            done += burst
+        if bursts:
+            done = 0
+            while done < gets:
+                burst = min(in_flight, gets - done)
+                entries = await asyncio.gather(*(client.get(f"key{(done + i) % 1000}".encode())
+                                                 for i in range(burst)))
+                if any(e.value != expected for e in entries):
+                    raise AssertionError("wrong value")
+                done += burst
+        else:
+            async def worker(first: int):
+                for n in range(first, gets, in_flight):
+                    if (await client.get(f"key{n % 1000}".encode())).value != expected:
+                        raise AssertionError("wrong value")
+
+            await asyncio.gather(*(worker(i) for i in range(in_flight)))
         elapsed = time.perf_counter() - start
         await client.close()
         return elapsed
 
     elapsed = _run(main())
-    return {"gets": gets, "in_flight": in_flight, "gets_per_s": gets / elapsed}
+    return {"gets": gets, "in_flight": in_flight, "mode": "bursts" if bursts else "window",
+            "gets_per_s": gets / elapsed}

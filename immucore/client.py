@@ -10,6 +10,7 @@ answers each by request id), so ``asyncio.gather`` of many ``get``s costs one ro
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -80,6 +81,8 @@ class AsyncClient:
         self._closed_error: Optional[BaseException] = None
         self._out: list = []              # request frames waiting for the flush below
         self._flush_scheduled = False
+        self._deadlines: collections.deque = collections.deque()   # (when, waiter, msg)
+        self._expiry_timer = None
 
     # --- connection -------------------------------------------------------------------
 
@@ -105,6 +108,10 @@ class AsyncClient:
         if self._read_task is not None:
             await asyncio.gather(self._read_task, return_exceptions=True)
         self._writer = None
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._deadlines.clear()       # their waiters were failed when the read loop ended
 
     async def __aenter__(self):
         await self.connect()
@@ -163,22 +170,44 @@ class AsyncClient:
 
     async def call(self, msg: Msg, body: Optional[dict] = None) -> Any:
         """Send one request and wait for its answer (raising the node's error, if any)."""
-        await self._ensure_connected()
+        if self._writer is None:
+            await self._ensure_connected()
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending[request_id] = waiter
         self._write(encode_frame(int(msg), 0, request_id, pack(body or {})))
-        # a timer on the future itself: cheaper than wait_for's task per request
-        timer = loop.call_later(self.timeout, _expire, waiter, msg, self.timeout)
+        self._expire_at(loop, waiter, msg)
         try:
             flags, answer = await waiter
         finally:
-            timer.cancel()
             self._pending.pop(request_id, None)
         if flags & FLAG_ERROR:
             raise_error(answer)
         return answer
+
+    def _expire_at(self, loop, waiter, msg: Msg):
+        """Fail ``waiter`` if it has no answer within ``timeout``. Every request of a client has
+        the same timeout, so deadlines come in request order: one queue and one timer serve
+        them all (a timer per request cost more than the rest of a pipelined get)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():      # answered: forget them
+            deadlines.popleft()
+        deadlines.append((loop.time() + self.timeout, waiter, msg))
+        if self._expiry_timer is None:
+            self._expiry_timer = loop.call_at(deadlines[0][0], self._expire_due)
+
+    def _expire_due(self):
+        self._expiry_timer = None
+        loop = asyncio.get_running_loop()
+        now, deadlines = loop.time(), self._deadlines
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done()):
+            _, waiter, msg = deadlines.popleft()
+            if not waiter.done():
+                waiter.set_exception(TimeoutError(
+                    f"{msg.name} got no answer within {self.timeout:g}s"))
+        if deadlines:
+            self._expiry_timer = loop.call_at(deadlines[0][0], self._expire_due)
 
     def _write(self, frame: bytes):
         """Requests made in one turn of the event loop (a pipelined burst) leave in one write."""
@@ -468,11 +497,6 @@ class AsyncClient:
 
     async def set_user_active(self, user: str, active: bool) -> dict:
         return await self.call(Msg.USER_SET_ACTIVE, {"user": user, "active": active})
-
-
-def _expire(waiter, msg, timeout: float):
-    if not waiter.done():
-        waiter.set_exception(TimeoutError(f"{msg.name} got no answer within {timeout:g}s"))
 
 
 def _set_body(kvs, metadata) -> dict:

@@ -83,10 +83,14 @@ _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES
 
 
 def to_wire(value: Any) -> Any:
-    """Result types become ``{"_t": name, field: value, ...}``; tuples become lists."""
-    fields = _FIELDS.get(type(value))
+    """Result types become ``{"_t": name, field: value, ...}``; tuples become lists. Plain
+    values (bytes, int, str, None) are the common case and return at the first test."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    fields = _FIELDS.get(kind)
     if fields is not None:
-        out = {"_t": type(value).__name__}
+        out = {"_t": kind.__name__}
         for name in fields:
             out[name] = to_wire(getattr(value, name))
         return out
@@ -96,20 +100,24 @@ def to_wire(value: Any) -> Any:
 
 
 def from_wire(value: Any) -> Any:
-    if isinstance(value, dict) and "_t" in value:
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict and "_t" in value:
         cls = _TYPES.get(value["_t"])
         if cls is None:
             raise errors.IllegalArgumentsError(f"unknown result type {value['_t']!r}")
-        kwargs = {}
+        items = []
         for name in _FIELDS[cls]:
             item = from_wire(value.get(name))
-            if isinstance(item, list):
-                item = tuple(item)
-            kwargs[name] = item
-        return cls(**kwargs)
+            items.append(tuple(item) if type(item) is list else item)
+        return cls(*items)
     if isinstance(value, list):
         return [from_wire(v) for v in value]
     return value
+
+
+_PLAIN = frozenset({bytes, int, str, bool, float, type(None)})
 
 
 # --- errors <-> codes ------------------------------------------------------------------------

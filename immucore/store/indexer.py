@@ -5,8 +5,8 @@ environment (``<db>/index``) so that its commits, with their random-page write a
 never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_index || u32
 entry_offset`` (where the entry starts in its record: a get reads that entry, not the whole tx)
 sit in a DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the
-highest indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes exactly
-where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's ``SinceTx``).
+highest indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes
+exactly where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's ``SinceTx``).
 Measurements behind this design: docs/storage.md.
 """
 from __future__ import annotations
