@@ -753,3 +753,39 @@ def test_idle_preauth_connection_is_closed(node, good):
     frames, closed = read_until_close(node.idle_socket, timeout=max(remaining, 0.1))
     assert closed and frames == []
     assert_node_serves(node, good)
+
+
+def test_client_requests_time_out_each_at_its_own_deadline():
+    """A node that accepts and never answers: every pipelined request fails with TimeoutError
+    after the client's timeout (one deadline queue serves them all), and an answer that came in
+    time is not failed later."""
+    async def main():
+        answered = asyncio.Event()
+
+        async def silent(reader, writer):
+            decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+            while data := await reader.read(1 << 16):
+                for msg_type, _, request_id, _ in decoder.feed(data):
+                    if not answered.is_set():       # only the very first request is answered
+                        answered.set()
+                        writer.write(encode_frame(msg_type, 0, request_id, pack({"ok": 1})))
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = AsyncClient("127.0.0.1", port, timeout=0.5)
+        try:
+            assert await client.call(Msg.HEALTH) == {"ok": 1}
+            start = time.monotonic()
+            results = await asyncio.gather(*(client.call(Msg.HEALTH) for _ in range(20)),
+                                           return_exceptions=True)
+            waited = time.monotonic() - start
+            assert all(isinstance(r, TimeoutError) for r in results), results
+            assert 0.45 <= waited < 3.0
+            assert "HEALTH got no answer within 0.5s" in str(results[0])
+            assert not client._deadlines           # answered and expired entries are gone
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())

@@ -220,3 +220,19 @@ def test_a_durable_database_opens_every_environment_with_lmdb_syncing(tmp_path):
     assert index_flags["sync"] and not index_flags["metasync"]
     for flags in (log_flags, index_flags):
         assert not flags["writemap"] and not flags["map_async"]
+
+
+def test_indexer_gathers_commits_until_a_read_waits(tmp_path, monkeypatch):
+    """With no reader waiting the indexer lets commits gather (INDEX_GATHER_SECONDS); a read that
+    needs them ends the gathering at once instead of waiting it out."""
+    monkeypatch.setattr("immucore.store.indexer.INDEX_GATHER_SECONDS", 30.0)
+    with open_database(str(tmp_path / "db")) as db:
+        db.set({b"first": b"1"})        # the indexer wakes on this commit and starts gathering
+        time.sleep(0.3)
+        assert db.indexed_tx_id == 0, "indexed without gathering"
+        for n in range(5):
+            db.set({f"k{n}".encode(): b"v"})
+        start = time.monotonic()
+        assert db.get(b"k4").value == b"v"
+        assert time.monotonic() - start < 5.0
+        assert db.indexed_tx_id == 6     # one step indexed every gathered commit
