@@ -490,7 +490,8 @@ class Database:
         self._wait_index(max(at_tx, since_tx))
         stored = _KV_PREFIX + key
         index_key = codec.index_key(stored)
-        with self._index_env.read() as itxn:
+        # versions taken before the reads: inside a ReadBurst they renew a stale shared snapshot
+        with self._index_env.read(version=self._indexer.version) as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
             if not cursor.set_key(index_key):
                 raise KeyNotFoundError()
@@ -522,7 +523,8 @@ class Database:
     def _entry_at(self, stored_key, location: bytes, revision: int, *,
                   include_deleted: bool) -> Entry:
         tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
-        with self._log.read(buffers=True) as txn:     # the entry is cut out without a copy
+        # the entry is cut out without a copy; the writer's state is replaced by every commit
+        with self._log.read(buffers=True, version=self._writer.state) as txn:
             key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),
                                                           entry_index, entry_offset)
         if stored_key is not None and key != stored_key:

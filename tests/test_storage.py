@@ -236,3 +236,47 @@ def test_indexer_gathers_commits_until_a_read_waits(tmp_path, monkeypatch):
         assert db.get(b"k4").value == b"v"
         assert time.monotonic() - start < 5.0
         assert db.indexed_tx_id == 6     # one step indexed every gathered commit
+
+
+def test_read_burst_shares_transactions_and_still_sees_commits(tmp_path):
+    """Gets inside a ReadBurst share one read transaction per environment, renewed when a
+    commit (or an index step) happened since: a read still sees what was committed before it."""
+    from immucore.store import env as env_module
+    with open_database(str(tmp_path / "db")) as db:
+        db.set({b"a": b"1", b"b": b"2"})
+        with env_module.ReadBurst():
+            assert db.get(b"a").value == b"1"
+            held = dict(env_module._burst.txns)
+            assert set(held) == {db._log, db._index_env}
+            assert db.get(b"b").value == b"2"
+            assert {e: t[0] for e, t in env_module._burst.txns.items()} == \
+                {e: t[0] for e, t in held.items()}          # the same transactions, shared
+            db.set({b"a": b"3"})
+            assert db.get(b"a").value == b"3"                # renewed after the commit
+            assert env_module._burst.txns[db._log][0] is not held[db._log][0]
+        assert getattr(env_module._burst, "txns", None) is None
+        assert db._log._readers == 0 and db._index_env._readers == 0
+
+
+def test_map_growth_waits_for_a_read_burst_without_deadlock(tmp_path):
+    """A burst holds its guards until it ends; a map resize meanwhile waits for it, and the
+    burst's own thread can still open other reads of that environment (it must not wait for
+    the resize that waits for it)."""
+    from immucore.store import env as env_module
+    with open_database(str(tmp_path / "db")) as db:
+        db.set({b"a": b"1"})
+        size_before = db._log.env.info()["map_size"]
+        grown = threading.Event()
+        with env_module.ReadBurst():
+            assert db.get(b"a").value == b"1"
+            grower = threading.Thread(target=lambda: (db._log._grow(), grown.set()))
+            grower.start()
+            deadline = time.monotonic() + 5
+            while not db._log._resizing and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert db._log._resizing and not grown.is_set()    # waiting for this burst
+            assert db.tx_by_id(1).header.id == 1               # a plain read still runs
+        grower.join(10)
+        assert grown.is_set()
+        assert db._log.env.info()["map_size"] > size_before
+        assert db.get(b"a").value == b"1"

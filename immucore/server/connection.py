@@ -20,6 +20,7 @@ from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_M
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
                                encode_frame)
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
+from ..store.env import ReadBurst
 
 log = logging.getLogger("immucore.server")
 _MESSAGES = {int(msg): msg for msg in Msg}      # a dict lookup; Msg(n) costs a microsecond
@@ -144,15 +145,16 @@ class Connection(asyncio.Protocol):
         stays paused while any are queued, so one read of many small frames cannot exceed the
         cap. A request whose answer is ready at once (a get the index already covers) is
         answered here, without a task: most of a pipelined burst never leaves this loop."""
-        while self._backlog and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX:
-            msg_type, flags, request_id, raw = self._backlog.popleft()
-            msg = self._accept(msg_type, request_id)
-            if msg is None:
-                self._backlog.clear()
-                return
-            self._serve_now(msg, request_id, raw)
-            if self._closed:
-                return
+        with ReadBurst():         # the burst's gets share their read transactions
+            while self._backlog and self._inflight < CONNECTION_INFLIGHT_REQUESTS_MAX:
+                msg_type, flags, request_id, raw = self._backlog.popleft()
+                msg = self._accept(msg_type, request_id)
+                if msg is None:
+                    self._backlog.clear()
+                    return
+                self._serve_now(msg, request_id, raw)
+                if self._closed:
+                    return
         if self._backlog or self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
             self._pause_reading()
 

@@ -46,6 +46,7 @@ class Indexer:
         self._paused = False       # a discard is cutting the log back: index nothing meanwhile
         self._stepping = False     # an indexing step is running (outside the condition's lock)
         self._readers_waiting = 0  # reads blocked in wait_for: index now, do not gather
+        self.version = 0           # bumped after every change of the index (burst reads renew)
         self.last_error: Optional[str] = None
         with index_env.read() as txn:
             raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
@@ -58,6 +59,7 @@ class Indexer:
             log.warning("index of %s has an older row format; rebuilding it", name)
             self._env.write(self._drop_all)
             self.indexed_tx_id = 0
+            self.version += 1
         if row_format != INDEX_FORMAT:
             self._env.write(lambda txn: txn.put(INDEX_FORMAT_KEY, INDEX_FORMAT, db=self._meta_db))
         if self.indexed_tx_id > committed_tx_id():
@@ -67,6 +69,7 @@ class Indexer:
                         self.indexed_tx_id, committed_tx_id())
             self._env.write(self._drop_all)
             self.indexed_tx_id = 0
+            self.version += 1
         self._thread = threading.Thread(target=self._run, name=f"immucore-indexer-{name}",
                                         daemon=True)
         self._thread.start()
@@ -183,6 +186,7 @@ class Indexer:
             self._env.write(write)
             with self._cond:
                 self.indexed_tx_id = remaining
+                self.version += 1
         # The index skips the meta-page fsync; the log's cut that follows must never survive a
         # power loss that this rewind does not.
         self._env.sync()
@@ -220,6 +224,7 @@ class Indexer:
         self._env.write(write)
         with self._cond:
             self.indexed_tx_id = last
+            self.version += 1
             self._cond.notify_all()
 
 
