@@ -280,3 +280,41 @@ def test_map_growth_waits_for_a_read_burst_without_deadlock(tmp_path):
         assert grown.is_set()
         assert db._log.env.info()["map_size"] > size_before
         assert db.get(b"a").value == b"1"
+
+
+def test_write_queue_is_bounded_busy_or_blocking(tmp_path, monkeypatch):
+    """The write queue holds WRITE_QUEUE_TXS_MAX requests: past that a non-blocking submit (the
+    event loop's) gets WriterBusyError and a blocking one waits for room, then commits."""
+    from immucore.store import writer as writer_module
+    monkeypatch.setattr(writer_module, "WRITE_QUEUE_TXS_MAX", 4)
+    with open_database(str(tmp_path / "db")) as db:
+        log_env = db._log
+        with log_env._guard:              # stall the committer: its write waits for a "resize"
+            log_env._resizing = True
+        futures = []
+        try:
+            # the sealer drains the queue until its pipeline to the stalled committer is full:
+            # the queue is full for good once submits keep failing
+            busy_in_a_row, deadline = 0, time.monotonic() + 10
+            while busy_in_a_row < 3:
+                assert time.monotonic() < deadline, "the write queue never stayed full"
+                try:
+                    futures.append(db.set_async({f"k{len(futures)}".encode(): b"v"},
+                                                block=False))
+                    busy_in_a_row = 0
+                except writer_module.WriterBusyError as exc:
+                    assert "write queue full (4 requests waiting)" in str(exc)
+                    busy_in_a_row += 1
+                    time.sleep(0.1)
+            blocked = threading.Thread(target=lambda: futures.append(db.set_async({b"x": b"y"})))
+            blocked.start()
+            blocked.join(0.3)
+            assert blocked.is_alive()               # waiting for room, not failing
+        finally:
+            with log_env._guard:
+                log_env._resizing = False
+                log_env._guard.notify_all()
+        blocked.join(10)
+        assert not blocked.is_alive()
+        assert all(len(f.result(10)) == 1 for f in futures)
+        assert db.get(b"x").value == b"y"

@@ -15,6 +15,7 @@ from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
 from ..types import KVMetadata, State, TxHeader
 from . import auth, settings as dbsettings
+from .completions import Completions
 from .node import DatabaseError, Node
 
 
@@ -52,18 +53,12 @@ def _kvs(body: dict) -> list:
     return [(k, v) for k, v in pairs]
 
 
-async def _write(node, db, body: dict) -> tuple:
-    """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy), and
-    on a sync primary answered once enough replicas hold it."""
-    headers = await asyncio.wrap_future(db.set_async(_kvs(body), metadata=_metadata(body),
-                                                     block=False))
-    await node.replicated(db.name, headers[0][0])
-    return headers[0]
 
 
 class Dispatcher:
     def __init__(self, node: Node):
         self.node = node
+        self._completions = None     # made on the running loop, at the first write
         self._handlers = {
             Msg.HEALTH: self.health, Msg.SERVER_INFO: self.server_info, Msg.LOGIN: self.login,
             Msg.LOGOUT: self.logout, Msg.KEEPALIVE: self.keepalive,
@@ -92,6 +87,20 @@ class Dispatcher:
         return handler(conn, body)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _write(self, db, body: dict) -> tuple:
+        """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy),
+        and on a sync primary answered once enough replicas hold it."""
+        headers = await self._committed(db.set_async(_kvs(body), metadata=_metadata(body),
+                                                     block=False))
+        await self.node.replicated(db.name, headers[0][0])
+        return headers[0]
+
+    def _committed(self, writer_future) -> asyncio.Future:
+        """The writer's future on the loop, through the node's one-wake-per-commit bridge."""
+        if self._completions is None:
+            self._completions = Completions(asyncio.get_running_loop())
+        return self._completions.wrap(writer_future)
 
     def _manager(self, conn):
         return self.node.token_sessions if conn.detached else self.node.sessions
@@ -195,12 +204,12 @@ class Dispatcher:
 
     async def set(self, conn, body):
         db = self._db(conn, "write")
-        return {"header": to_wire(TxHeader(*await _write(self.node, db, body)))}
+        return {"header": to_wire(TxHeader(*await self._write(db, body)))}
 
     async def delete(self, conn, body):
         db = self._db(conn, "write")
         keys = _field(body, "keys", list)
-        headers = await asyncio.wrap_future(db.delete_async(keys, block=False))
+        headers = await self._committed(db.delete_async(keys, block=False))
         await self.node.replicated(db.name, headers[0][0])
         return {"header": to_wire(TxHeader(*headers[0]))}
 
@@ -248,7 +257,7 @@ class Dispatcher:
     async def verifiable_set(self, conn, body):
         db = self._db(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
-        header = await _write(self.node, db, body)
+        header = await self._write(db, body)
         vtx = await self._read(db.verifiable_tx_by_id, header[0], prove_since_tx=prove_since)
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 

@@ -1,6 +1,6 @@
 """The writer: the only code that appends to the transaction log, as a two-stage pipeline.
 
-Callers (any thread, or the event loop through ``asyncio.wrap_future``) submit work and get a
+Callers (any thread, or the event loop through ``server/completions.py``) submit work and get a
 ``concurrent.futures.Future``. Stage 1, the *sealer* thread, takes every request waiting in the
 queue (group commit, bounded by COMMIT_BATCH_TXS_MAX / COMMIT_BATCH_BYTES_MAX) and seals it with
 the codec into chained transactions (hashing runs in C without the GIL). Stage 2, the *committer*
@@ -93,11 +93,16 @@ class Writer:
         self._limits = limits
         self._read_alh = read_alh
         self._on_commit = on_commit
-        self._queue: "queue.Queue[_Request]" = queue.Queue(maxsize=WRITE_QUEUE_TXS_MAX)
+        # A SimpleQueue (C, no Python-level Condition per put) bounded by ``_queued``, counted
+        # under ``_close_lock``; submitters wait on ``_space`` only when it is full.
+        self._queue: "queue.SimpleQueue[_Request]" = queue.SimpleQueue()
+        self._queued = 0
+        self._waiting_for_space = 0
         self._sealed: "queue.Queue[Optional[_Sealed]]" = queue.Queue(
             maxsize=COMMIT_PIPELINE_BATCHES)
         self._closed = False
-        self._close_lock = threading.Lock()   # "still open?" and the put happen together
+        self._close_lock = threading.Lock()   # "still open?", the count and the put together
+        self._space = threading.Condition(self._close_lock)
         self._read_only = read_only           # sealer's view of the role, ordered with writes
         self._sealer = threading.Thread(target=self._run_sealer, name=f"immucore-sealer-{name}",
                                         daemon=True)
@@ -134,24 +139,40 @@ class Writer:
             if self._closed:
                 return
             self._closed = True
+            self._queued += 1
             self._queue.put(_Request(_STOP, None))
+            self._space.notify_all()          # submitters waiting for room: closed now
         self._sealer.join()
         self._committer.join()
 
     def _submit(self, request: _Request, block: bool = True) -> Future:
         with self._close_lock:
-            if self._closed:
-                raise DatabaseClosedError()
-            if block:
-                self._queue.put(request)
-            else:
-                try:
-                    self._queue.put_nowait(request)
-                except queue.Full:
+            while True:
+                if self._closed:
+                    raise DatabaseClosedError()
+                if self._queued < WRITE_QUEUE_TXS_MAX:
+                    break
+                if not block:
                     raise WriterBusyError(
                         f"write queue full ({WRITE_QUEUE_TXS_MAX} requests waiting); "
-                        "retry later") from None
+                        "retry later")
+                self._waiting_for_space += 1
+                try:
+                    self._space.wait()
+                finally:
+                    self._waiting_for_space -= 1
+            self._queued += 1
+            self._queue.put(request)
         return request.future
+
+    def _take(self, block: bool) -> _Request:
+        """The next queued request (``queue.Empty`` when none and not ``block``)."""
+        request = self._queue.get() if block else self._queue.get_nowait()
+        with self._close_lock:
+            self._queued -= 1
+            if self._waiting_for_space:
+                self._space.notify()
+        return request
 
     # --- stage 1: sealing -------------------------------------------------------------------
 
@@ -217,7 +238,7 @@ class Writer:
     def _next_request(self, block: bool) -> Optional[_Request]:
         """The next request, or None for one its caller cancelled meanwhile (marking a future
         running makes any later cancel() a no-op, so results can always be set)."""
-        request = self._queue.get() if block else self._queue.get_nowait()
+        request = self._take(block)
         if request.kind != _STOP and not request.future.set_running_or_notify_cancel():
             return None
         return request
@@ -225,7 +246,7 @@ class Writer:
     def _fail_queued(self):
         while True:
             try:
-                request = self._queue.get_nowait()
+                request = self._take(block=False)
             except queue.Empty:
                 return
             if request.kind != _STOP and request.future.set_running_or_notify_cancel():

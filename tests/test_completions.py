@@ -1,0 +1,59 @@
+"""Completions (immucore/server/completions.py): writer futures resolved on the event loop,
+with one loop wake-up for everything a commit resolved."""
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import pytest
+
+from immucore.server.completions import Completions
+
+
+def test_results_and_errors_arrive_with_one_wake_up_per_commit():
+    async def main():
+        loop = asyncio.get_running_loop()
+        completions = Completions(loop)
+        writer_futures = [Future() for _ in range(50)]
+        for f in writer_futures:
+            f.set_running_or_notify_cancel()
+        waiters = [completions.wrap(f) for f in writer_futures]
+        wake_ups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wake_ups.append(a), real(*a))[1]
+
+        def commit():                   # the committer resolves a whole batch at once
+            for n, f in enumerate(writer_futures):
+                if n == 7:
+                    f.set_exception(ValueError("bad tx"))
+                else:
+                    f.set_result([n])
+
+        thread = threading.Thread(target=commit)
+        thread.start()
+        thread.join()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        del loop.call_soon_threadsafe
+        assert len(wake_ups) == 1
+        assert isinstance(results[7], ValueError)
+        assert [r for n, r in enumerate(results) if n != 7] == [[n] for n in range(50) if n != 7]
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_waiter_cancels_a_write_not_yet_taken():
+    async def main():
+        completions = Completions(asyncio.get_running_loop())
+        queued, taken = Future(), Future()
+        taken.set_running_or_notify_cancel()          # the writer already has this one
+        waiters = [completions.wrap(queued), completions.wrap(taken)]
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.sleep(0)
+        assert queued.cancelled()
+        assert not taken.cancelled()
+        taken.set_result([1])                         # its late result is dropped quietly
+        await asyncio.sleep(0.05)
+        with pytest.raises(asyncio.CancelledError):
+            await waiters[1]
+
+    asyncio.run(main())
