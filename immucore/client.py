@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
-from .errors import ImmucoreError, VerificationError
+from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import Msg, from_wire, pack, raise_error, to_wire, unpack
 from .types import KVMetadata, State
@@ -501,7 +501,12 @@ class AsyncClient:
 
 def _set_body(kvs, metadata) -> dict:
     items = kvs.items() if isinstance(kvs, dict) else kvs
-    body = {"kvs": [[k, v] for k, v in items]}
+    try:
+        # unpacking each pair checks its shape: a 3-tuple must not shift every later pair
+        body = {"kvs_flat": [x for key, value in items for x in (key, value)]}
+    except (TypeError, ValueError) as exc:
+        raise IllegalArgumentsError(
+            f"kvs must be a dict or a list of (key, value) pairs ({exc})") from None
     if isinstance(metadata, KVMetadata):
         body["metadata"] = to_wire(metadata)
     elif isinstance(metadata, dict):

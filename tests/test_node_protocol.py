@@ -28,7 +28,7 @@ import xxhash
 from immucore.client import AsyncClient, Client, ConnectionClosedError
 from immucore.constants import (CONNECTION_INFLIGHT_REQUESTS_MAX, FRAME_BODY_BYTES_MAX,
                                 PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
-from immucore.errors import KeyNotFoundError
+from immucore.errors import IllegalArgumentsError, KeyNotFoundError
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
 
@@ -789,3 +789,28 @@ def test_client_requests_time_out_each_at_its_own_deadline():
             await server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_set_takes_flat_and_paired_kvs_and_refuses_misshapen_ones(node, good):
+    """The clients send ``kvs_flat``; ``kvs`` pairs still work; an odd flat list, or a pair
+    that is not a pair, is refused before anything is written (a 3-tuple must never shift the
+    pairs after it)."""
+    client = node.client()
+    try:
+        client.set([(b"f1", b"1"), (b"f2", b"2")])
+        assert client.get(b"f2").value == b"2"
+        before = client.current_state().tx_id
+        with pytest.raises(IllegalArgumentsError, match="key, value"):
+            client.set([(b"a", b"1", b"extra"), (b"b", b"2")])
+        assert client.current_state().tx_id == before
+    finally:
+        client.close()
+    with raw_connection(node) as sock:
+        _, flags, _, answer = request(sock, Msg.LOGIN, 1, {"user": "immudb", "password": "immudb"})
+        assert not flags & FLAG_ERROR, answer
+        for n, body in enumerate(({"kvs_flat": [b"a", b"1", b"b"]}, {"kvs": [[b"a", b"1", b"x"]]})):
+            _, flags, _, answer = request(sock, Msg.SET, 5 + n, body)
+            assert flags & FLAG_ERROR and answer["code"] == "illegal_arguments", answer
+        _, flags, _, answer = request(sock, Msg.SET, 9, {"kvs": [[b"p1", b"x"]]})
+        assert not flags & FLAG_ERROR, answer
+    assert good.get(b"p1").value == b"x"

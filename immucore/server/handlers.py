@@ -47,6 +47,15 @@ def _metadata(body: dict):
 
 
 def _kvs(body: dict) -> list:
+    """(key, value) pairs from ``kvs_flat: [k1, v1, k2, v2, ...]`` (what our clients send: one
+    list instead of a list per entry, a third of the decoding of a 1000-entry set) or from
+    ``kvs: [[k, v], ...]``. Types are checked by the codec with the rest of the tx."""
+    if "kvs_flat" in body:
+        flat = _field(body, "kvs_flat", list)
+        if len(flat) % 2:
+            raise IllegalArgumentsError("kvs_flat must alternate keys and values")
+        pairs = iter(flat)
+        return list(zip(pairs, pairs))
     pairs = _field(body, "kvs", list)
     if not all(isinstance(p, list) and len(p) == 2 for p in pairs):
         raise IllegalArgumentsError("kvs must be a list of [key, value] pairs")
