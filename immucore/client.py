@@ -284,8 +284,10 @@ class AsyncClient:
         return from_wire((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
 
     async def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0, at_revision: int = 0):
-        return from_wire((await self.call(Msg.GET, {
-            "key": key, "at_tx": at_tx, "since_tx": since_tx, "at_revision": at_revision}))["entry"])
+        body = {"key": key}
+        if at_tx or since_tx or at_revision:       # the node defaults each to 0
+            body.update(at_tx=at_tx, since_tx=since_tx, at_revision=at_revision)
+        return from_wire((await self.call(Msg.GET, body))["entry"])
 
     async def history(self, key: bytes, *, offset: int = 0, limit: int = 0, desc: bool = False):
         return from_wire((await self.call(Msg.HISTORY, {

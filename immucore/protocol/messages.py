@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import re
 from typing import Any
 
@@ -80,6 +81,10 @@ _TYPES = {cls.__name__: cls for cls in (
 
 
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
+# every field of a result in one C call (a tuple, even for one field)
+_GETTERS = {cls: (operator.attrgetter(*names) if len(names) > 1
+                  else (lambda value, _get=operator.attrgetter(names[0]): (_get(value),)))
+            for cls, names in _FIELDS.items()}
 
 
 def to_wire(value: Any) -> Any:
@@ -91,8 +96,8 @@ def to_wire(value: Any) -> Any:
     fields = _FIELDS.get(kind)
     if fields is not None:
         out = {"_t": kind.__name__}
-        for name in fields:
-            out[name] = to_wire(getattr(value, name))
+        for name, item in zip(fields, _GETTERS[kind](value)):
+            out[name] = item if type(item) in _PLAIN else to_wire(item)
         return out
     if isinstance(value, (list, tuple)):
         return [to_wire(v) for v in value]
