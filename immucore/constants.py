@@ -83,6 +83,11 @@ CONNECTION_SEND_BUFFER_BYTES_MAX = 64 << 20   # unread responses before a connec
 CONNECTION_IDLE_SECONDS = 600            # a connection with no frame for this long is closed
 PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
+# Open connections (--max-connections); a new one past it gets `too_many_connections` and is
+# closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be
+# waiting to log in: a flood of idle connections cannot take the node's descriptors from its users.
+CONNECTIONS_MAX_DEFAULT = 4096
+PREAUTH_CONNECTIONS_MAX = 1024
 SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3 min)
 TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0

@@ -543,5 +543,6 @@ def test_wire_protocol_doc_lists_every_message_and_error_code():
     for code in messages.ERROR_CODES.values():
         assert f"`{code}`" in doc, code
     for code in ("bad_magic", "bad_checksum", "bad_version", "bad_frame", "frame_too_large",
-                 "unknown_message", "not_logged_in", "bad_body", "protected_mode", "internal"):
+                 "unknown_message", "not_logged_in", "bad_body", "protected_mode",
+                 "too_many_connections", "internal"):
         assert f"`{code}`" in doc, code

@@ -814,3 +814,41 @@ def test_set_takes_flat_and_paired_kvs_and_refuses_misshapen_ones(node, good):
         _, flags, _, answer = request(sock, Msg.SET, 9, {"kvs": [[b"p1", b"x"]]})
         assert not flags & FLAG_ERROR, answer
     assert good.get(b"p1").value == b"x"
+
+
+def test_connections_past_the_caps_are_refused_and_the_node_serves_on(tmp_path):
+    """--max-connections 8: a quarter (2) may wait to log in; one more idle connection, or a
+    ninth connection, gets one `too_many_connections` error frame and is closed, while the
+    logged-in clients keep working."""
+    from tests.nodes import running_node
+
+    def refused(n) -> str:
+        with socket.create_connection(("127.0.0.1", n.port), timeout=5) as sock:
+            frames, closed = read_until_close(sock)
+        assert frames and closed, "refused without an error frame, or left open"
+        body = frames[0][3]
+        assert body["code"] == "too_many_connections", body
+        return body["message"]
+
+    with running_node(tmp_path, "--max-connections", "8") as n:
+        clients = [Client(n.host, n.port)]
+        clients[0].login("immudb", "immudb")
+        idle = [socket.create_connection(("127.0.0.1", n.port), timeout=5) for _ in range(2)]
+        time.sleep(0.3)
+        assert "waiting to log in (2)" in refused(n)
+        assert clients[0].set({b"k": b"v"}).id >= 1
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        for _ in range(7):
+            client = Client(n.host, n.port)
+            client.login("immudb", "immudb")
+            clients.append(client)
+        assert "at most 8 (--max-connections)" in refused(n)
+        assert all(c.get(b"k").value == b"v" for c in clients)
+        clients.pop().close()
+        time.sleep(0.3)
+        with Client(n.host, n.port) as late:
+            assert late.health()["status"] == "ok"
+        for client in clients:
+            client.close()

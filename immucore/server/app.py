@@ -11,6 +11,28 @@ from .handlers import Dispatcher
 from .node import Node, NodeOptions
 
 log = logging.getLogger("immucore")
+# descriptors beyond the connections: LMDB files, the metrics server, replicators, log files
+FILES_RESERVED = 256
+
+
+def _raise_open_files_limit(needed: int):
+    """Raise the soft limit on open files towards ``needed`` (within the hard limit): many
+    systems start processes at 1024, below --max-connections, and an accept failing on EMFILE
+    would refuse connections with no answer at all."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit: %s", exc)
+        return
+    if soft < needed:
+        log.warning("the open files limit is %d: fewer than --max-connections %d can be served; "
+                    "raise it (ulimit -n) or lower --max-connections", soft,
+                    needed - FILES_RESERVED)
 
 
 async def run_node(options: dict, *, ready=None) -> int:
@@ -18,13 +40,15 @@ async def run_node(options: dict, *, ready=None) -> int:
     node_options = NodeOptions(
         dir=options["dir"], address=options["address"], port=options["port"],
         admin_password=options["admin_password"], synced=options["synced"],
-        max_sessions=options["max_sessions"], metrics_server=options["metrics_server"],
+        max_sessions=options["max_sessions"], max_connections=options["max_connections"],
+        metrics_server=options["metrics_server"],
         metrics_server_port=options["metrics_server_port"], pidfile=options["pidfile"],
         logfile=options["logfile"], signing_key=options["signing_key"],
         certificate=options["certificate"], pkey=options["pkey"],
         replication_tls_ca=options["replication_tls_ca"],
         replication_sync_timeout=options["replication_sync_timeout"],
         replication={k: v for k, v in options.items() if k not in _NODE_KEYS})
+    _raise_open_files_limit(node_options.max_connections + FILES_RESERVED)
     try:
         node = Node(node_options)
         node._server_tls()                  # a TLS misconfiguration stops the start, clearly
@@ -68,6 +92,7 @@ async def run_node(options: dict, *, ready=None) -> int:
 
 
 _NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
+              "max_connections",
               "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
               "certificate", "pkey", "replication_tls_ca",
               "replication_sync_timeout"}

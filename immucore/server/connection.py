@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=CONNECTION_SEND_BUFFER_BYTES_MAX)
         refusal = self.node.refuse_connection(self.peer)
         if refusal:
-            self._fail("protected_mode", refusal)
+            self._fail(*refusal)
             return
         self.node.connections.add(self)
         self._schedule_idle_check()

@@ -19,10 +19,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
+                         REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS)
 from ..database import Database, open_database
 from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
@@ -52,6 +53,7 @@ class NodeOptions:
     admin_password: str = "immudb"
     synced: bool = True
     max_sessions: int = SESSIONS_MAX_DEFAULT
+    max_connections: int = CONNECTIONS_MAX_DEFAULT
     metrics_server: bool = True
     metrics_server_port: int = 9497
     pidfile: str = ""
@@ -386,8 +388,25 @@ class Node:
 
     # --- connections ----------------------------------------------------------------------
 
-    def refuse_connection(self, peer) -> Optional[str]:
-        """Protected mode: while the sysadmin password is the default, only loopback peers."""
+    @property
+    def preauth_connections_max(self) -> int:
+        """Connections not logged in yet: a quarter of --max-connections, at most
+        PREAUTH_CONNECTIONS_MAX, so logged-in users keep most of the room."""
+        return min(PREAUTH_CONNECTIONS_MAX, max(1, self.options.max_connections // 4))
+
+    def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
+        """(code, message) when a new connection must be turned away: past the connection
+        caps, or in protected mode (while the sysadmin password is the default, only loopback
+        peers). ``self.connections`` does not hold the new connection yet."""
+        if len(self.connections) >= self.options.max_connections:
+            return ("too_many_connections",
+                    f"too many connections: this node serves at most "
+                    f"{self.options.max_connections} (--max-connections); try again later")
+        preauth_max = self.preauth_connections_max
+        if len(self.connections) >= preauth_max and sum(
+                1 for c in self.connections if c.session is None) >= preauth_max:
+            return ("too_many_connections",
+                    f"too many connections waiting to log in ({preauth_max}); try again later")
         if not peer or not auth.using_default_password(self.users):
             return None
         try:
@@ -395,7 +414,8 @@ class Node:
                 return None
         except ValueError:
             return None
-        return ("immucore is in protected mode: the sysadmin password is still the default, so "
+        return ("protected_mode",
+                "immucore is in protected mode: the sysadmin password is still the default, so "
                 "only loopback connections are accepted. Change it (immuadmin user "
                 "changepassword immudb) or start the node with --admin-password")
 
