@@ -226,6 +226,7 @@ def test_records_round_trip(impl, chain):
         assert entries == expected
         for index, entry in enumerate(expected):
             assert impl.record_entry(record, index) == entry
+        assert impl.record_entry_count(record) == len(tx["entries"])
         assert impl.record_digests(record) == [hx(e["digest"]) for e in tx["entries"]]
         assert impl.record_digests(record) == [
             impl.entry_digest(version, k, md, hv) for k, md, _, hv in entries]
@@ -931,7 +932,8 @@ def test_records_agree(case, first_tx_id, flip):
     entry_offsets = sorted({struct.unpack(">QHI", v)[2]
                             for _, v in pure.index_items(1, records[:len(built)])})[:8]
     for record in records:
-        for fn in ("decode_record", "record_digests", "record_export_blob", "record_alh"):
+        for fn in ("decode_record", "record_digests", "record_export_blob", "record_alh",
+                   "record_entry_count"):
             _same(outcome(getattr(native, fn), record), outcome(getattr(pure, fn), record))
         for index in (0, 1, 7):
             _same(outcome(native.record_entry, record, index),

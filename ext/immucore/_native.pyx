@@ -39,7 +39,7 @@ from cpython.long cimport PyLong_Check, PyLong_CheckExact, PyLong_FromUnsignedLo
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport UINT64_MAX, uint32_t, uint64_t
+from libc.stdint cimport UINT64_MAX, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, memset
 
@@ -60,7 +60,7 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "decode_header", "inner_hash", "alh", "entry_digest", "entries_hash",
            "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
-           "record_entry_at", "record_digests", "index_key", "index_items", "xxh64_intdigest",
+           "record_entry_at", "record_entry_count", "record_digests", "index_key", "index_items", "xxh64_intdigest",
            "encode_frame", "FrameDecoder")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.

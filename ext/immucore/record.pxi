@@ -3,23 +3,36 @@
 cdef Limits _RECORD_LIMITS = load_limits((1 << 32, 1 << 16, 1 << 32))
 
 
-cdef Py_ssize_t record_blob_len(const uchar* p, Py_ssize_t size) except -1:
-    """Where a record's export blob ends: the record is blob || 32 * nentries || 32.
-
-    The entry count is read from the header at its fixed offsets (after the u32 hdrLen). A record
-    too short to hold its counts, or shorter than its entry count's hashes, is corrupt.
-    """
-    cdef uint64_t nentries
-    cdef Py_ssize_t md_len, blob_len
+cdef int64_t entry_count_of(const uchar* p, Py_ssize_t size) except -1:
+    """The entry count in a record's header, at its fixed offsets (after the u32 hdrLen)."""
+    cdef Py_ssize_t md_len
     if size < 4 + 52:
         raise CorruptedDataError("data is corrupted: record too short")
     if get_u16(p + 4 + 48) == 0:
-        nentries = get_u16(p + 4 + 50)
-    else:
-        md_len = get_u16(p + 4 + 50)
-        if size < 4 + 56 + md_len:
-            raise CorruptedDataError("data is corrupted: record too short")
-        nentries = get_u32(p + 4 + 52 + md_len)
+        return get_u16(p + 4 + 50)
+    md_len = get_u16(p + 4 + 50)
+    if size < 4 + 56 + md_len:
+        raise CorruptedDataError("data is corrupted: record too short")
+    return get_u32(p + 4 + 52 + md_len)
+
+
+def record_entry_count(record):
+    """The entry count in a record's header, read at its fixed offsets (no parse)."""
+    cdef InBuf b
+    inbuf_get(record, &b)
+    try:
+        return entry_count_of(b.p, b.n)
+    finally:
+        inbuf_release(&b)
+
+
+cdef Py_ssize_t record_blob_len(const uchar* p, Py_ssize_t size) except -1:
+    """Where a record's export blob ends: the record is blob || 32 * nentries || 32.
+
+    A record too short to hold its counts, or shorter than its entry count's hashes, is corrupt.
+    """
+    cdef uint64_t nentries = <uint64_t>entry_count_of(p, size)
+    cdef Py_ssize_t blob_len
     blob_len = size - <Py_ssize_t>(DIGEST * (nentries + 1))
     if blob_len < 0:
         raise CorruptedDataError("data is corrupted: record too short")

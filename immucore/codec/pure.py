@@ -408,17 +408,21 @@ def replicate_blobs(blobs, first_id: int, prev_alh: bytes, peaks: list, limits):
 _RECORD_LIMITS = (1 << 32, 1 << 16, 1 << 32)     # a stored record's own counts, checked on write
 
 
-def _record_blob_len(record: bytes) -> int:
-    """A record's export blob is followed by one hvalue per entry and the alh."""
+def record_entry_count(record: bytes) -> int:
+    """The entry count in a record's header, read at its fixed offsets (no parse)."""
     if len(record) < 4 + 52:
         raise CorruptedDataError("data is corrupted: record too short")
     if _U16.unpack_from(record, 4 + 48)[0] == 0:      # header starts after the u32 hdrLen
-        nentries = _U16.unpack_from(record, 4 + 50)[0]
-    else:
-        md_len = _U16.unpack_from(record, 4 + 50)[0]
-        if len(record) < 4 + 56 + md_len:
-            raise CorruptedDataError("data is corrupted: record too short")
-        nentries = _U32.unpack_from(record, 4 + 52 + md_len)[0]
+        return _U16.unpack_from(record, 4 + 50)[0]
+    md_len = _U16.unpack_from(record, 4 + 50)[0]
+    if len(record) < 4 + 56 + md_len:
+        raise CorruptedDataError("data is corrupted: record too short")
+    return _U32.unpack_from(record, 4 + 52 + md_len)[0]
+
+
+def _record_blob_len(record: bytes) -> int:
+    """A record's export blob is followed by one hvalue per entry and the alh."""
+    nentries = record_entry_count(record)
     blob_len = len(record) - DIGEST_SIZE * (nentries + 1)
     if blob_len < 0:
         raise CorruptedDataError("data is corrupted: record too short")

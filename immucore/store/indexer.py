@@ -208,7 +208,7 @@ class Indexer:
                     if tx_id > last_wanted:
                         break
                     records.append(record)
-                    entries += _entry_count(record)
+                    entries += codec.record_entry_count(record)
                     size += len(record)
                     if entries >= INDEX_BATCH_ENTRIES_MAX or size >= _RECORD_BYTES_PER_BATCH_MAX:
                         break
@@ -237,9 +237,4 @@ def _lower_priority():
         pass
 
 
-def _entry_count(record) -> int:
-    # header starts at offset 4 (after u32 hdrLen); its version decides where NEntries sits
-    if record[52] == 0 and record[53] == 0:        # version 0: u16 NEntries at header offset 50
-        return int.from_bytes(record[54:56], "big")
-    md_len = int.from_bytes(record[54:56], "big")
-    return int.from_bytes(record[56 + md_len:60 + md_len], "big")
+
