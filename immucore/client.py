@@ -10,7 +10,7 @@ answers each by request id), so ``asyncio.gather`` of many ``get``s costs one ro
 from __future__ import annotations
 
 import asyncio
-import collections
+import heapq
 import itertools
 import json
 import os
@@ -81,7 +81,7 @@ class AsyncClient:
         self._closed_error: Optional[BaseException] = None
         self._out: list = []              # request frames waiting for the flush below
         self._flush_scheduled = False
-        self._deadlines: collections.deque = collections.deque()   # (when, waiter, msg)
+        self._deadlines: list = []        # heap of (when, request id, msg, timeout)
         self._expiry_timer = None
 
     # --- connection -------------------------------------------------------------------
@@ -177,7 +177,7 @@ class AsyncClient:
         waiter = loop.create_future()
         self._pending[request_id] = waiter
         self._write(encode_frame(int(msg), 0, request_id, pack(body or {})))
-        self._expire_at(loop, waiter, msg)
+        self._expire_at(loop, request_id, msg)
         try:
             flags, answer = await waiter
         finally:
@@ -186,26 +186,35 @@ class AsyncClient:
             raise_error(answer)
         return answer
 
-    def _expire_at(self, loop, waiter, msg: Msg):
-        """Fail ``waiter`` if it has no answer within ``timeout``. Every request of a client has
-        the same timeout, so deadlines come in request order: one queue and one timer serve
-        them all (a timer per request cost more than the rest of a pipelined get)."""
+    def _expire_at(self, loop, request_id: int, msg: Msg):
+        """Fail request ``request_id`` if it has no answer within ``timeout``: one heap of
+        deadlines and one timer per client (a timer per request cost more than the rest of a
+        pipelined get). Entries hold ids, not futures, so an answered request keeps nothing
+        alive; the heap is compacted when answered entries outnumber the waiting ones."""
         deadlines = self._deadlines
-        while deadlines and deadlines[0][1].done():      # answered: forget them
-            deadlines.popleft()
-        deadlines.append((loop.time() + self.timeout, waiter, msg))
-        if self._expiry_timer is None:
+        pending = self._pending
+        while deadlines and deadlines[0][1] not in pending:      # answered: forget them
+            heapq.heappop(deadlines)
+        if len(deadlines) > 2 * len(pending) + 1024:
+            deadlines[:] = [d for d in deadlines if d[1] in pending]
+            heapq.heapify(deadlines)
+        when = loop.time() + self.timeout
+        heapq.heappush(deadlines, (when, request_id, msg, self.timeout))
+        if self._expiry_timer is None or when < self._expiry_timer.when():
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
             self._expiry_timer = loop.call_at(deadlines[0][0], self._expire_due)
 
     def _expire_due(self):
         self._expiry_timer = None
         loop = asyncio.get_running_loop()
-        now, deadlines = loop.time(), self._deadlines
-        while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done()):
-            _, waiter, msg = deadlines.popleft()
-            if not waiter.done():
-                waiter.set_exception(TimeoutError(
-                    f"{msg.name} got no answer within {self.timeout:g}s"))
+        now, deadlines, pending = loop.time(), self._deadlines, self._pending
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in pending):
+            _, request_id, msg, timeout = heapq.heappop(deadlines)
+            waiter = pending.get(request_id)
+            if waiter is not None and not isinstance(waiter, asyncio.Queue) \
+                    and not waiter.done():
+                waiter.set_exception(TimeoutError(f"{msg.name} got no answer within {timeout:g}s"))
         if deadlines:
             self._expiry_timer = loop.call_at(deadlines[0][0], self._expire_due)
 

@@ -85,7 +85,8 @@ PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
 # Open connections (--max-connections); a new one past it gets `too_many_connections` and is
 # closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be
-# waiting to log in: a flood of idle connections cannot take the node's descriptors from its users.
+# waiting to log in: a flood of idle connections cannot take logged-in users' connections (new
+# logins are refused while it lasts; each idle one is closed after PREAUTH_IDLE_SECONDS).
 CONNECTIONS_MAX_DEFAULT = 4096
 PREAUTH_CONNECTIONS_MAX = 1024
 SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3 min)

@@ -15,14 +15,15 @@ import time
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_KEY_UNFOLDED_BYTES_MAX,
+from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_UNKNOWN,
+                        INDEX_KEY_UNFOLDED_BYTES_MAX,
                         INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
                         REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .store.aht import AhtReader, peaks_for
-from .store.env import LmdbEnv
+from .store.env import BurstWouldBlock, LmdbEnv, holding_burst
 from .store.indexer import Indexer
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
@@ -32,6 +33,7 @@ _U64 = struct.Struct(">Q")
 _U64_MAX = (1 << 64) - 1
 _U16 = struct.Struct(">H")
 _LOCATION = struct.Struct(">QHI")     # an index row's value: tx id, entry index, entry offset
+_LOCATION_NO_OFFSET = struct.Struct(">QH")   # a row of the older format
 _EMPTY_ALH = codec.sha256(b"")
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 _KV_PREFIX = b"\x00"
@@ -388,7 +390,7 @@ class Database:
                 versions.last_dup()
                 try:
                     entry = self._entry_at(None, versions.value(), versions.count(),
-                                           include_deleted=False)
+                                           include_deleted=False, index_key=index_key)
                 except KeyNotFoundError:       # deleted or expired: not part of a scan
                     continue
                 if match_whole_key and not entry.key.startswith(prefix):
@@ -521,13 +523,21 @@ class Database:
         return self._entry_at(stored, location, revision, include_deleted=False), entry_index
 
     def _entry_at(self, stored_key, location: bytes, revision: int, *,
-                  include_deleted: bool) -> Entry:
-        tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
+                  include_deleted: bool, index_key: Optional[bytes] = None) -> Entry:
+        """The version ``location`` points at; its key must be ``stored_key`` (or, when only the
+        index key is known, a scan's, fold to ``index_key``): a corrupt row never returns
+        another key's entry."""
+        if len(location) == _LOCATION.size:
+            tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
+        else:                 # a row without its offset: found by walking the record
+            tx_id, entry_index = _LOCATION_NO_OFFSET.unpack(location)
+            entry_offset = INDEX_ENTRY_OFFSET_UNKNOWN
         # the entry is cut out without a copy; the writer's state is replaced by every commit
         with self._log.read(buffers=True, version=self._writer.state) as txn:
             key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),
                                                           entry_index, entry_offset)
-        if stored_key is not None and key != stored_key:
+        if (stored_key is not None and key != stored_key) or (
+                index_key is not None and codec.index_key(key) != index_key):
             raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
         metadata = KVMetadata.from_bytes(md_raw)
         if not include_deleted and metadata is not None and (
@@ -571,7 +581,10 @@ class Database:
         if since_tx > committed:
             raise IllegalArgumentsError(
                 f"since_tx {since_tx} is beyond the last committed tx {committed}")
-        self._indexer.wait_for(max(since_tx, committed), self._index_wait_seconds)
+        needed = max(since_tx, committed)
+        if self._indexer.indexed_tx_id < needed and holding_burst():
+            raise BurstWouldBlock()     # never wait while a burst holds guards: served again
+        self._indexer.wait_for(needed, self._index_wait_seconds)
 
     def _result_limit(self, limit: int) -> int:
         if limit > SCAN_RESULTS_MAX:

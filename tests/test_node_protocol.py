@@ -656,6 +656,7 @@ def test_response_over_the_frame_limit_is_refused_cleanly(node, good):
 class _StubNode:
     def __init__(self):
         self.connections = set()
+        self.logged_in_connections = 0
 
     def refuse_connection(self, peer):
         return None
@@ -681,11 +682,50 @@ class _StubTransport:
     def write(self, data):
         self.written.append(data)
 
+    def writelines(self, chunks):
+        self.written.extend(chunks)
+
     def is_closing(self):
         return self.closed
 
     def close(self):
         self.closed = True
+
+
+def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():
+    """A handler whose read would have to wait while the burst holds guards raises
+    BurstWouldBlock; the connection serves that request again in a task, outside the burst, and
+    the other requests of the burst are answered as usual."""
+    from immucore.server.connection import Connection
+    from immucore.store import env as env_module
+
+    async def run():
+        calls = []
+
+        async def dispatch(conn, msg, body):
+            in_burst = getattr(env_module._burst, "txns", None) is not None
+            calls.append((body["n"], in_burst))
+            if body["n"] == 2 and in_burst:
+                raise env_module.BurstWouldBlock()
+            return {"n": body["n"]}
+
+        transport = _StubTransport()
+        conn = Connection(_StubNode(), dispatch)
+        conn.connection_made(transport)
+        conn.logged_in("session", False)
+        conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack({"n": n}))
+                                    for n in (1, 2, 3)))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        conn._idle_handle.cancel()
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        answers = {r: (f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)}
+        return calls, answers, conn._inflight
+
+    calls, answers, inflight = asyncio.run(run())
+    assert calls == [(1, True), (2, True), (3, True), (2, False)]
+    assert answers == {1: (0, {"n": 1}), 2: (0, {"n": 2}), 3: (0, {"n": 3})}
+    assert inflight == 0
 
 
 def test_inflight_requests_never_exceed_the_limit():
@@ -852,3 +892,32 @@ def test_connections_past_the_caps_are_refused_and_the_node_serves_on(tmp_path):
             assert late.health()["status"] == "ok"
         for client in clients:
             client.close()
+
+
+def test_client_deadlines_do_not_pile_up_behind_one_slow_request():
+    """One request that never gets an answer must not keep the deadlines of the thousands
+    answered after it: the heap is compacted, and the slow one still times out."""
+    async def main():
+        async def all_but_the_first(reader, writer):
+            decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+            while data := await reader.read(1 << 16):
+                for msg_type, _, request_id, _ in decoder.feed(data):
+                    if request_id != 1:
+                        writer.write(encode_frame(msg_type, 0, request_id, pack({})))
+
+        server = await asyncio.start_server(all_but_the_first, "127.0.0.1", 0)
+        client = AsyncClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout=2.0)
+        try:
+            await client.connect()
+            slow = asyncio.ensure_future(client.call(Msg.HEALTH))
+            for _ in range(30):
+                await asyncio.gather(*(client.call(Msg.HEALTH) for _ in range(200)))
+            assert len(client._deadlines) <= 2 * len(client._pending) + 1024 + 200
+            with pytest.raises(TimeoutError):
+                await slow
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())

@@ -251,7 +251,12 @@ def test_read_burst_shares_transactions_and_still_sees_commits(tmp_path):
             assert db.get(b"b").value == b"2"
             assert {e: t[0] for e, t in env_module._burst.txns.items()} == \
                 {e: t[0] for e, t in held.items()}          # the same transactions, shared
-            db.set({b"a": b"3"})
+            header = db.set({b"a": b"3"})
+            if db.indexed_tx_id < header.id:
+                # a read that would wait for the index while the burst holds guards refuses to
+                with pytest.raises(env_module.BurstWouldBlock):
+                    db.get(b"a")
+                db._indexer.wait_for(header.id, 10)
             assert db.get(b"a").value == b"3"                # renewed after the commit
             assert env_module._burst.txns[db._log][0] is not held[db._log][0]
         assert getattr(env_module._burst, "txns", None) is None
@@ -259,9 +264,10 @@ def test_read_burst_shares_transactions_and_still_sees_commits(tmp_path):
 
 
 def test_map_growth_waits_for_a_read_burst_without_deadlock(tmp_path):
-    """A burst holds its guards until it ends; a map resize meanwhile waits for it, and the
-    burst's own thread can still open other reads of that environment (it must not wait for
-    the resize that waits for it)."""
+    """A burst holds its guards until it ends; a map resize meanwhile waits for it. The burst's
+    own thread can still open other reads of that environment (it must not wait for the resize
+    that waits for it), and a read of another environment being resized refuses to wait
+    (BurstWouldBlock: the request is served again outside the burst)."""
     from immucore.store import env as env_module
     with open_database(str(tmp_path / "db")) as db:
         db.set({b"a": b"1"})
@@ -280,6 +286,22 @@ def test_map_growth_waits_for_a_read_burst_without_deadlock(tmp_path):
         assert grown.is_set()
         assert db._log.env.info()["map_size"] > size_before
         assert db.get(b"a").value == b"1"
+        # a burst holding only the log must not wait for a resize of the index
+        index_env = db._index_env
+        with env_module.ReadBurst():
+            with db._log.read(buffers=True, version=db._writer.state):
+                pass
+            with index_env._guard:
+                index_env._resizing = True                     # as if the index were growing
+            try:
+                with pytest.raises(env_module.BurstWouldBlock):
+                    with index_env.read():
+                        pass
+            finally:
+                with index_env._guard:
+                    index_env._resizing = False
+                    index_env._guard.notify_all()
+        assert db._log._readers == 0 and index_env._readers == 0
 
 
 def test_write_queue_is_bounded_busy_or_blocking(tmp_path, monkeypatch):

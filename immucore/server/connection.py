@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import socket
+import sys
 import time
 
 from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
@@ -20,7 +21,7 @@ from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_M
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
                                encode_frame)
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
-from ..store.env import ReadBurst
+from ..store.env import BurstWouldBlock, ReadBurst
 
 log = logging.getLogger("immucore.server")
 _MESSAGES = {int(msg): msg for msg in Msg}      # a dict lookup; Msg(n) costs a microsecond
@@ -46,6 +47,24 @@ def _no_delay(transport):
 
 async def _ready(value):
     return value
+
+
+# From Python 3.12 a task can run its first step at once (eager_start): the handler then runs in
+# a real task, which asyncio.timeout and current_task() need. Before, _Started emulates it.
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+
+def _first_step(handler):
+    """Run a handler's coroutine up to its first wait: ``(True, result)`` when it finished (its
+    exception, if it failed, is raised here), else ``(False, the rest to await)``."""
+    if _EAGER_TASKS:
+        task = asyncio.Task(handler, eager_start=True)
+        return (True, task.result()) if task.done() else (False, task)
+    try:
+        waiting_on = handler.send(None)
+    except StopIteration as done:
+        return True, done.value
+    return False, _Started(handler, waiting_on)
 
 
 class _Started:
@@ -114,8 +133,11 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc):
         self._closed = True
         self._backlog.clear()
-        if self.session is not None and not self.detached:
-            self.node.close_session(self.session, detached=False)  # it dies with its connection
+        if self.session is not None:
+            if not self.detached:
+                self.node.close_session(self.session, detached=False)  # it dies with it
+            if self in self.node.connections:
+                self.node.logged_in_connections -= 1
         self.node.connections.discard(self)
         if self._idle_handle:
             self._idle_handle.cancel()
@@ -176,18 +198,23 @@ class Connection(asyncio.Protocol):
         handler that has to wait (a write, an index wait, a stream) goes on in a task. Most of
         a pipelined burst of gets is answered in this loop, with no task at all."""
         try:
-            handler = self._dispatch(self, msg, _request_body(raw))
-            rest = _Started(handler, handler.send(None))
-        except StopIteration as done:
-            if not hasattr(done.value, "__aiter__"):
-                self._send(msg, 0, request_id, done.value)
-                return
-            rest = _ready(done.value)                  # a server stream: sent from a task
+            finished, result = _first_step(self._dispatch(self, msg, _request_body(raw)))
+        except BurstWouldBlock:
+            # a read that would have to wait while this burst holds guards: served again in a
+            # task, outside the burst (only reads raise it, before doing anything)
+            finished, result = False, self._served_again(msg, raw)
         except Exception as exc:  # noqa: BLE001 - every error is answered, the node keeps going
             self._answer_error(msg, request_id, exc)
             return
+        if finished and not hasattr(result, "__aiter__"):
+            self._send(msg, 0, request_id, result)
+            return
         self._inflight += 1
+        rest = _ready(result) if finished else result     # a finished one here is a stream
         asyncio.ensure_future(self._finish(msg, request_id, rest))
+
+    async def _served_again(self, msg, raw: bytes):
+        return await self._dispatch(self, msg, _request_body(raw))
 
     async def _finish(self, msg, request_id: int, rest):
         try:
@@ -224,10 +251,14 @@ class Connection(asyncio.Protocol):
             if not detached:
                 self.node.close_session(session_id, detached=False)
             return
+        if self.session is None:
+            self.node.logged_in_connections += 1      # the pre-login cap counts the others
         self.session, self.detached = session_id, detached
         self._decoder.body_bytes_max = FRAME_BODY_BYTES_MAX
 
     def logged_out(self):
+        if self.session is not None:
+            self.node.logged_in_connections -= 1
         self.session, self.detached = None, False
         self._decoder.body_bytes_max = PREAUTH_FRAME_BODY_BYTES_MAX
 
@@ -260,6 +291,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, code: str, message: str, request_id: int = 0, msg=Msg.HEALTH):
         """Protocol violation: answer once with an error frame, then close this connection."""
         log.info("closing connection from %s: %s", self.peer, message)
+        self._backlog.clear()            # nothing after the bad frame is served
         self._send(msg, FLAG_ERROR, request_id, {"code": code, "message": message})
         if self._flush_handle is not None:
             self._flush_handle.cancel()

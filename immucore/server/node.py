@@ -69,11 +69,20 @@ class NodeOptions:
     replication: dict = field(default_factory=dict)
 
 
+def _resolve_quietly(waiter: asyncio.Future):
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Node:
     def __init__(self, options: NodeOptions):
         self.options = options
         self.started_at = time.time()
+        if options.max_connections < 1:
+            raise IllegalArgumentsError(
+                f"max connections must be at least 1, not {options.max_connections}")
         self.connections = set()
+        self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
         self.settings: Dict[str, dict] = {}
         self.read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="immucore-read")
@@ -168,10 +177,13 @@ class Node:
         self._commit_waiters.setdefault(name, []).append(waiter)
         if database.current_state().tx_id > after_tx_id:     # a commit raced the registration
             return
+        # a timer on the waiter, not asyncio.wait_for: from Python 3.12 that needs a current
+        # task, and a request's first step runs before it has one (connection._serve_now)
+        timer = self.loop.call_later(timeout_seconds, _resolve_quietly, waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_seconds)
-        except asyncio.TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
 
     # --- synchronous replication --------------------------------------------------------------
 
@@ -403,8 +415,7 @@ class Node:
                     f"too many connections: this node serves at most "
                     f"{self.options.max_connections} (--max-connections); try again later")
         preauth_max = self.preauth_connections_max
-        if len(self.connections) >= preauth_max and sum(
-                1 for c in self.connections if c.session is None) >= preauth_max:
+        if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
         if not peer or not auth.using_default_password(self.users):

@@ -131,9 +131,14 @@ class LmdbEnv:
                 self._readers += 1
                 return
         with self._guard:
-            # A thread whose burst already holds this guard must not wait for a resize: the
-            # resize waits for that very reader, which leaves when the burst ends.
-            while self._resizing and self not in (getattr(_burst, "txns", None) or ()):
+            held = getattr(_burst, "txns", None)
+            if self._resizing and held:
+                if self not in held:
+                    # Waiting while this burst holds other guards could close a cycle (a
+                    # resize there waits for this burst); the caller reads without the burst.
+                    raise BurstWouldBlock()
+                # this burst already holds this guard: the resize waits for it, so go on
+            while self._resizing and not (held and self in held):
                 self._guard.wait()
             if self._closed:
                 raise DatabaseClosedError()
@@ -216,6 +221,17 @@ class _Read:
             self._env._leave()
 
 
+class BurstWouldBlock(Exception):
+    """Raised instead of waiting (for a map resize, or for the index) on a thread whose
+    ReadBurst holds guards: the request is served again outside the burst, where waiting is
+    safe. Never seen by clients."""
+
+
+def holding_burst() -> bool:
+    """Whether this thread's ReadBurst holds any guard (then it must not block)."""
+    return bool(getattr(_burst, "txns", None))
+
+
 class _Held:
     """A burst's shared transaction: the burst, not this read, ends it."""
     __slots__ = ("_txn",)
@@ -251,5 +267,7 @@ class ReadBurst:
         for env, (txn, _, _) in held.items():
             try:
                 txn.abort()
+            except lmdb.Error:
+                pass                     # the guard below must be left whatever happened
             finally:
                 env._leave()

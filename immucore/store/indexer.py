@@ -6,8 +6,8 @@ never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_inde
 entry_offset`` (where the entry starts in its record: a get reads that entry, not the whole tx)
 sit in a DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the
 highest indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes
-exactly where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's ``SinceTx``).
-Measurements behind this design: docs/storage.md.
+exactly where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's
+``SinceTx``). Measurements behind this design: docs/storage.md.
 """
 from __future__ import annotations
 
@@ -135,8 +135,12 @@ class Indexer:
                 failures += 1
                 self.last_error = str(exc)
                 log.error("indexing failed (%d in a row): %s", failures, exc)
+                # the whole backoff: readers' and commits' notifications must not cut it short
+                # into a retry storm while indexing keeps failing (a full disk, say)
+                deadline = time.monotonic() + min(0.01 * 2 ** failures, _RETRY_SECONDS_MAX)
                 with self._cond:
-                    self._cond.wait(min(0.01 * 2 ** failures, _RETRY_SECONDS_MAX))
+                    while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                        self._cond.wait(remaining)
             finally:
                 with self._cond:
                     self._stepping = False
@@ -185,8 +189,8 @@ class Indexer:
 
             self._env.write(write)
             with self._cond:
+                self.version += 1          # first: a reader that sees the new id must renew
                 self.indexed_tx_id = remaining
-                self.version += 1
         # The index skips the meta-page fsync; the log's cut that follows must never survive a
         # power loss that this rewind does not.
         self._env.sync()
@@ -223,8 +227,8 @@ class Indexer:
 
         self._env.write(write)
         with self._cond:
+            self.version += 1              # first: a reader that sees the new id must renew
             self.indexed_tx_id = last
-            self.version += 1
             self._cond.notify_all()
 
 
