@@ -809,6 +809,7 @@ def test_client_requests_time_out_each_at_its_own_deadline():
                     if not answered.is_set():       # only the very first request is answered
                         answered.set()
                         writer.write(encode_frame(msg_type, 0, request_id, pack({"ok": 1})))
+            writer.close()        # Python 3.12's wait_closed waits for its connections
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -904,6 +905,7 @@ def test_client_deadlines_do_not_pile_up_behind_one_slow_request():
                 for msg_type, _, request_id, _ in decoder.feed(data):
                     if request_id != 1:
                         writer.write(encode_frame(msg_type, 0, request_id, pack({})))
+            writer.close()
 
         server = await asyncio.start_server(all_but_the_first, "127.0.0.1", 0)
         client = AsyncClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout=2.0)

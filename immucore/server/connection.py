@@ -58,7 +58,7 @@ def _first_step(handler):
     """Run a handler's coroutine up to its first wait: ``(True, result)`` when it finished (its
     exception, if it failed, is raised here), else ``(False, the rest to await)``."""
     if _EAGER_TASKS:
-        task = asyncio.Task(handler, eager_start=True)
+        task = asyncio.Task(handler, loop=asyncio.get_running_loop(), eager_start=True)
         return (True, task.result()) if task.done() else (False, task)
     try:
         waiting_on = handler.send(None)
