@@ -59,8 +59,9 @@ PURE_FRAMES = SimpleNamespace(IMPLEMENTATION="pure", encode_frame=pure_encode_fr
                               FrameDecoder=PureFrameDecoder)
 
 
-def _codecs():
-    params = [pytest.param(pure, id="pure")]
+def _codecs(pure_codec=pure):
+    """Benchmark parameters: the pure codec (or its frame part) and, when built, the native."""
+    params = [pytest.param(pure_codec, id="pure")]
     params.append(pytest.param(native, id="native", marks=pytest.mark.skipif(
         native is None, reason="immucore._native is not built")))
     return params
@@ -115,13 +116,6 @@ class Workload:
 @pytest.fixture(scope="module")
 def workload():
     return Workload()
-
-
-def _frame_codecs():
-    params = [pytest.param(PURE_FRAMES, id="pure")]
-    params.append(pytest.param(native, id="native", marks=pytest.mark.skipif(
-        native is None, reason="immucore._native is not built")))
-    return params
 
 
 class FrameWorkload:
@@ -210,7 +204,7 @@ def test_index_items_1000_records(benchmark, capsys, workload, codec):
             "300,000 entries/s for the whole indexer")
 
 
-@pytest.mark.parametrize("frame_codec", _frame_codecs())
+@pytest.mark.parametrize("frame_codec", _codecs(PURE_FRAMES))
 def test_frames_encode_decode_256_pipelined(benchmark, capsys, frame_workload, frame_codec):
     assert benchmark(frame_workload.round_trip, frame_codec) == frame_workload.frames
     _report(capsys, benchmark, "frames encode+decode", frame_codec, FRAMES_PIPELINED, "frame",
