@@ -207,7 +207,10 @@ class Connection(asyncio.Protocol):
             self._answer_error(msg, request_id, exc)
             return
         if finished and not hasattr(result, "__aiter__"):
-            self._send(msg, 0, request_id, result)
+            try:
+                self._send(msg, 0, request_id, result)
+            except Exception as exc:  # noqa: BLE001 - an answer that does not encode
+                self._answer_error(msg, request_id, exc)
             return
         self._inflight += 1
         rest = _ready(result) if finished else result     # a finished one here is a stream
