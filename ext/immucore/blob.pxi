@@ -72,8 +72,39 @@ cdef bint has_duplicate_keys(const Ent* ents, Py_ssize_t n) except -1:
     return dup
 
 
+cdef inline Py_ssize_t walk_entry(const uchar* p, Py_ssize_t size, Py_ssize_t pos, Ent* e) except -1:
+    """Read the entry at ``pos`` into ``e`` (pointers into ``p``) and return where the next one
+    starts; each length is checked against what is left, with parse_blob's messages."""
+    cdef Py_ssize_t key_len, md_len
+    cdef uint32_t value_len
+    if pos + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry")
+    key_len = get_u16(p + pos)
+    pos += 2
+    if pos + key_len + 2 > size:
+        raise IllegalArgumentsError("export blob truncated in an entry key")
+    e.key = p + pos
+    e.key_len = key_len
+    pos += key_len
+    md_len = get_u16(p + pos)
+    pos += 2
+    if md_len > KV_MD_MAX or pos + md_len + 4 > size:
+        raise IllegalArgumentsError("export blob kv metadata length out of range")
+    e.md = p + pos
+    e.md_len = md_len
+    pos += md_len
+    value_len = get_u32(p + pos)
+    pos += 4
+    if value_len > size - pos:
+        raise IllegalArgumentsError("export blob truncated in an entry value")
+    e.value = p + pos
+    e.value_len = value_len
+    return pos + value_len
+
+
 cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntBuf* ents,
-                    bint* truncated, bint check_duplicates=True) except -1:
+                    bint* truncated, bint check_duplicates=True,
+                    Py_ssize_t checked_entry=-1) except -1:
     """Parse one export blob; its entries are appended to ``ents`` (pointers into ``p``).
 
     Every length is checked against what is left of the blob before it is used, and nothing is
@@ -81,9 +112,8 @@ cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntB
     only sizes the array up to what the remaining bytes could hold. Raises with the pure codec's
     messages, in its order.
     """
-    cdef Py_ssize_t hdr_len, pos, key_len, md_len, start, i
+    cdef Py_ssize_t hdr_len, pos, start, i
     cdef uint64_t nentries, k
-    cdef uint32_t value_len
     cdef unsigned int flag
     cdef Ent* e
     cdef bint deleted, has_expiry, non_indexable
@@ -103,32 +133,9 @@ cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntB
     start = ents.count
     k = 0
     while k < nentries:
-        if pos + 2 > size:
-            raise IllegalArgumentsError("export blob truncated in an entry")
-        key_len = get_u16(p + pos)
-        pos += 2
-        if pos + key_len + 2 > size:
-            raise IllegalArgumentsError("export blob truncated in an entry key")
         if ents.count == ents.cap:
             ents_reserve(ents, 1)
-        e = &ents.items[ents.count]
-        e.key = p + pos
-        e.key_len = key_len
-        pos += key_len
-        md_len = get_u16(p + pos)
-        pos += 2
-        if md_len > KV_MD_MAX or pos + md_len + 4 > size:
-            raise IllegalArgumentsError("export blob kv metadata length out of range")
-        e.md = p + pos
-        e.md_len = md_len
-        pos += md_len
-        value_len = get_u32(p + pos)
-        pos += 4
-        if value_len > size - pos:
-            raise IllegalArgumentsError("export blob truncated in an entry value")
-        e.value = p + pos
-        e.value_len = value_len
-        pos += value_len
+        pos = walk_entry(p, size, pos, &ents.items[ents.count])
         ents.count += 1
         k += 1
     truncated[0] = False
@@ -140,6 +147,8 @@ cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntB
             raise IllegalArgumentsError("invalid truncation info")
         truncated[0] = flag == 1
     for i in range(start, ents.count):
+        if checked_entry >= 0 and i - start != checked_entry:
+            continue       # a read of one stored entry checks only it (pure: checked_entry)
         e = &ents.items[i]
         check_entry(e.key_len, 0 if truncated[0] else e.value_len, e.md_len, lim)
         if truncated[0] and e.value_len != DIGEST:

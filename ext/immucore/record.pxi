@@ -40,10 +40,12 @@ cdef Py_ssize_t record_blob_len(const uchar* p, Py_ssize_t size) except -1:
 
 
 cdef int parse_record(const uchar* p, Py_ssize_t size, Header* h, EntBuf* ents,
-                      bint* truncated) except -1:
+                      bint* truncated, Py_ssize_t checked_entry=-1) except -1:
     """Parse a record's blob with the record limits (every count and length still checked).
-    Duplicate keys were refused when the tx was written; reads do not sort its keys again."""
-    parse_blob(p, record_blob_len(p, size), _RECORD_LIMITS, h, ents, truncated, False)
+    Duplicate keys were refused when the tx was written; reads do not sort its keys again.
+    ``checked_entry`` >= 0: limits and metadata of that entry only (a read of one entry)."""
+    parse_blob(p, record_blob_len(p, size), _RECORD_LIMITS, h, ents, truncated, False,
+               checked_entry)
     return 0
 
 
@@ -97,62 +99,26 @@ def decode_record(record):
 
 
 def record_entry(record, index):
-    """One entry of a record: (stored_key, md, value or None, hvalue).
-
-    The hot read of a get, so the record is not parsed into an entry array: every entry's
-    lengths are walked and checked against what is left (parse_blob's checks, messages and
-    order), but limits and metadata are checked for the wanted entry only, as the pure codec's
-    ``checked_entry`` does: the whole tx was checked when it was written.
-    """
+    """One entry of a record: (stored_key, md, value or None, hvalue). Every entry's lengths
+    are checked, but limits and metadata only the wanted entry's, as the pure codec's
+    ``checked_entry``: the whole tx was checked when it was written."""
     cdef InBuf b
     cdef Header h
-    cdef Ent e, wanted
-    cdef Py_ssize_t want = index if 0 <= index < 0x100000000 else -1
-    cdef Py_ssize_t size, hdr_len, pos
-    cdef uint64_t k
-    cdef unsigned int flag
-    cdef bint truncated = False, found = False
-    cdef bint deleted, has_expiry, non_indexable
-    cdef uint64_t expires_at
+    cdef EntBuf ents
+    cdef bint truncated
+    # an index out of range checks no entry, then fails below (as the pure codec's slice)
+    cdef Py_ssize_t want = index if 0 <= index < 0x100000000 else 0x100000000
+    ents_init(&ents)
     inbuf_get(record, &b)
     try:
-        size = record_blob_len(b.p, b.n)
-        if size < 4:
-            raise IllegalArgumentsError("export blob too short")
-        hdr_len = get_u32(b.p)
-        if hdr_len > size - 4 or hdr_len > HEADER_V1_SIZE_MIN + TX_MD_MAX:
-            raise IllegalArgumentsError("export blob header length out of range")
-        decode_header_into(b.p + 4, hdr_len, &h)
-        pos = 4 + hdr_len
-        k = 0
-        while k < h.nentries:
-            pos = walk_entry(b.p, size, pos, &e)
-            if <Py_ssize_t>k == want:
-                wanted = e
-                found = True
-            k += 1
-        if pos != size:     # the trailer is optional (older primaries)
-            if size - pos != 3 or get_u16(b.p + pos) != 1:
-                raise IllegalArgumentsError("export blob has trailing bytes")
-            flag = b.p[pos + 2]
-            if flag > 1:
-                raise IllegalArgumentsError("invalid truncation info")
-            truncated = flag == 1
-        if found:
-            check_entry(wanted.key_len, 0 if truncated else wanted.value_len, wanted.md_len,
-                        _RECORD_LIMITS)
-            if truncated and wanted.value_len != DIGEST:
-                raise IllegalArgumentsError("truncated value must be a 32-byte hash")
-            if h.version == 0 and wanted.md_len:
-                raise IllegalArgumentsError("kv metadata is unsupported in tx header version 0")
-            if wanted.md_len:
-                parse_kv_md(wanted.md, wanted.md_len, &deleted, &has_expiry, &expires_at,
-                            &non_indexable)
-        else:
+        parse_record(b.p, b.n, &h, &ents, &truncated, want)
+        if not 0 <= want < ents.count:
             raise CorruptedDataError("data is corrupted: entry index out of range")
-        return entry_tuple(&wanted, truncated, b.p + size + want * DIGEST)
+        return entry_tuple(&ents.items[want], truncated,
+                           b.p + b.n - (ents.count + 1 - want) * DIGEST)
     finally:
         inbuf_release(&b)
+        ents_free(&ents)
 
 
 def record_entry_at(record, index, offset):
@@ -190,36 +156,6 @@ def record_entry_at(record, index, offset):
         return entry_tuple(&e, False, b.p + size + want * DIGEST)
     finally:
         inbuf_release(&b)
-
-
-cdef Py_ssize_t walk_entry(const uchar* p, Py_ssize_t size, Py_ssize_t pos, Ent* e) except -1:
-    """Read the entry at ``pos`` into ``e`` (pointers into ``p``) and return where the next one
-    starts; each length is checked against what is left, with parse_blob's messages."""
-    cdef Py_ssize_t key_len, md_len
-    cdef uint32_t value_len
-    if pos + 2 > size:
-        raise IllegalArgumentsError("export blob truncated in an entry")
-    key_len = get_u16(p + pos)
-    pos += 2
-    if pos + key_len + 2 > size:
-        raise IllegalArgumentsError("export blob truncated in an entry key")
-    e.key = p + pos
-    e.key_len = key_len
-    pos += key_len
-    md_len = get_u16(p + pos)
-    pos += 2
-    if md_len > KV_MD_MAX or pos + md_len + 4 > size:
-        raise IllegalArgumentsError("export blob kv metadata length out of range")
-    e.md = p + pos
-    e.md_len = md_len
-    pos += md_len
-    value_len = get_u32(p + pos)
-    pos += 4
-    if value_len > size - pos:
-        raise IllegalArgumentsError("export blob truncated in an entry value")
-    e.value = p + pos
-    e.value_len = value_len
-    return pos + value_len
 
 
 cdef void digests_run(bint v0, const Ent* ents, Py_ssize_t n, const uchar* hvalues,

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="fsync every commit before acknowledging it (default true)")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help=f"maximum open sessions (default {SESSIONS_MAX_DEFAULT})")
-    parser.add_argument("--max-connections", type=_positive_int, default=None,
+    parser.add_argument("--max-connections", type=int, default=None,
                         help="maximum open client connections; more are refused with "
                              f"too_many_connections (default {CONNECTIONS_MAX_DEFAULT})")
     add_bool(parser, "--metrics-server", dest="metrics_server", default=None,
@@ -106,13 +106,6 @@ def _convert(dest: str, text: str):
     if kind is bool:
         return parse_bool(text)
     return kind(text)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -452,8 +452,8 @@ def decode_record(record: bytes):
 def record_entry(record: bytes, index: int):
     """One entry of a record: (stored_key, md, value or None, hvalue).
 
-    The hot read of a get: every entry's lengths are walked (and checked), but only the wanted
-    entry's limits and metadata are checked, since the whole tx was checked when it was written.
+    Every entry's lengths are checked, but only the wanted entry's limits and metadata, since
+    the whole tx was checked when it was written (gets use ``record_entry_at``).
     """
     record = bytes(record)
     blob_len = _record_blob_len(record)
