@@ -321,8 +321,10 @@ class Database:
             at_revision: int = 0) -> Entry:
         """The key's value: latest, as of ``at_tx``, or at revision ``at_revision`` (1-based;
         negative counts back from the latest). Deleted or expired keys read as missing."""
-        entry = self._get_entry(key, at_tx=at_tx, since_tx=since_tx, at_revision=at_revision)[0]
-        return entry
+        if at_tx or since_tx or at_revision:
+            return self._get_entry(key, at_tx=at_tx, since_tx=since_tx,
+                                   at_revision=at_revision)[0]
+        return self._latest(key)
 
     def history(self, key: bytes, *, offset: int = 0, limit: int = 0,
                 desc: bool = False) -> List[Entry]:
@@ -521,6 +523,37 @@ class Database:
                 location, revision = cursor.value(), count
         entry_index = _U16.unpack_from(location, 8)[0]
         return self._entry_at(stored, location, revision, include_deleted=False), entry_index
+
+    def _latest(self, key) -> Entry:
+        """``get`` of the latest version, nearly every get: ``_get_entry`` and ``_entry_at``
+        for that one case, with the same checks in fewer calls (a third of a node's get)."""
+        if type(key) is not bytes:
+            key = _bytes(key, "key")
+        if self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id:
+            self._wait_index(0)        # raises if closed; waits (or BurstWouldBlock) if behind
+        stored = _KV_PREFIX + key
+        with self._index_env.read(version=self._indexer.version) as itxn:
+            cursor = itxn.cursor(self._index_env.dbs["keys"])
+            if not cursor.set_key(codec.index_key(stored)):
+                raise KeyNotFoundError()
+            revision = cursor.count()
+            cursor.last_dup()
+            location = cursor.value()
+        if len(location) != _LOCATION.size:      # a row without its entry's offset
+            return self._entry_at(stored, location, revision, include_deleted=False)
+        tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
+        with self._log.read(buffers=True, version=self._writer.state) as txn:
+            key_read, md_raw, value, _ = codec.record_entry_at(
+                self._record_in(txn, tx_id), entry_index, entry_offset)
+            if key_read != stored:
+                raise CorruptedDataError(
+                    f"data is corrupted: index points tx {tx_id} at another key")
+            metadata = KVMetadata.from_bytes(md_raw)
+            if metadata is not None and (metadata.deleted or metadata.expired(time.time())):
+                raise KeyNotFoundError()
+            if value is None:
+                raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
+            return Entry(tx_id, key, bytes(value[1:]), metadata, revision)
 
     def _entry_at(self, stored_key, location: bytes, revision: int, *,
                   include_deleted: bool, index_key: Optional[bytes] = None) -> Entry:

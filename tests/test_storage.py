@@ -6,7 +6,7 @@ import time
 import lmdb
 import pytest
 
-from immucore import IllegalArgumentsError, KeyNotFoundError, ReadOnlyReplicaError, codec
+from immucore import CorruptedDataError, IllegalArgumentsError, KeyNotFoundError, ReadOnlyReplicaError, codec
 from immucore.database import open_database
 from immucore.store.writer import CommitAbortedError
 from immucore.store.indexer import INDEX_FORMAT_KEY, INDEXED_TX_KEY
@@ -120,6 +120,47 @@ def test_index_of_an_older_row_format_is_rebuilt(tmp_path):
     with env.begin() as txn:
         assert {len(v) for _, v in txn.cursor(db=keys)} == {14}
     env.close()
+
+
+def _rewrite_index_rows(path, rewrite):
+    """Replace every key-index row ``(key, value)`` by ``rewrite(key, value)`` (the format key
+    stays, so the rows are read as they are, not rebuilt)."""
+    env = lmdb.open(path, max_dbs=2)
+    keys = env.open_db(b"keys", dupsort=True)
+    with env.begin(write=True) as txn:
+        rows = list(txn.cursor(db=keys))
+        txn.drop(keys, delete=False)
+        for key, value in rows:
+            txn.put(key, rewrite(key, value), db=keys, dupdata=True)
+    env.close()
+
+
+def test_latest_get_reads_rows_without_an_offset(tmp_path):
+    """A row past the 4 GiB offset limit has no offset (10 bytes): a plain get walks the record."""
+    path = str(tmp_path / "db")
+    with open_database(path) as db:
+        db.set({b"a": b"1", b"b": b"2"})
+        db.delete([b"b"])
+    _rewrite_index_rows(str(tmp_path / "db" / "index"), lambda key, value: value[:10])
+    with open_database(path) as db:
+        assert db.get(b"a").value == b"1" and db.get(b"a").revision == 1
+        with pytest.raises(KeyNotFoundError):
+            db.get(b"b")
+
+
+def test_latest_get_refuses_a_row_pointing_at_another_key(tmp_path):
+    path = str(tmp_path / "db")
+    with open_database(path) as db:
+        db.set({b"a": b"1"})
+        db.set({b"b": b"2"})
+        db.get(b"b")                          # the index holds both rows
+        with db._index_env.read() as txn:
+            b_row = bytes(txn.get(codec.index_key(b"\x00b"), db=db._index_env.dbs["keys"]))
+    _rewrite_index_rows(str(tmp_path / "db" / "index"), lambda key, value: b_row)
+    with open_database(path) as db:
+        assert db.get(b"b").value == b"2"
+        with pytest.raises(CorruptedDataError, match="another key"):
+            db.get(b"a")
 
 
 def test_reads_see_writes_made_before_them(tmp_path):
