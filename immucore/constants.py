@@ -80,6 +80,7 @@ FRAME_BODY_BYTES_MAX = 64 << 20          # any frame after login; a replicate ba
 PREAUTH_FRAME_BODY_BYTES_MAX = 16 << 10  # before login: health, server info and login only
 CONNECTION_INFLIGHT_REQUESTS_MAX = 128   # pipelined requests being served per connection
 CONNECTION_SEND_BUFFER_BYTES_MAX = 64 << 20   # unread responses before a connection is paused
+CONNECTION_FLUSH_ANSWERS = 32   # answers gathered in one loop turn before they are sent at once
 CONNECTION_IDLE_SECONDS = 600            # a connection with no frame for this long is closed
 PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions

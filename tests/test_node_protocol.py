@@ -597,7 +597,7 @@ def test_pipelined_raw_requests_are_answered_by_request_id(node):
             data = sock.recv(1 << 16)
             assert data
             for m, flags, r, body in decoder.feed(data):
-                assert m == int(Msg.GET) and not flags & FLAG_ERROR
+                assert m == int(Msg.GET) and not flags & FLAG_ERROR, unpack(body)
                 answers[r] = unpack(body)["entry"]["value"]
     assert sorted(answers) == ids and set(answers.values()) == {b"alive"}
 
@@ -726,6 +726,35 @@ def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():
     assert calls == [(1, True), (2, True), (3, True), (2, False)]
     assert answers == {1: (0, {"n": 1}), 2: (0, {"n": 2}), 3: (0, {"n": 3})}
     assert inflight == 0
+
+
+def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
+    """A long pipelined burst's answers leave every CONNECTION_FLUSH_ANSWERS, in request order,
+    not all at the end of the loop turn: the client works on the first ones meanwhile."""
+    from immucore.constants import CONNECTION_FLUSH_ANSWERS
+    from immucore.server.connection import Connection
+    count = 2 * CONNECTION_FLUSH_ANSWERS + 5
+
+    async def run():
+        async def dispatch(conn, msg, body):
+            return {"n": body["n"]}
+
+        transport = _StubTransport()
+        conn = Connection(_StubNode(), dispatch)
+        conn.connection_made(transport)
+        conn.logged_in("session", False)
+        conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack({"n": n}))
+                                    for n in range(1, count + 1)))
+        sent_within_the_turn = len(transport.written)
+        await asyncio.sleep(0)
+        conn._idle_handle.cancel()
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        order = [r for w in transport.written for _, _, r, _ in decoder.feed(w)]
+        return sent_within_the_turn, order
+
+    sent_within_the_turn, order = asyncio.run(run())
+    assert sent_within_the_turn == 2 * CONNECTION_FLUSH_ANSWERS
+    assert order == list(range(1, count + 1))
 
 
 def test_inflight_requests_never_exceed_the_limit():

@@ -15,7 +15,8 @@ import socket
 import sys
 import time
 
-from ..constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
+from ..constants import (CONNECTION_FLUSH_ANSWERS, CONNECTION_IDLE_SECONDS,
+                         CONNECTION_INFLIGHT_REQUESTS_MAX,
                          CONNECTION_SEND_BUFFER_BYTES_MAX, FRAME_BODY_BYTES_MAX,
                          PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
@@ -198,7 +199,11 @@ class Connection(asyncio.Protocol):
         handler that has to wait (a write, an index wait, a stream) goes on in a task. Most of
         a pipelined burst of gets is answered in this loop, with no task at all."""
         try:
-            finished, result = _first_step(self._dispatch(self, msg, _request_body(raw)))
+            handled = self._dispatch(self, msg, _request_body(raw))
+            if type(handled) is dict:                # answered without a coroutine
+                finished, result = True, handled
+            else:
+                finished, result = _first_step(handled)
         except BurstWouldBlock:
             # a read that would have to wait while this burst holds guards: served again in a
             # task, outside the burst (only reads raise it, before doing anything)
@@ -217,7 +222,8 @@ class Connection(asyncio.Protocol):
         asyncio.ensure_future(self._finish(msg, request_id, rest))
 
     async def _served_again(self, msg, raw: bytes):
-        return await self._dispatch(self, msg, _request_body(raw))
+        handled = self._dispatch(self, msg, _request_body(raw))
+        return handled if type(handled) is dict else await handled
 
     async def _finish(self, msg, request_id: int, rest):
         try:
@@ -277,8 +283,15 @@ class Connection(asyncio.Protocol):
                         f"response of {len(raw)} bytes exceeds the limit of "
                         f"{FRAME_BODY_BYTES_MAX} bytes; ask for fewer entries (limit)"})
             flags = FLAG_ERROR
-        self._out.append(encode_frame(int(msg), flags, request_id, raw))
-        if self._flush_handle is None:
+        out = self._out
+        out.append(encode_frame(int(msg), flags, request_id, raw))
+        if len(out) >= CONNECTION_FLUSH_ANSWERS:
+            # A long pipelined burst's first answers leave now, not at the end of the turn: the
+            # client works on them while the rest are served (measured: the two then run side by
+            # side on two cores instead of taking turns)
+            self._out = []
+            self.transport.writelines(out)
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self):
