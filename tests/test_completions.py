@@ -57,3 +57,25 @@ def test_cancelling_the_waiter_cancels_a_write_not_yet_taken():
             await waiters[1]
 
     asyncio.run(main())
+
+
+def test_a_failing_delivery_does_not_strand_the_rest_of_its_commit():
+    async def main():
+        completions = Completions(asyncio.get_running_loop())
+        delivered = []
+
+        def deliver(n, writer_future):
+            if n == 1:
+                raise RuntimeError("a broken callback")
+            delivered.append((n, writer_future.result()))
+
+        writer_futures = [Future() for _ in range(3)]
+        for n, f in enumerate(writer_futures):
+            f.set_running_or_notify_cancel()
+            completions.call_when_done(f, lambda wf, n=n: deliver(n, wf))
+        for n, f in enumerate(writer_futures):
+            f.set_result([n])
+        await asyncio.sleep(0.05)
+        return delivered
+
+    assert asyncio.run(main()) == [(0, [0]), (2, [2])]

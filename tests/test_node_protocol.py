@@ -757,6 +757,44 @@ def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
     assert order == list(range(1, count + 1))
 
 
+def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
+    """A handler may return a loop future (a SET, resolved by its commit): its result, or its
+    error, is answered when it resolves, and the request counts as in flight until then."""
+    from immucore.errors import ReadOnlyReplicaError
+    from immucore.server.connection import Connection
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        answers = {n: loop.create_future() for n in (1, 2, 3)}
+
+        def dispatch(conn, msg, body):
+            return answers[body["n"]]
+
+        transport = _StubTransport()
+        conn = Connection(_StubNode(), dispatch)
+        conn.connection_made(transport)
+        conn.logged_in("session", False)
+        conn.data_received(b"".join(encode_frame(int(Msg.SET), 0, n, pack({"n": n}))
+                                    for n in (1, 2, 3)))
+        inflight_before = conn._inflight
+        answers[3].set_result({"n": 3})
+        answers[1].set_exception(ReadOnlyReplicaError())
+        answers[2].cancel()                 # never answered, but no longer in flight
+        for _ in range(3):
+            await asyncio.sleep(0)
+        conn._idle_handle.cancel()
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        sent = [(r, f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)]
+        return inflight_before, sent, conn._inflight
+
+    inflight_before, sent, inflight_after = asyncio.run(run())
+    assert inflight_before == 3 and inflight_after == 0
+    assert sent[0] == (3, 0, {"n": 3})
+    assert sent[1][0] == 1 and sent[1][1] & FLAG_ERROR
+    assert sent[1][2]["message"] == "database is read-only because it's a replica"
+    assert len(sent) == 2
+
+
 def test_inflight_requests_never_exceed_the_limit():
     from immucore.server.connection import Connection
 

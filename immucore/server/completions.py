@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import logging
 import threading
 from concurrent.futures import Future
+
+log = logging.getLogger("immucore.server")
 
 
 class Completions:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._resolved: collections.deque = collections.deque()   # (loop future, writer future)
+        self._resolved: collections.deque = collections.deque()   # (deliver, writer future)
         self._lock = threading.Lock()
         self._drain_scheduled = False
 
@@ -26,12 +29,17 @@ class Completions:
         if the writer has not taken it yet (as ``wrap_future`` does)."""
         waiter = self._loop.create_future()
         waiter.add_done_callback(functools.partial(_cancel_with, writer_future))
-        writer_future.add_done_callback(functools.partial(self._resolve, waiter))
+        self.call_when_done(writer_future, functools.partial(_settle, waiter))
         return waiter
 
-    def _resolve(self, waiter: asyncio.Future, writer_future: Future):
+    def call_when_done(self, writer_future: Future, deliver) -> None:
+        """Call ``deliver(writer_future)`` on the loop once the writer has resolved it: for a
+        handler that answers from a callback, with no future or task of its own."""
+        writer_future.add_done_callback(functools.partial(self._resolve, deliver))
+
+    def _resolve(self, deliver, writer_future: Future):
         """On the committer's thread (or at once, if already done)."""
-        self._resolved.append((waiter, writer_future))
+        self._resolved.append((deliver, writer_future))
         with self._lock:
             if self._drain_scheduled:
                 return
@@ -46,17 +54,24 @@ class Completions:
             self._drain_scheduled = False
         resolved = self._resolved
         while resolved:
-            waiter, writer_future = resolved.popleft()
-            if waiter.done():
-                continue
-            if writer_future.cancelled():
-                waiter.cancel()
-                continue
-            exc = writer_future.exception()
-            if exc is not None:
-                waiter.set_exception(exc)
-            else:
-                waiter.set_result(writer_future.result())
+            deliver, writer_future = resolved.popleft()
+            try:
+                deliver(writer_future)
+            except Exception:  # noqa: BLE001 - one failed delivery must not strand the others
+                log.exception("delivering a write's outcome failed")
+
+
+def _settle(waiter: asyncio.Future, writer_future: Future):
+    if waiter.done():
+        return
+    if writer_future.cancelled():
+        waiter.cancel()
+        return
+    exc = writer_future.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(writer_future.result())
 
 
 def _cancel_with(writer_future: Future, waiter: asyncio.Future):

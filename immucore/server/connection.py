@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import socket
 import sys
@@ -202,6 +203,10 @@ class Connection(asyncio.Protocol):
             handled = self._dispatch(self, msg, _request_body(raw))
             if type(handled) is dict:                # answered without a coroutine
                 finished, result = True, handled
+            elif isinstance(handled, asyncio.Future):     # answered by a callback (a SET)
+                self._inflight += 1
+                handled.add_done_callback(functools.partial(self._answered, msg, request_id))
+                return
             else:
                 finished, result = _first_step(handled)
         except BurstWouldBlock:
@@ -235,6 +240,22 @@ class Connection(asyncio.Protocol):
             else:
                 self._send(msg, 0, request_id, result)
         except Exception as exc:  # noqa: BLE001 - every error is answered, the node keeps going
+            self._answer_error(msg, request_id, exc)
+        finally:
+            self._inflight -= 1
+            self._dispatch_backlog()
+            self._maybe_resume_reading()
+
+    def _answered(self, msg, request_id: int, answer: asyncio.Future):
+        """``_finish`` for a request answered by a future instead of a coroutine."""
+        try:
+            if not answer.cancelled():
+                exc = answer.exception()
+                if exc is None:
+                    self._send(msg, 0, request_id, answer.result())
+                else:
+                    self._answer_error(msg, request_id, exc)
+        except Exception as exc:  # noqa: BLE001 - an answer that does not encode
             self._answer_error(msg, request_id, exc)
         finally:
             self._inflight -= 1

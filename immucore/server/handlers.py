@@ -64,6 +64,17 @@ def _kvs(body: dict) -> list:
 
 
 
+def _settle_from_task(answer: asyncio.Future, task: asyncio.Future):
+    if answer.done():
+        return
+    if task.cancelled():
+        answer.cancel()
+    elif task.exception() is not None:
+        answer.set_exception(task.exception())
+    else:
+        answer.set_result(task.result())
+
+
 class Dispatcher:
     def __init__(self, node: Node):
         self.node = node
@@ -108,9 +119,35 @@ class Dispatcher:
 
     def _committed(self, writer_future) -> asyncio.Future:
         """The writer's future on the loop, through the node's one-wake-per-commit bridge."""
+        return self._bridge().wrap(writer_future)
+
+    def _bridge(self) -> Completions:
         if self._completions is None:
             self._completions = Completions(asyncio.get_running_loop())
-        return self._completions.wrap(writer_future)
+        return self._completions
+
+    def _set_answered(self, name: str, answer: asyncio.Future, writer_future):
+        """A SET's commit, on the loop: its answer, or on a sync primary the wait for the
+        replicas' acks first (in a task, as ``_write`` does)."""
+        if answer.done():
+            return
+        if writer_future.cancelled():
+            answer.cancel()
+            return
+        exc = writer_future.exception()
+        if exc is not None:
+            answer.set_exception(exc)
+            return
+        header = writer_future.result()[0]
+        if name in self.node.sync_acks or self.node.required_acks(name):
+            waiting = asyncio.ensure_future(self._set_replicated(name, header))
+            waiting.add_done_callback(functools.partial(_settle_from_task, answer))
+            return
+        answer.set_result({"header": to_wire(TxHeader(*header))})
+
+    async def _set_replicated(self, name: str, header: tuple) -> dict:
+        await self.node.replicated(name, header[0])
+        return {"header": to_wire(TxHeader(*header))}
 
     def _manager(self, conn):
         return self.node.token_sessions if conn.detached else self.node.sessions
@@ -212,9 +249,15 @@ class Dispatcher:
 
     # --- data -----------------------------------------------------------------------------
 
-    async def set(self, conn, body):
+    def set(self, conn, body):
+        """Answered by a callback when its commit is durable: a loop future, no task (the
+        connection sends what it resolves to)."""
         db = self._db(conn, "write")
-        return {"header": to_wire(TxHeader(*await self._write(db, body)))}
+        writer_future = db.set_async(_kvs(body), metadata=_metadata(body), block=False)
+        answer = asyncio.get_running_loop().create_future()
+        self._bridge().call_when_done(
+            writer_future, functools.partial(self._set_answered, db.name, answer))
+        return answer
 
     async def delete(self, conn, body):
         db = self._db(conn, "write")
