@@ -23,7 +23,8 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .store.aht import AhtReader, peaks_for
-from .store.env import BurstWouldBlock, LmdbEnv, holding_burst
+from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
+from .store.index_worker import WorkerIndexer
 from .store.indexer import Indexer
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
@@ -53,7 +54,8 @@ def open_database(path: str, **options) -> "Database":
     True/False sets and stores it), ``durable`` (default True: every acknowledged write is
     fsynced), ``header_version`` (1; 0 writes immudb 1.1 headers, fixed at creation),
     ``max_tx_entries``, ``max_key_len``, ``max_value_len`` (immudb's defaults),
-    ``index_wait_seconds`` (how long a read waits for the key index), ``map_size_bytes``.
+    ``index_wait_seconds`` (how long a read waits for the key index), ``map_size_bytes``,
+    ``index_worker`` (index in a process of its own instead of a thread: what the node does).
     """
     return Database(path, **options)
 
@@ -64,7 +66,7 @@ class Database:
                  max_tx_entries: int = TX_ENTRIES_MAX, max_key_len: int = KEY_SIZE_BYTES_MAX,
                  max_value_len: int = VALUE_SIZE_BYTES_MAX,
                  index_wait_seconds: float = INDEX_WAIT_SECONDS_DEFAULT,
-                 map_size_bytes: int = 0):
+                 map_size_bytes: int = 0, index_worker: bool = False):
         if not 0 < max_tx_entries <= TX_ENTRIES_MAX:
             raise IllegalArgumentsError(f"max_tx_entries must be in 1..{TX_ENTRIES_MAX}")
         if not 0 < max_key_len <= KEY_SIZE_BYTES_MAX:
@@ -80,13 +82,11 @@ class Database:
         self._commit_listeners = []
         try:
             os.makedirs(self.path, exist_ok=True)
-            self._log = LmdbEnv(os.path.join(self.path, "log"),
-                                {"tx": {}, "aht": {}, "meta": {}},
+            self._log = LmdbEnv(os.path.join(self.path, "log"), LOG_DBS,
                                 durable=durable, map_size_bytes=map_size_bytes)
             # The index is derived from the log: losing its last commit in a crash only means
             # re-indexing those txs, so it skips LMDB's second (meta page) fsync.
-            self._index_env = LmdbEnv(os.path.join(self.path, "index"),
-                                      {"keys": {"dupsort": True}, "meta": {}},
+            self._index_env = LmdbEnv(os.path.join(self.path, "index"), INDEX_DBS,
                                       durable=durable, map_size_bytes=map_size_bytes,
                                       metasync=False)
             self._settings = self._load_settings(replica, header_version)
@@ -97,8 +97,14 @@ class Database:
                                   limits=self._limits, read_alh=self._alh_of,
                                   on_commit=self._on_commit, name=self.name,
                                   read_only=self._settings["replica"])
-            self._indexer = Indexer(self._index_env, self._log, name=self.name,
-                                    committed_tx_id=lambda: self._writer.state.tx_id)
+            if index_worker:
+                self._indexer = WorkerIndexer(self._index_env, self._log, name=self.name,
+                                              committed_tx_id=lambda: self._writer.state.tx_id,
+                                              path=self.path, durable=durable,
+                                              map_size_bytes=map_size_bytes)
+            else:
+                self._indexer = Indexer(self._index_env, self._log, name=self.name,
+                                        committed_tx_id=lambda: self._writer.state.tx_id)
         except BaseException:
             self._release()     # no thread left running, no environment left open
             raise

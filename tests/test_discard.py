@@ -21,6 +21,16 @@ def _replicate(primary, replica, first: int, floor: int = 0):
     replica.replicate_txs_async(blobs, floor_tx_id=floor).result()
 
 
+@pytest.fixture(params=["index thread", "index worker"])
+def replica(request, tmp_path):
+    """The replica, indexed by a thread (embedded) or by a worker process (as in the node):
+    a discard pauses either, rewinds the index and resumes it."""
+    database = open_database(str(tmp_path / "replica"), name="replicadb", replica=True,
+                             index_worker=request.param == "index worker")
+    yield database
+    database.close()
+
+
 @pytest.fixture
 def fork(tmp_path):
     """Two primaries sharing txs 1..5, then each with its own txs 6..8."""

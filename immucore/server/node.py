@@ -149,7 +149,8 @@ class Node:
                                  replica=bool(s["replica"]), durable=self.options.synced,
                                  header_version=s["write_tx_header_version"],
                                  max_tx_entries=s["max_tx_entries"], max_key_len=s["max_key_len"],
-                                 max_value_len=s["max_value_len"])
+                                 max_value_len=s["max_value_len"],
+                                 index_worker=True)   # its own GIL: docs/storage.md
         database.add_commit_listener(lambda tx_id, name=name: self._committed(name, tx_id))
         self.databases[name] = database
         self.sync_acks[name] = SyncAcks(lambda name=name: self.required_acks(name))

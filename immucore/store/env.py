@@ -16,6 +16,11 @@ from ..constants import MAP_SIZE_BYTES_INITIAL, MAP_SIZE_BYTES_MAX, STORAGE_FREE
 from ..errors import DatabaseClosedError, ImmucoreError
 
 
+# The named databases of a database's two environments (``<db>/log`` and ``<db>/index``).
+LOG_DBS = {"tx": {}, "aht": {}, "meta": {}}
+INDEX_DBS = {"keys": {"dupsort": True}, "meta": {}}
+
+
 class StorageFullError(ImmucoreError):
     """The LMDB map cannot grow any further (MAP_SIZE_BYTES_MAX) or the disk is full."""
 
@@ -83,6 +88,12 @@ class LmdbEnv:
             self._enter()
         try:
             txn = self.env.begin(write=False, buffers=buffers)
+        except lmdb.MapResizedError:
+            # another process grew the map: adopting it waits for every reader, so it is done
+            # outside the burst, where the request is served again
+            held.pop(self, None)
+            self._leave()
+            raise BurstWouldBlock() from None
         except BaseException:
             held.pop(self, None)
             self._leave()
@@ -103,12 +114,17 @@ class LmdbEnv:
                     result = body(txn)
                 return result
             except lmdb.MapFullError:
-                pass
+                grown_here = True
+            except lmdb.MapResizedError:
+                grown_here = False
             except lmdb.Error as exc:
                 raise self._explained(exc) from exc
             finally:
                 self._leave()
-            self._grow()
+            if grown_here:
+                self._grow()
+            else:
+                self.adopt_grown_map()
 
     def _explained(self, exc: lmdb.Error) -> Exception:
         """LMDB reports a write cut short by a full file system as EIO ("Input/output error"),
@@ -168,6 +184,22 @@ class LmdbEnv:
                 self._resizing = False
                 self._guard.notify_all()
 
+    def adopt_grown_map(self):
+        """Another process that shares this environment (the index worker, or the node for the
+        worker) grew the map: LMDB then refuses new transactions here (MapResizedError) until
+        this process takes the new size, which it may only do with none of its own open."""
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._guard.wait()
+                self.env.set_mapsize(0)
+            finally:
+                self._resizing = False
+                self._guard.notify_all()
+
     def sync(self):
         self.env.sync(True)
 
@@ -206,13 +238,17 @@ class _Read:
 
     def __enter__(self):
         env = self._env
-        env._enter()
-        try:
-            self._txn = env.env.begin(write=False, buffers=self._buffers)
-        except BaseException:
-            env._leave()
-            raise
-        return self._txn
+        while True:
+            env._enter()
+            try:
+                self._txn = env.env.begin(write=False, buffers=self._buffers)
+                return self._txn
+            except lmdb.MapResizedError:
+                env._leave()
+                env.adopt_grown_map()
+            except BaseException:
+                env._leave()
+                raise
 
     def __exit__(self, *exc_info):
         try:

@@ -37,9 +37,6 @@ class Indexer:
     def __init__(self, index_env, log_env, *, committed_tx_id: Callable[[], int], name: str):
         self._env = index_env
         self._log_env = log_env
-        self._keys_db = index_env.dbs["keys"]
-        self._meta_db = index_env.dbs["meta"]
-        self._tx_db = log_env.dbs["tx"]
         self._committed_tx_id = committed_tx_id
         self._cond = threading.Condition()
         self._stopping = False
@@ -48,35 +45,10 @@ class Indexer:
         self._readers_waiting = 0  # reads blocked in wait_for: index now, do not gather
         self.version = 0           # bumped after every change of the index (burst reads renew)
         self.last_error: Optional[str] = None
-        with index_env.read() as txn:
-            raw = txn.get(INDEXED_TX_KEY, db=self._meta_db)
-        with index_env.read() as txn:
-            row_format = txn.get(INDEX_FORMAT_KEY, db=self._meta_db)
-        self.indexed_tx_id = _U64.unpack(raw)[0] if raw else 0
-        if row_format != INDEX_FORMAT and self.indexed_tx_id:
-            # Rows of an older layout (without entry offsets): the index is derived data, so it
-            # is rebuilt from the log rather than read two ways.
-            log.warning("index of %s has an older row format; rebuilding it", name)
-            self._env.write(self._drop_all)
-            self.indexed_tx_id = 0
-            self.version += 1
-        if row_format != INDEX_FORMAT:
-            self._env.write(lambda txn: txn.put(INDEX_FORMAT_KEY, INDEX_FORMAT, db=self._meta_db))
-        if self.indexed_tx_id > committed_tx_id():
-            # The index claims txs the log does not hold (a log restored from an older copy):
-            # it cannot be trusted, so it is rebuilt from the log.
-            log.warning("index of %s is ahead of its log (%d > %d); rebuilding it", name,
-                        self.indexed_tx_id, committed_tx_id())
-            self._env.write(self._drop_all)
-            self.indexed_tx_id = 0
-            self.version += 1
+        self.indexed_tx_id = prepare_index(index_env, committed_tx_id(), name)
         self._thread = threading.Thread(target=self._run, name=f"immucore-indexer-{name}",
                                         daemon=True)
         self._thread.start()
-
-    def _drop_all(self, txn):
-        txn.drop(self._keys_db, delete=False)
-        txn.delete(INDEXED_TX_KEY, db=self._meta_db)
 
     def notify(self):
         """Called by the writer after each commit."""
@@ -166,34 +138,7 @@ class Indexer:
             self._paused = True
             while self._stepping:
                 self._cond.wait()
-        if self.indexed_tx_id <= tx_id:
-            return
-        # From the top down, a bounded chunk per index transaction; the index claims to cover
-        # only what is left after each one.
-        while self.indexed_tx_id > tx_id:
-            first = max(tx_id + 1, self.indexed_tx_id - _REWIND_CHUNK_TXS + 1)
-            last = self.indexed_tx_id
-            with self._log_env.read() as txn:
-                records = [bytes(txn.get(_U64.pack(t), db=self._tx_db))
-                           for t in range(first, last + 1)]
-            rows = codec.index_items(first, records)
-            remaining = first - 1
-
-            def write(txn):
-                for key, value in rows:
-                    txn.delete(key, value, db=self._keys_db)
-                if remaining:
-                    txn.put(INDEXED_TX_KEY, _U64.pack(remaining), db=self._meta_db)
-                else:
-                    txn.delete(INDEXED_TX_KEY, db=self._meta_db)
-
-            self._env.write(write)
-            with self._cond:
-                self.version += 1          # first: a reader that sees the new id must renew
-                self.indexed_tx_id = remaining
-        # The index skips the meta-page fsync; the log's cut that follows must never survive a
-        # power loss that this rewind does not.
-        self._env.sync()
+        rewind_index(self._env, self._log_env, tx_id, self)
 
     def resume(self):
         with self._cond:
@@ -201,35 +146,121 @@ class Indexer:
             self._cond.notify_all()
 
     def _index_step(self):
-        first = self.indexed_tx_id + 1
-        last_wanted = self._committed_tx_id()
-        records, entries, size = [], 0, 0
-        with self._log_env.read() as txn:
-            cursor = txn.cursor(self._tx_db)
-            if cursor.set_key(_U64.pack(first)):
-                for key, record in cursor:
-                    tx_id = _U64.unpack(key)[0]
-                    if tx_id > last_wanted:
-                        break
-                    records.append(record)
-                    entries += codec.record_entry_count(record)
-                    size += len(record)
-                    if entries >= INDEX_BATCH_ENTRIES_MAX or size >= _RECORD_BYTES_PER_BATCH_MAX:
-                        break
-        if not records:
-            raise RuntimeError(f"log has no tx {first} although tx {last_wanted} is committed")
-        rows = codec.index_items(first, records)
-        last = first + len(records) - 1
-
-        def write(txn):
-            txn.cursor(self._keys_db).putmulti(rows, dupdata=True, overwrite=True)
-            txn.put(INDEXED_TX_KEY, _U64.pack(last), db=self._meta_db)
-
-        self._env.write(write)
+        last = index_step(self._env, self._log_env, self.indexed_tx_id + 1,
+                          self._committed_tx_id())
         with self._cond:
             self.version += 1              # first: a reader that sees the new id must renew
             self.indexed_tx_id = last
             self._cond.notify_all()
+
+
+class IndexMovedError(RuntimeError):
+    """The index's stored position is not where this step began (another process rewound it):
+    the step wrote nothing."""
+
+
+def read_indexed_tx_id(index_env) -> int:
+    with index_env.read() as txn:
+        raw = txn.get(INDEXED_TX_KEY, db=index_env.dbs["meta"])
+    return _U64.unpack(raw)[0] if raw else 0
+
+
+def prepare_index(index_env, committed_tx_id: int, name: str) -> int:
+    """Check the index before it is followed: rows of an older layout, or an index ahead of its
+    log, are dropped (it is rebuilt from the log). Returns the highest indexed tx."""
+    meta_db = index_env.dbs["meta"]
+    indexed = read_indexed_tx_id(index_env)
+    with index_env.read() as txn:
+        row_format = txn.get(INDEX_FORMAT_KEY, db=meta_db)
+    if row_format != INDEX_FORMAT and indexed:
+        # Rows of an older layout (without entry offsets): the index is derived data, so it
+        # is rebuilt from the log rather than read two ways.
+        log.warning("index of %s has an older row format; rebuilding it", name)
+        index_env.write(_drop_all(index_env))
+        indexed = 0
+    if row_format != INDEX_FORMAT:
+        index_env.write(lambda txn: txn.put(INDEX_FORMAT_KEY, INDEX_FORMAT, db=meta_db))
+    if indexed > committed_tx_id:
+        # The index claims txs the log does not hold (a log restored from an older copy):
+        # it cannot be trusted, so it is rebuilt from the log.
+        log.warning("index of %s is ahead of its log (%d > %d); rebuilding it", name,
+                    indexed, committed_tx_id)
+        index_env.write(_drop_all(index_env))
+        indexed = 0
+    return indexed
+
+
+def _drop_all(index_env):
+    def write(txn):
+        txn.drop(index_env.dbs["keys"], delete=False)
+        txn.delete(INDEXED_TX_KEY, db=index_env.dbs["meta"])
+    return write
+
+
+def index_step(index_env, log_env, first: int, last_wanted: int) -> int:
+    """Index the committed txs from ``first`` on (up to ``last_wanted``, INDEX_BATCH_ENTRIES_MAX
+    entries and _RECORD_BYTES_PER_BATCH_MAX bytes) in one index transaction, which also
+    stores the new position; returns the last tx indexed."""
+    records, entries, size = [], 0, 0
+    with log_env.read() as txn:
+        cursor = txn.cursor(log_env.dbs["tx"])
+        if cursor.set_key(_U64.pack(first)):
+            for key, record in cursor:
+                tx_id = _U64.unpack(key)[0]
+                if tx_id > last_wanted:
+                    break
+                records.append(record)
+                entries += codec.record_entry_count(record)
+                size += len(record)
+                if entries >= INDEX_BATCH_ENTRIES_MAX or size >= _RECORD_BYTES_PER_BATCH_MAX:
+                    break
+    if not records:
+        raise RuntimeError(f"log has no tx {first} although tx {last_wanted} is committed")
+    rows = codec.index_items(first, records)
+    last = first + len(records) - 1
+    keys_db, meta_db = index_env.dbs["keys"], index_env.dbs["meta"]
+
+    def write(txn):
+        stored = txn.get(INDEXED_TX_KEY, db=meta_db)
+        if (_U64.unpack(stored)[0] if stored else 0) != first - 1:
+            raise IndexMovedError(f"the index moved: this step began after tx {first - 1}")
+        txn.cursor(keys_db).putmulti(rows, dupdata=True, overwrite=True)
+        txn.put(INDEXED_TX_KEY, _U64.pack(last), db=meta_db)
+
+    index_env.write(write)
+    return last
+
+
+def rewind_index(index_env, log_env, tx_id: int, indexer) -> None:
+    """Forget the keys of every indexed tx after ``tx_id`` (read from the log, which still holds
+    them), from the top down, a bounded chunk per index transaction; ``indexer``'s position
+    (under its ``_cond``, version first) follows each chunk. Indexing must be paused."""
+    meta_db, keys_db, tx_db = index_env.dbs["meta"], index_env.dbs["keys"], log_env.dbs["tx"]
+    if indexer.indexed_tx_id <= tx_id:
+        return
+    while indexer.indexed_tx_id > tx_id:
+        first = max(tx_id + 1, indexer.indexed_tx_id - _REWIND_CHUNK_TXS + 1)
+        last = indexer.indexed_tx_id
+        with log_env.read() as txn:
+            records = [bytes(txn.get(_U64.pack(t), db=tx_db)) for t in range(first, last + 1)]
+        rows = codec.index_items(first, records)
+        remaining = first - 1
+
+        def write(txn):
+            for key, value in rows:
+                txn.delete(key, value, db=keys_db)
+            if remaining:
+                txn.put(INDEXED_TX_KEY, _U64.pack(remaining), db=meta_db)
+            else:
+                txn.delete(INDEXED_TX_KEY, db=meta_db)
+
+        index_env.write(write)
+        with indexer._cond:
+            indexer.version += 1          # first: a reader that sees the new id must renew
+            indexer.indexed_tx_id = remaining
+    # The index skips the meta-page fsync; the log's cut that follows must never survive a
+    # power loss that this rewind does not.
+    index_env.sync()
 
 
 def _lower_priority():
