@@ -46,6 +46,21 @@ def _memory_bytes(pid: int, field: str) -> int:
     return 0
 
 
+def _tree_memory_bytes(pid: int, field: str) -> int:
+    """``_memory_bytes`` summed over a node and its child processes (its index workers)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += _memory_bytes(current, field)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    pending += [int(child) for child in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue                  # a process or thread that ended meanwhile
+    return total
+
+
 def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000,
              progress=print) -> dict:
     primary = NodeProcess(os.path.join(workdir, "primary"))
@@ -66,7 +81,7 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
             last_print = 0.0
             anon_peak = 0
             while True:
-                anon_peak = max(anon_peak, _memory_bytes(replica.process.pid, "RssAnon"))
+                anon_peak = max(anon_peak, _tree_memory_bytes(replica.process.pid, "RssAnon"))
                 held = r.current_state().tx_id
                 now = time.perf_counter() - start
                 if held >= txs:
@@ -79,7 +94,7 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
                 time.sleep(0.02)
             elapsed = time.perf_counter() - start
             assert r.current_state().tx_hash == p.current_state().tx_hash
-            rss = _memory_bytes(replica.process.pid, "VmHWM")
+            rss = _tree_memory_bytes(replica.process.pid, "VmHWM")
 
             # immudb's shape: one export and one replicate round trip per tx
             r.create_database("onebyone", {"replica": True})

@@ -301,8 +301,8 @@ class Database:
                 f"only precommitted transactions can be discarded: tx {tx_id} is below the "
                 f"discard floor {self.discard_floor}")
         if tx_id < self._writer.state.tx_id:
-            self._indexer.pause_and_rewind(tx_id)
-            try:
+            try:          # a failed pause or rewind must not leave indexing paused either
+                self._indexer.pause_and_rewind(tx_id)
                 self._writer.truncate(tx_id, self._load_chain_state).result()
             finally:
                 self._indexer.resume()

@@ -136,3 +136,104 @@ def test_the_node_indexes_in_workers_that_exit_when_it_is_killed(tmp_path):
             return True
 
         _wait_until(gone, 10)
+
+
+def test_a_burst_read_meeting_a_map_the_worker_grew_is_served_again(tmp_path):
+    """Adopting a grown map waits for every reader of this process: a read inside a burst that
+    holds a guard says BurstWouldBlock (the connection serves it again outside the burst)
+    instead of waiting for itself."""
+    from immucore.store.env import BurstWouldBlock, ReadBurst
+    with open_database(str(tmp_path / "db"), index_worker=True,
+                       map_size_bytes=256 * 1024, durable=False) as db:
+        db.set({b"k": b"v"})
+        db.get(b"k")
+        with ReadBurst():
+            with pytest.raises(KeyNotFoundError):
+                db.get(b"missing")                      # the burst holds the index guard
+            for n in range(40):                         # the worker grows the index map
+                db.set({b"x-%06d-%06d-%s" % (n, i, b"k" * 24): os.urandom(64)
+                        for i in range(200)})
+            _wait_until(lambda: db._indexer.indexed_tx_id == db._writer.state.tx_id)
+            with pytest.raises(BurstWouldBlock):
+                db.history(b"k")
+        assert [e.value for e in db.history(b"k")] == [b"v"]
+
+
+def test_the_worker_never_indexes_past_the_published_commit(tmp_path):
+    """A read renews its log snapshot when the writer publishes a commit; an index row for a tx
+    LMDB holds but the writer has not published yet would point past that snapshot."""
+    from immucore.store.env import ReadBurst
+    with open_database(str(tmp_path / "db"), index_worker=True, durable=False) as db:
+        db.set({b"k": b"v1"})
+        db.set({b"other": b"o"})
+        db.get(b"k")
+        write, slow = db._log.write, []
+
+        def slow_write(body):            # LMDB has committed; the writer publishes 0.5 s later
+            result = write(body)
+            if slow:
+                time.sleep(0.5)
+            return result
+
+        db._log.write = slow_write
+        with ReadBurst():
+            assert db.get(b"other").value == b"o"             # log snapshot at tx 2
+            slow.append(True)
+            setter = __import__("threading").Thread(target=db.set, args=({b"k": b"v2"},))
+            setter.start()
+            time.sleep(0.1)
+            db._indexer._send(b"h", 0)                      # a read elsewhere hurries it
+            time.sleep(0.2)
+            assert db._indexer.indexed_tx_id == 2              # tx 3 not published yet
+            setter.join()
+            _wait_until(lambda: db._indexer.indexed_tx_id == 3)
+            assert db.get(b"k").value == b"v2"                 # both snapshots renewed
+
+
+def _reader_pids(env) -> set:
+    """The processes holding reader slots (LMDB's table: "pid thread txnid" rows)."""
+    return {int(row.split()[0]) for row in env.env.readers().splitlines()
+            if row.split() and row.split()[0].isdigit()}
+
+
+def test_reader_slots_of_dead_processes_are_cleared_when_a_worker_dies(db):
+    """A process killed inside a read transaction leaves its LMDB reader slot, and while the
+    node keeps the environment open LMDB never reuses the pages freed after that snapshot:
+    when a worker dies (the process most likely to), the node clears such slots."""
+    import subprocess
+    import sys
+    db.set({b"a": b"1"})
+    path = os.path.join(db.path, "index")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import lmdb, time\n"
+         f"env = lmdb.open({path!r}, max_dbs=2)\ntxn = env.begin()\n"
+         "print('reading', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"reading\n"
+    holder.kill()
+    holder.wait()
+    assert holder.pid in _reader_pids(db._index_env)               # stale, not cleared yet
+    first = db._indexer._process
+    os.kill(first.pid, signal.SIGKILL)
+    _wait_until(lambda: db._indexer._process is not first)
+    assert holder.pid not in _reader_pids(db._index_env)
+
+
+def test_a_commit_whose_poke_found_the_pipe_full_is_still_indexed(db):
+    """Pokes carry the committed tx id; one dropped on a full pipe is sent again after the
+    worker's next step, so the worker never stops short of the last commit."""
+    db.set({b"a": b"1"})
+    db.get(b"a")
+    indexer = db._indexer
+    send = indexer._send
+
+    def full_pipe(kind, value, must_arrive=True):
+        if kind == b"p" and not getattr(full_pipe, "let_through", False):
+            indexer._poke_dropped = True         # what _send does on EAGAIN
+            return
+        send(kind, value, must_arrive)
+
+    indexer._send = full_pipe
+    db.set({b"b": b"2"})                          # its poke is "dropped"
+    full_pipe.let_through = True
+    indexer._on_line(f"indexed {indexer.indexed_tx_id}")   # the worker's next report
+    _wait_until(lambda: indexer.indexed_tx_id == 2, 5)

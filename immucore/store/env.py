@@ -54,6 +54,9 @@ class LmdbEnv:
             max_spare_txns=64,
             lock=True,
         )
+        # a process that died inside a read transaction (a killed index worker, a killed node)
+        # left its reader slot: LMDB would never reuse the pages freed after its snapshot
+        self.env.reader_check()
         self.dbs = {name: self.env.open_db(name.encode(), **spec) for name, spec in db_specs.items()}
         self._lock = threading.Lock()
         self._guard = threading.Condition(self._lock)
@@ -245,6 +248,10 @@ class _Read:
                 return self._txn
             except lmdb.MapResizedError:
                 env._leave()
+                if holding_burst():
+                    # adopting waits for every reader, this burst's guards among them: the
+                    # request is served again outside the burst
+                    raise BurstWouldBlock() from None
                 env.adopt_grown_map()
             except BaseException:
                 env._leave()

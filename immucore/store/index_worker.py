@@ -8,16 +8,19 @@ thread (``indexer.index_step``) with its own GIL; the node only reads the index.
 
 The two ends talk over the worker's stdin and stdout:
 
-* node -> worker, one byte each: ``p`` a commit (sent after every commit; dropped when the
-  pipe is full, which means the worker has thousands waiting already), ``h`` a read is
-  waiting (index now, do not gather), ``P`` pause (finish the step, answer ``paused``, index
-  nothing until ``R``), ``R`` resume (re-read the position: a rewind may have moved it).
+* node -> worker, 9-byte commands (one byte, then a u64; one write each, so commands from
+  several threads never interleave): ``p <tx>`` tx committed (after every commit; when the
+  pipe is full it is dropped, and the latest tx id is sent again after the worker's next step),
+  ``h <tx>`` a read is waiting (index now, do not gather), ``P <n>`` pause number n (finish the step, answer
+  ``paused <n>``, index nothing until ``R``), ``R <tx>`` resume with tx the last committed
+  (the log may have been cut back: the position and the bound are read again).
   End of input: finish the step and exit.
 * worker -> node, lines: ``indexed <tx id>`` after every step (and at start and resume),
-  ``error <text>`` when a step failed (it is retried with backoff), ``paused``.
+  ``error <text>`` when a step failed (it is retried with backoff), ``paused <n>``.
 
-The worker follows the log's own tail (what LMDB committed), so it needs no tx ids from the
-node. Its LMDB environments are the node's (LMDB is multi-process); a map one side grows is
+The worker indexes up to the tx the node last published as committed, never past it: a read
+renews its log snapshot when that changes, so an index row must never point past it. Its LMDB
+environments are the node's (LMDB is multi-process); a map one side grows is
 adopted by the other (``LmdbEnv.adopt_grown_map``). When the node dies its stdin ends and it
 exits after its step; a step writes only if the stored position is still where it began, so a
 worker outliving a killed node cannot corrupt the index a new node opens. A worker that exits
@@ -46,6 +49,8 @@ _U64 = struct.Struct(">Q")
 _RETRY_SECONDS_MAX = 5.0
 _PAUSE_WAIT_SECONDS = 60.0          # a step is bounded (INDEX_BATCH_ENTRIES_MAX); this is ample
 _STOP_WAIT_SECONDS = 30.0
+_STABLE_SECONDS = 5.0               # a worker up this long before exiting was not crash-looping
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class WorkerIndexer:
@@ -58,15 +63,18 @@ class WorkerIndexer:
         self._log_env = log_env
         self._name, self._path, self._durable = name, path, durable
         self._map_size_bytes = map_size_bytes
+        self._committed_tx_id = committed_tx_id
         self._cond = threading.Condition()
         self._stopping = False
-        self._paused = False
-        self._paused_reply = threading.Event()
-        self._readers_waiting = 0
+        self._pause = 0             # the pause under way (0: none); a worker answers its number
+        self._pause_count = 0
+        self._paused_answer = 0     # the last pause number a worker answered
         self.version = 0
         self.last_error: Optional[str] = None
         self.indexed_tx_id = prepare_index(index_env, committed_tx_id(), name)
         self._process: Optional[subprocess.Popen] = None
+        self._started_at = 0.0
+        self._poke_dropped = False  # a commit's poke found the pipe full: its tx id is re-sent
         self._start_worker()
         self._reader = threading.Thread(target=self._follow, name=f"immucore-indexer-{name}",
                                         daemon=True)
@@ -76,13 +84,13 @@ class WorkerIndexer:
 
     def notify(self):
         """After each commit (on the committer thread): never blocks."""
-        self._send(b"p", must_arrive=False)
+        self._send(b"p", self._committed_tx_id(), must_arrive=False)
 
     def wait_for(self, tx_id: int, timeout_seconds: float):
         if self.indexed_tx_id >= tx_id:
             return
         deadline = time.monotonic() + timeout_seconds
-        self._send(b"h")
+        self._send(b"h", self._committed_tx_id())
         with self._cond:
             while self.indexed_tx_id < tx_id:
                 if self._stopping:
@@ -97,17 +105,22 @@ class WorkerIndexer:
 
     def pause_and_rewind(self, tx_id: int):
         """Pause the worker (its step under way finishes first), then forget the keys of every
-        indexed tx after ``tx_id`` here. ``resume`` restarts indexing."""
+        indexed tx after ``tx_id`` here. ``resume`` restarts indexing (call it whatever
+        happened: a failed pause or rewind leaves the worker paused until then)."""
         with self._cond:
-            self._paused = True
-            self._paused_reply.clear()
-        self._send(b"P")
-        if not self._paused_reply.wait(_PAUSE_WAIT_SECONDS):
-            raise IndexTimeoutError(f"index worker of {self._name} did not pause")
-        # every "indexed" line the worker sent before "paused" has been read by now; a worker
-        # restarted meanwhile may not have sent its last, so the stored position decides
-        stored = read_indexed_tx_id(self._env)
+            self._pause_count += 1
+            self._pause = number = self._pause_count
+        self._send(b"P", number)
+        deadline = time.monotonic() + _PAUSE_WAIT_SECONDS
         with self._cond:
+            while self._paused_answer != number:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    raise IndexTimeoutError(f"index worker of {self._name} did not pause")
+                self._cond.wait(remaining)
+            # Positions the worker reported while pausing were ignored (a worker restarted
+            # meanwhile reports a stale one): the stored position is the truth now.
+            stored = read_indexed_tx_id(self._env)
             if stored != self.indexed_tx_id:
                 self.version += 1
                 self.indexed_tx_id = stored
@@ -115,8 +128,8 @@ class WorkerIndexer:
 
     def resume(self):
         with self._cond:
-            self._paused = False
-        self._send(b"R")
+            self._pause = 0
+        self._send(b"R", self._committed_tx_id())
 
     def close(self):
         with self._cond:
@@ -135,26 +148,35 @@ class WorkerIndexer:
 
     def _start_worker(self):
         command = [sys.executable, "-m", "immucore.store.index_worker", self._path, self._name,
-                   "1" if self._durable else "0", "1" if self._paused else "0",
-                   str(self._map_size_bytes)]
+                   "1" if self._durable else "0", str(self._pause),
+                   str(self._committed_tx_id()), str(self._map_size_bytes)]
+        env = dict(os.environ)
+        # the worker imports this very package, wherever the node found it
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
+                                                          env.get("PYTHONPATH"))))
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   close_fds=True)
+                                   close_fds=True, env=env)
         os.set_blocking(process.stdin.fileno(), False)
         self._process = process
+        self._started_at = time.monotonic()
 
-    def _send(self, command: bytes, must_arrive: bool = True):
+    def _send(self, kind: bytes, value: int, must_arrive: bool = True):
         process = self._process
         if process is None:
             return
+        command = kind + _U64.pack(value)
         deadline = time.monotonic() + _STOP_WAIT_SECONDS
         while True:
             try:
-                os.write(process.stdin.fileno(), command)
+                os.write(process.stdin.fileno(), command)    # 9 bytes: all or nothing
                 return
             except BlockingIOError:
-                # the pipe holds 64 KiB of unread commands: a commit's poke is redundant then;
-                # a command waits for room (the worker reads between steps)
+                # The pipe holds 64 KiB of unread commands: the worker will wake, but this
+                # commit's tx id is lost with the poke, so it is re-sent after the worker's next
+                # step (_on_line). A command waits for room (the worker reads between steps).
                 if not must_arrive or time.monotonic() > deadline:
+                    if kind == b"p":
+                        self._poke_dropped = True
                     return
                 time.sleep(0.001)
             except (OSError, ValueError):
@@ -167,14 +189,22 @@ class WorkerIndexer:
             process = self._process
             for raw in process.stdout:
                 self._on_line(raw.decode("utf-8", "replace").rstrip("\n"))
-                failures = 0
             code = process.wait()
             _close_quietly(process.stdout)
+            # a worker killed inside a read transaction leaves its LMDB reader slot behind:
+            # pages freed after that snapshot would never be reused
+            for env in (self._env, self._log_env):
+                try:
+                    env.env.reader_check()
+                except Exception:  # noqa: BLE001 - closed meanwhile; nothing to clear then
+                    pass
             with self._cond:
                 if self._stopping:
                     return
-                self.last_error = f"index worker of {self._name} exited with code {code}"
+                if time.monotonic() - self._started_at > _STABLE_SECONDS:
+                    failures = 0        # it ran well for a while: not a crash loop
                 failures += 1
+                self.last_error = f"index worker of {self._name} exited with code {code}"
                 log.error("%s; restarting it", self.last_error)
                 deadline = time.monotonic() + min(0.05 * 2 ** failures, _RETRY_SECONDS_MAX)
                 while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
@@ -182,29 +212,34 @@ class WorkerIndexer:
                 if self._stopping:
                     return
                 try:
-                    self._start_worker()           # starts paused if a rewind is under way
+                    self._start_worker()      # paused, answering the pause, if one is under way
                 except OSError as exc:
                     self.last_error = f"cannot start the index worker of {self._name}: {exc}"
                     log.error("%s", self.last_error)
                     return
-            if self._paused:
-                self._paused_reply.set()        # the new worker starts paused
 
     def _on_line(self, line: str):
         kind, _, rest = line.partition(" ")
         if kind == "indexed":
             tx_id = int(rest)
             with self._cond:
+                if self._pause:
+                    return      # pausing: the stored position is read once the pause is answered
                 if tx_id != self.indexed_tx_id:
                     self.version += 1         # first: a reader that sees the new id must renew
                     self.indexed_tx_id = tx_id
                 self.last_error = None
                 self._cond.notify_all()
+            if self._poke_dropped:           # the worker just emptied the pipe: tell it again
+                self._poke_dropped = False
+                self._send(b"p", self._committed_tx_id(), must_arrive=False)
         elif kind == "error":
             self.last_error = rest
             log.error("indexing %s failed: %s", self._name, rest)
         elif kind == "paused":
-            self._paused_reply.set()
+            with self._cond:
+                self._paused_answer = int(rest)
+                self._cond.notify_all()
 
 
 def _close_quietly(stream):
@@ -217,10 +252,14 @@ def _close_quietly(stream):
 # --- the worker's side ----------------------------------------------------------------------
 
 class _Commands:
-    """The node's one-byte commands on stdin."""
+    """The node's 9-byte commands on stdin, applied in order."""
 
-    def __init__(self):
-        self.hurry = self.pause = self.resume = self.ended = False
+    def __init__(self, committed: int, pause: int):
+        self.committed = committed      # the last tx the node published as committed
+        self.pause = pause              # a pause to answer (its number), 0: none
+        self.resumed = False            # a resume came: read the position again
+        self.hurry = self.ended = False
+        self._pending = b""
 
     def read(self, timeout: Optional[float]) -> bool:
         """Take what has arrived, waiting up to ``timeout`` (None: until something does).
@@ -231,13 +270,21 @@ class _Commands:
         data = os.read(0, 65536)
         if not data:
             self.ended = True
-        self.hurry |= b"h" in data
-        # the last of P/R wins: a pause and resume both sent before this read cancel out
-        last_pause, last_resume = data.rfind(b"P"), data.rfind(b"R")
-        if last_pause > last_resume:
-            self.pause, self.resume = True, False
-        elif last_resume > last_pause:
-            self.resume, self.pause = True, False
+            return True
+        data = self._pending + data
+        whole = len(data) - len(data) % 9
+        self._pending = data[whole:]
+        for at in range(0, whole, 9):
+            kind, value = data[at:at + 1], _U64.unpack_from(data, at + 1)[0]
+            if kind == b"p":
+                self.committed = max(self.committed, value)
+            elif kind == b"h":
+                self.hurry, self.committed = True, max(self.committed, value)
+            elif kind == b"P":
+                self.pause = value
+            elif kind == b"R":
+                # in order after every poke of txs a discard cut away: this bound replaces them
+                self.pause, self.resumed, self.committed = 0, True, value
         return True
 
 
@@ -246,13 +293,8 @@ def _say(line: str):
     sys.stdout.flush()
 
 
-def _log_tail(log_env) -> int:
-    with log_env.read() as txn:
-        cursor = txn.cursor(log_env.dbs["tx"])
-        return _U64.unpack(cursor.key())[0] if cursor.last() else 0
-
-
-def work(path: str, name: str, durable: bool, paused: bool, map_size_bytes: int) -> int:
+def work(path: str, name: str, durable: bool, pause: int, committed: int,
+         map_size_bytes: int) -> int:
     from .env import INDEX_DBS, LOG_DBS, LmdbEnv
     # The node decides when this worker ends (its stdin ends): a Ctrl-C or a service manager's
     # SIGTERM to the whole process group must not end it under the node's feet.
@@ -266,23 +308,24 @@ def work(path: str, name: str, durable: bool, paused: bool, map_size_bytes: int)
                       map_size_bytes=map_size_bytes)
     index_env = LmdbEnv(os.path.join(path, "index"), INDEX_DBS, durable=durable,
                         map_size_bytes=map_size_bytes, metasync=False)
-    commands = _Commands()
+    commands = _Commands(committed, pause)
     indexed = read_indexed_tx_id(index_env)
-    _say(f"indexed {indexed}")
-    if paused:
-        _say("paused")
+    if not pause:
+        # (started paused, during a rewind: its position is reported after the resume; one
+        # read now could be stale by then and arrive after the node resumed)
+        _say(f"indexed {indexed}")
+    answered_pause = 0
     failures = 0
     try:
         while not commands.ended:
-            if commands.pause:
-                commands.pause, paused = False, True
-                _say("paused")
-            if commands.resume:
-                commands.resume, paused = False, False
+            if commands.pause and commands.pause != answered_pause:
+                answered_pause = commands.pause
+                _say(f"paused {answered_pause}")
+            if commands.resumed:
+                commands.resumed, failures = False, 0
                 indexed = read_indexed_tx_id(index_env)
                 _say(f"indexed {indexed}")
-            tail = 0 if paused else _log_tail(log_env)
-            if paused or indexed >= tail:
+            if commands.pause or indexed >= commands.committed:
                 commands.hurry = False
                 commands.read(None)
                 continue
@@ -292,18 +335,18 @@ def work(path: str, name: str, durable: bool, paused: bool, map_size_bytes: int)
                 while not (commands.ended or commands.pause) and (
                         remaining := deadline - time.monotonic()) > 0:
                     commands.read(remaining)
-            elif not commands.hurry and tail - indexed < INDEX_GATHER_TXS_MAX:
+            elif not commands.hurry and commands.committed - indexed < INDEX_GATHER_TXS_MAX:
                 # let commits gather so one step indexes them all; a waiting read ends it
                 deadline = time.monotonic() + INDEX_GATHER_SECONDS
                 while not (commands.hurry or commands.ended or commands.pause) and (
                         remaining := deadline - time.monotonic()) > 0:
                     commands.read(remaining)
-            if commands.ended or commands.pause:
+            commands.read(0)                       # take the commands that arrived meanwhile
+            if commands.ended or commands.pause or commands.resumed:
                 continue
             commands.hurry = False
-            commands.read(0)                       # take the pokes that arrived meanwhile
             try:
-                indexed = index_step(index_env, log_env, indexed + 1, _log_tail(log_env))
+                indexed = index_step(index_env, log_env, indexed + 1, commands.committed)
                 failures = 0
                 _say(f"indexed {indexed}")
             except IndexMovedError:
@@ -322,7 +365,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
     try:
-        sys.exit(work(sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1",
-                      int(sys.argv[5])))
+        sys.exit(work(sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]),
+                      int(sys.argv[5]), int(sys.argv[6])))
     except BrokenPipeError:          # the node is gone
         sys.exit(0)
