@@ -226,7 +226,7 @@ def test_a_commit_whose_poke_found_the_pipe_full_is_still_indexed(db):
     indexer = db._indexer
     send = indexer._send
 
-    def full_pipe(kind, value, must_arrive=True):
+    def full_pipe(kind, value=None, must_arrive=True):
         if kind == b"p" and not getattr(full_pipe, "let_through", False):
             indexer._poke_dropped = True         # what _send does on EAGAIN
             return

@@ -74,7 +74,8 @@ class WorkerIndexer:
         self.indexed_tx_id = prepare_index(index_env, committed_tx_id(), name)
         self._process: Optional[subprocess.Popen] = None
         self._started_at = 0.0
-        self._poke_dropped = False  # a commit's poke found the pipe full: its tx id is re-sent
+        self._poke_dropped = False  # a commit's poke was lost (full pipe, dead worker): re-sent
+        self._send_lock = threading.Lock()
         self._start_worker()
         self._reader = threading.Thread(target=self._follow, name=f"immucore-indexer-{name}",
                                         daemon=True)
@@ -84,13 +85,13 @@ class WorkerIndexer:
 
     def notify(self):
         """After each commit (on the committer thread): never blocks."""
-        self._send(b"p", self._committed_tx_id(), must_arrive=False)
+        self._send(b"p", must_arrive=False)
 
     def wait_for(self, tx_id: int, timeout_seconds: float):
         if self.indexed_tx_id >= tx_id:
             return
         deadline = time.monotonic() + timeout_seconds
-        self._send(b"h", self._committed_tx_id())
+        self._send(b"h")
         with self._cond:
             while self.indexed_tx_id < tx_id:
                 if self._stopping:
@@ -129,7 +130,7 @@ class WorkerIndexer:
     def resume(self):
         with self._cond:
             self._pause = 0
-        self._send(b"R", self._committed_tx_id())
+        self._send(b"R")
 
     def close(self):
         with self._cond:
@@ -160,27 +161,34 @@ class WorkerIndexer:
         self._process = process
         self._started_at = time.monotonic()
 
-    def _send(self, kind: bytes, value: int, must_arrive: bool = True):
-        process = self._process
-        if process is None:
-            return
-        command = kind + _U64.pack(value)
+    def _send(self, kind: bytes, value: Optional[int] = None, must_arrive: bool = True):
+        """Write one command. ``value`` None: the committed tx id, read under the send lock
+        right before the write, so ids reach the worker in the order they were read (a
+        resume's bound then truly replaces every poke and hurry before it)."""
         deadline = time.monotonic() + _STOP_WAIT_SECONDS
         while True:
-            try:
-                os.write(process.stdin.fileno(), command)    # 9 bytes: all or nothing
-                return
-            except BlockingIOError:
-                # The pipe holds 64 KiB of unread commands: the worker will wake, but this
-                # commit's tx id is lost with the poke, so it is re-sent after the worker's next
-                # step (_on_line). A command waits for room (the worker reads between steps).
-                if not must_arrive or time.monotonic() > deadline:
-                    if kind == b"p":
-                        self._poke_dropped = True
+            with self._send_lock:
+                process = self._process
+                if process is None:
                     return
-                time.sleep(0.001)
-            except (OSError, ValueError):
-                return            # the worker is gone: _follow restarts it (or we are closing)
+                command = kind + _U64.pack(self._committed_tx_id() if value is None else value)
+                try:
+                    os.write(process.stdin.fileno(), command)    # 9 bytes: all or nothing
+                    return
+                except BlockingIOError:
+                    # The pipe holds 64 KiB of unread commands: the worker will wake, but a
+                    # dropped poke's tx id is lost, so it is sent again after the worker's next
+                    # report (_on_line). A command waits for room (the worker reads between
+                    # steps).
+                    if not must_arrive or time.monotonic() > deadline:
+                        self._poke_dropped |= kind == b"p"
+                        return
+                except (OSError, ValueError):
+                    # the worker is gone: _follow restarts it, and its first report (or the
+                    # resume, if it starts paused) brings the tx id this poke carried
+                    self._poke_dropped |= kind == b"p"
+                    return
+            time.sleep(0.001)
 
     def _follow(self):
         """Read the worker's lines; restart it when it exits, unless closing."""
@@ -232,7 +240,7 @@ class WorkerIndexer:
                 self._cond.notify_all()
             if self._poke_dropped:           # the worker just emptied the pipe: tell it again
                 self._poke_dropped = False
-                self._send(b"p", self._committed_tx_id(), must_arrive=False)
+                self._send(b"p", must_arrive=False)
         elif kind == "error":
             self.last_error = rest
             log.error("indexing %s failed: %s", self._name, rest)
@@ -321,7 +329,7 @@ def work(path: str, name: str, durable: bool, pause: int, committed: int,
             if commands.pause and commands.pause != answered_pause:
                 answered_pause = commands.pause
                 _say(f"paused {answered_pause}")
-            if commands.resumed:
+            if commands.resumed and not commands.pause:   # (a pause right after: report later)
                 commands.resumed, failures = False, 0
                 indexed = read_indexed_tx_id(index_env)
                 _say(f"indexed {indexed}")
