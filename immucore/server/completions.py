@@ -29,7 +29,7 @@ class Completions:
         if the writer has not taken it yet (as ``wrap_future`` does)."""
         waiter = self._loop.create_future()
         waiter.add_done_callback(functools.partial(_cancel_with, writer_future))
-        self.call_when_done(writer_future, functools.partial(_settle, waiter))
+        self.call_when_done(writer_future, functools.partial(settle, waiter))
         return waiter
 
     def call_when_done(self, writer_future: Future, deliver) -> None:
@@ -61,17 +61,19 @@ class Completions:
                 log.exception("delivering a write's outcome failed")
 
 
-def _settle(waiter: asyncio.Future, writer_future: Future):
+def settle(waiter: asyncio.Future, source) -> None:
+    """Give ``waiter`` the outcome of the finished ``source`` (a writer's or an asyncio future);
+    a waiter already done (cancelled) keeps its own."""
     if waiter.done():
         return
-    if writer_future.cancelled():
+    if source.cancelled():
         waiter.cancel()
         return
-    exc = writer_future.exception()
+    exc = source.exception()
     if exc is not None:
         waiter.set_exception(exc)
     else:
-        waiter.set_result(writer_future.result())
+        waiter.set_result(source.result())
 
 
 def _cancel_with(writer_future: Future, waiter: asyncio.Future):

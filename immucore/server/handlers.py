@@ -15,7 +15,7 @@ from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
 from ..types import KVMetadata, State, TxHeader
 from . import auth, settings as dbsettings
-from .completions import Completions
+from .completions import Completions, settle
 from .node import DatabaseError, Node
 
 
@@ -62,17 +62,6 @@ def _kvs(body: dict) -> list:
     return [(k, v) for k, v in pairs]
 
 
-
-
-def _settle_from_task(answer: asyncio.Future, task: asyncio.Future):
-    if answer.done():
-        return
-    if task.cancelled():
-        answer.cancel()
-    elif task.exception() is not None:
-        answer.set_exception(task.exception())
-    else:
-        answer.set_result(task.result())
 
 
 class Dispatcher:
@@ -141,7 +130,7 @@ class Dispatcher:
         header = writer_future.result()[0]
         if name in self.node.sync_acks or self.node.required_acks(name):
             waiting = asyncio.ensure_future(self._set_replicated(name, header))
-            waiting.add_done_callback(functools.partial(_settle_from_task, answer))
+            waiting.add_done_callback(functools.partial(settle, answer))
             return
         answer.set_result({"header": to_wire(TxHeader(*header))})
 

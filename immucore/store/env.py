@@ -6,6 +6,7 @@ guard. The guard costs two uncontended lock operations per transaction.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -170,6 +171,18 @@ class LmdbEnv:
                 self._guard.notify_all()
 
     def _grow(self):
+        with self._alone():
+            current = self.env.info()["map_size"]
+            if current >= MAP_SIZE_BYTES_MAX:
+                raise StorageFullError(
+                    f"storage full: LMDB map of {self.path} reached {current} bytes "
+                    f"(MAP_SIZE_BYTES_MAX)")
+            self.env.set_mapsize(min(current * 2, MAP_SIZE_BYTES_MAX))
+
+    @contextlib.contextmanager
+    def _alone(self):
+        """No transaction of this process open meanwhile (what ``set_mapsize`` needs): new
+        ones wait, and this waits for the open ones to end."""
         with self._guard:
             while self._resizing:
                 self._guard.wait()
@@ -177,12 +190,7 @@ class LmdbEnv:
             try:
                 while self._readers:
                     self._guard.wait()
-                current = self.env.info()["map_size"]
-                if current >= MAP_SIZE_BYTES_MAX:
-                    raise StorageFullError(
-                        f"storage full: LMDB map of {self.path} reached {current} bytes "
-                        f"(MAP_SIZE_BYTES_MAX)")
-                self.env.set_mapsize(min(current * 2, MAP_SIZE_BYTES_MAX))
+                yield
             finally:
                 self._resizing = False
                 self._guard.notify_all()
@@ -191,17 +199,8 @@ class LmdbEnv:
         """Another process that shares this environment (the index worker, or the node for the
         worker) grew the map: LMDB then refuses new transactions here (MapResizedError) until
         this process takes the new size, which it may only do with none of its own open."""
-        with self._guard:
-            while self._resizing:
-                self._guard.wait()
-            self._resizing = True
-            try:
-                while self._readers:
-                    self._guard.wait()
-                self.env.set_mapsize(0)
-            finally:
-                self._resizing = False
-                self._guard.notify_all()
+        with self._alone():
+            self.env.set_mapsize(0)
 
     def sync(self):
         self.env.sync(True)

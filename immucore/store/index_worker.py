@@ -40,9 +40,9 @@ import time
 from typing import Callable, Optional
 
 from ..constants import INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX, INDEX_THREAD_NICE
-from ..errors import DatabaseClosedError, IndexTimeoutError
+from ..errors import IndexTimeoutError
 from .indexer import (IndexMovedError, index_step, prepare_index, read_indexed_tx_id,
-                      rewind_index)
+                      rewind_index, wait_indexed_locked)
 
 log = logging.getLogger("immucore.indexer")
 _U64 = struct.Struct(">Q")
@@ -93,16 +93,7 @@ class WorkerIndexer:
         deadline = time.monotonic() + timeout_seconds
         self._send(b"h")
         with self._cond:
-            while self.indexed_tx_id < tx_id:
-                if self._stopping:
-                    raise DatabaseClosedError()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    detail = f" (last error: {self.last_error})" if self.last_error else ""
-                    raise IndexTimeoutError(
-                        f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed "
-                        f"up to tx {self.indexed_tx_id}{detail}")
-                self._cond.wait(remaining)
+            wait_indexed_locked(self, tx_id, deadline, timeout_seconds)
 
     def pause_and_rewind(self, tx_id: int):
         """Pause the worker (its step under way finishes first), then forget the keys of every

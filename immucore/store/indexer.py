@@ -69,16 +69,7 @@ class Indexer:
                 self._readers_waiting -= 1
 
     def _wait_locked(self, tx_id: int, deadline: float, timeout_seconds: float):
-        while self.indexed_tx_id < tx_id:
-            if self._stopping:
-                raise DatabaseClosedError()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                detail = f" (last error: {self.last_error})" if self.last_error else ""
-                raise IndexTimeoutError(
-                    f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "
-                    f"to tx {self.indexed_tx_id}{detail}")
-            self._cond.wait(remaining)
+        wait_indexed_locked(self, tx_id, deadline, timeout_seconds)
 
     def close(self):
         with self._cond:
@@ -152,6 +143,21 @@ class Indexer:
             self.version += 1              # first: a reader that sees the new id must renew
             self.indexed_tx_id = last
             self._cond.notify_all()
+
+
+def wait_indexed_locked(indexer, tx_id: int, deadline: float, timeout_seconds: float):
+    """Wait, holding ``indexer._cond``, until ``indexer`` (a thread's or a worker's) has
+    indexed ``tx_id``; IndexTimeoutError with its last error at ``deadline``."""
+    while indexer.indexed_tx_id < tx_id:
+        if indexer._stopping:
+            raise DatabaseClosedError()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            detail = f" (last error: {indexer.last_error})" if indexer.last_error else ""
+            raise IndexTimeoutError(
+                f"index did not reach tx {tx_id} within {timeout_seconds:g}s; indexed up "
+                f"to tx {indexer.indexed_tx_id}{detail}")
+        indexer._cond.wait(remaining)
 
 
 class IndexMovedError(RuntimeError):
