@@ -118,14 +118,8 @@ class Dispatcher:
     def _set_answered(self, name: str, answer: asyncio.Future, writer_future):
         """A SET's commit, on the loop: its answer, or on a sync primary the wait for the
         replicas' acks first (in a task, as ``_write`` does)."""
-        if answer.done():
-            return
-        if writer_future.cancelled():
-            answer.cancel()
-            return
-        exc = writer_future.exception()
-        if exc is not None:
-            answer.set_exception(exc)
+        if answer.done() or writer_future.cancelled() or writer_future.exception() is not None:
+            settle(answer, writer_future)          # its failure is the answer
             return
         header = writer_future.result()[0]
         if name in self.node.sync_acks or self.node.required_acks(name):
