@@ -70,12 +70,18 @@ class SyncAcks:
             else:
                 future.set_result(None)
 
+    def holds(self, tx_id: int) -> bool:
+        """Whether ``wait(tx_id)`` would return at once (no acks required, or the quorum
+        already holds it)."""
+        return self._closed_by is None and (
+            self._required() <= 0 or self.held_by_quorum() >= tx_id)
+
     async def wait(self, tx_id: int, timeout_seconds: float):
         if self._closed_by is not None:
             raise self._closed_by
-        required = self._required()
-        if required <= 0 or self.held_by_quorum() >= tx_id:
+        if self.holds(tx_id):
             return
+        required = self._required()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         heapq.heappush(self._waiters, (tx_id, next(self._seq), future))

@@ -122,7 +122,7 @@ class Dispatcher:
             settle(answer, writer_future)          # its failure is the answer
             return
         header = writer_future.result()[0]
-        if name in self.node.sync_acks or self.node.required_acks(name):
+        if not self.node.replicated_at_once(name, header[0]):
             waiting = asyncio.ensure_future(self._set_replicated(name, header))
             waiting.add_done_callback(functools.partial(settle, answer))
             return

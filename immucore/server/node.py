@@ -195,6 +195,12 @@ class Node:
             return 0
         return s["sync_acks"]
 
+    def replicated_at_once(self, name: str, tx_id: int) -> bool:
+        """Whether ``replicated(name, tx_id)`` would return at once: every write of an async
+        database, so its answer needs no task."""
+        acks = self.sync_acks.get(name)
+        return acks.holds(tx_id) if acks is not None else not self.required_acks(name)
+
     async def replicated(self, name: str, tx_id: int):
         """Return once enough replicas hold ``tx_id`` (at once for an async database)."""
         acks = self.sync_acks.get(name)
