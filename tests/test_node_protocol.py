@@ -692,11 +692,31 @@ class _StubTransport:
         self.closed = True
 
 
+def _logged_in_connection(dispatch):
+    """A Connection serving ``dispatch`` on a stub transport, past login."""
+    from immucore.server.connection import Connection
+    transport = _StubTransport()
+    conn = Connection(_StubNode(), dispatch)
+    conn.connection_made(transport)
+    conn.logged_in("session", False)
+    return conn, transport
+
+
+def _numbered_requests(msg, numbers) -> bytes:
+    """One frame per number n, request id n and body ``{"n": n}``, as one read."""
+    return b"".join(encode_frame(int(msg), 0, n, pack({"n": n})) for n in numbers)
+
+
+def _answers_sent(transport) -> list:
+    """``(request_id, flags, body)`` of every frame written to ``transport``, in order."""
+    decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+    return [(r, f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)]
+
+
 def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():
     """A handler whose read would have to wait while the burst holds guards raises
     BurstWouldBlock; the connection serves that request again in a task, outside the burst, and
     the other requests of the burst are answered as usual."""
-    from immucore.server.connection import Connection
     from immucore.store import env as env_module
 
     async def run():
@@ -709,17 +729,12 @@ def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():
                 raise env_module.BurstWouldBlock()
             return {"n": body["n"]}
 
-        transport = _StubTransport()
-        conn = Connection(_StubNode(), dispatch)
-        conn.connection_made(transport)
-        conn.logged_in("session", False)
-        conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack({"n": n}))
-                                    for n in (1, 2, 3)))
+        conn, transport = _logged_in_connection(dispatch)
+        conn.data_received(_numbered_requests(Msg.GET, (1, 2, 3)))
         for _ in range(5):
             await asyncio.sleep(0)
         conn._idle_handle.cancel()
-        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
-        answers = {r: (f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)}
+        answers = {r: (f, body) for r, f, body in _answers_sent(transport)}
         return calls, answers, conn._inflight
 
     calls, answers, inflight = asyncio.run(run())
@@ -732,24 +747,18 @@ def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
     """A long pipelined burst's answers leave every CONNECTION_FLUSH_ANSWERS, in request order,
     not all at the end of the loop turn: the client works on the first ones meanwhile."""
     from immucore.constants import CONNECTION_FLUSH_ANSWERS
-    from immucore.server.connection import Connection
     count = 2 * CONNECTION_FLUSH_ANSWERS + 5
 
     async def run():
         async def dispatch(conn, msg, body):
             return {"n": body["n"]}
 
-        transport = _StubTransport()
-        conn = Connection(_StubNode(), dispatch)
-        conn.connection_made(transport)
-        conn.logged_in("session", False)
-        conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack({"n": n}))
-                                    for n in range(1, count + 1)))
+        conn, transport = _logged_in_connection(dispatch)
+        conn.data_received(_numbered_requests(Msg.GET, range(1, count + 1)))
         sent_within_the_turn = len(transport.written)
         await asyncio.sleep(0)
         conn._idle_handle.cancel()
-        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
-        order = [r for w in transport.written for _, _, r, _ in decoder.feed(w)]
+        order = [r for r, _, _ in _answers_sent(transport)]
         return sent_within_the_turn, order
 
     sent_within_the_turn, order = asyncio.run(run())
@@ -761,7 +770,6 @@ def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
     """A handler may return a loop future (a SET, resolved by its commit): its result, or its
     error, is answered when it resolves, and the request counts as in flight until then."""
     from immucore.errors import ReadOnlyReplicaError
-    from immucore.server.connection import Connection
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -770,12 +778,8 @@ def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
         def dispatch(conn, msg, body):
             return answers[body["n"]]
 
-        transport = _StubTransport()
-        conn = Connection(_StubNode(), dispatch)
-        conn.connection_made(transport)
-        conn.logged_in("session", False)
-        conn.data_received(b"".join(encode_frame(int(Msg.SET), 0, n, pack({"n": n}))
-                                    for n in (1, 2, 3)))
+        conn, transport = _logged_in_connection(dispatch)
+        conn.data_received(_numbered_requests(Msg.SET, (1, 2, 3)))
         inflight_before = conn._inflight
         answers[3].set_result({"n": 3})
         answers[1].set_exception(ReadOnlyReplicaError())
@@ -783,8 +787,7 @@ def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
         for _ in range(3):
             await asyncio.sleep(0)
         conn._idle_handle.cancel()
-        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
-        sent = [(r, f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)]
+        sent = _answers_sent(transport)
         return inflight_before, sent, conn._inflight
 
     inflight_before, sent, inflight_after = asyncio.run(run())
@@ -796,7 +799,6 @@ def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
 
 
 def test_inflight_requests_never_exceed_the_limit():
-    from immucore.server.connection import Connection
 
     async def run():
         running = peak = 0
@@ -810,10 +812,7 @@ def test_inflight_requests_never_exceed_the_limit():
             running -= 1
             return {}
 
-        transport = _StubTransport()
-        conn = Connection(_StubNode(), dispatch)
-        conn.connection_made(transport)
-        conn.logged_in("session", False)
+        conn, transport = _logged_in_connection(dispatch)
         conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, i, pack({}))
                                     for i in range(1, 3 * CONNECTION_INFLIGHT_REQUESTS_MAX)))
         for _ in range(5):

@@ -64,12 +64,9 @@ class Indexer:
             self._readers_waiting += 1
             self._cond.notify_all()          # an indexer gathering commits starts its step now
             try:
-                self._wait_locked(tx_id, deadline, timeout_seconds)
+                wait_indexed_locked(self, tx_id, deadline, timeout_seconds)
             finally:
                 self._readers_waiting -= 1
-
-    def _wait_locked(self, tx_id: int, deadline: float, timeout_seconds: float):
-        wait_indexed_locked(self, tx_id, deadline, timeout_seconds)
 
     def close(self):
         with self._cond:
