@@ -22,6 +22,7 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
+from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
 from .store.index_worker import WorkerIndexer
@@ -209,6 +210,21 @@ class Database:
         self._check_writable()
         entries, size = _entries(kvs, metadata)
         return self._writer.submit_set(entries, size, block)
+
+    def set_flat_async(self, kvs_flat: list, *, metadata: Optional[KVMetadata] = None,
+                       block: bool = True):
+        """``set_async`` for keys and values alternating in one list, ``[k1, v1, k2, v2, ...]``
+        (what the wire carries), with one ``metadata`` for every entry. The codec checks and lays
+        the list out in C: no Python work per entry here."""
+        self._check_writable()
+        if type(kvs_flat) is not list:
+            raise IllegalArgumentsError("kvs_flat must be a list")
+        md = metadata.to_bytes() if metadata is not None else b""
+        try:
+            size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
+        except TypeError:
+            raise IllegalArgumentsError("keys, values and metadata must be bytes") from None
+        return self._writer.submit_set(FlatTx(kvs_flat, md), size, block)
 
     def delete_async(self, keys: Iterable[bytes], *, block: bool = True):
         """Like ``delete`` but returns a ``concurrent.futures.Future`` of the header list."""

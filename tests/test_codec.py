@@ -21,6 +21,8 @@ from immucore.codec import API, pure
 from immucore.constants import (INDEX_ENTRY_OFFSET_UNKNOWN, INDEX_KEY_SIZE_BYTES_MAX,
                                 INDEX_KEY_UNFOLDED_BYTES_MAX)
 from immucore.errors import CorruptedDataError, IllegalArgumentsError
+from immucore.flat_tx import FlatTx
+from immucore.types import KVMetadata
 
 try:
     from codec_vectors import (CHAIN_FILES, EMPTY_ALH, LIMITS, build_chain, header_tuple, hx,
@@ -669,6 +671,51 @@ def test_build_txs_rejects_before_touching_peaks(impl, version, txs, message):
     with pytest.raises(IllegalArgumentsError, match=f"^illegal arguments: {message}$"):
         impl.build_txs(version, 6, EMPTY_ALH, peaks, 1, txs, LIMITS)
     assert peaks == before
+
+
+# --- FlatTx: a tx as the wire carries it ------------------------------------------------------
+
+def _flat(tx: list) -> FlatTx:
+    """The FlatTx of a tx whose entries all carry the same metadata."""
+    return FlatTx([x for key, value, _ in tx for x in (key, value)], tx[0][2])
+
+
+@pytest.mark.parametrize("md", [b"", KVMetadata(non_indexable=True).to_bytes()])
+def test_a_flat_tx_seals_exactly_as_its_tuples(impl, md):
+    rnd = random.Random(11)
+    txs = [[(key, value, md) for key, value, _ in random_tx(rnd, n, 20, 60)] for n in (1, 7, 300)]
+    peaks_a, peaks_b = peaks_for(41), peaks_for(41)
+    as_tuples = impl.build_txs(1, 42, EMPTY_ALH, peaks_a, 9, txs, LIMITS)
+    # flat and tuple txs may share one call (a batch of SETs from different clients)
+    mixed = [_flat(txs[0]), txs[1], _flat(txs[2])]
+    assert impl.build_txs(1, 42, EMPTY_ALH, peaks_b, 9, mixed, LIMITS) == as_tuples
+    assert peaks_a == peaks_b
+
+
+@pytest.mark.parametrize("tx, message", [
+    (FlatTx([], b""), "no entries provided"),
+    (FlatTx([b"k"], b""), "kvs_flat must alternate keys and values"),
+    (FlatTx((b"k", b"v"), b""), "kvs_flat must be a list"),
+    (FlatTx([b"k", b"v"], None), "keys, values and metadata must be bytes"),
+    (FlatTx([b"k", "v"], b""), "keys, values and metadata must be bytes"),
+    (FlatTx([b"", b"v"], b""), "key can not be empty"),
+    (FlatTx([b"k", b"1", b"k", b"2"], b""), "duplicated key"),
+    (FlatTx([b"k", b"v"], b"\x00" * 12), "kv metadata too long"),
+    (FlatTx([x for i in range(1025) for x in (b"k%d" % i, b"")], b""),
+     "1025 entries exceed the limit of 1024 entries per tx"),
+])
+def test_a_bad_flat_tx_fails_as_in_pure_before_touching_peaks(impl, tx, message):
+    peaks = peaks_for(5)
+    before = list(peaks)
+    with pytest.raises(IllegalArgumentsError, match=f"^illegal arguments: {message}$"):
+        impl.build_txs(1, 6, EMPTY_ALH, peaks, 1, [[(b"ok", b"v", b"")], tx], LIMITS)
+    assert peaks == before
+
+
+def test_a_flat_tx_in_header_version_0_takes_no_metadata(impl):
+    with pytest.raises(IllegalArgumentsError, match="unsupported in tx header version 0"):
+        impl.build_txs(0, 1, EMPTY_ALH, [], 1, [FlatTx([b"k", b"v"], b"\x00")], LIMITS)
+    assert len(impl.build_txs(0, 1, EMPTY_ALH, [], 1, [FlatTx([b"k", b"v"], b"")], LIMITS)) == 1
 
 
 class _TruthyEmpty(list):

@@ -53,6 +53,7 @@ from immucore.constants import (DIGEST_SIZE as _DIGEST_SIZE_PY,
                                 KV_METADATA_SIZE_MAX as _KV_METADATA_SIZE_MAX_PY,
                                 TX_METADATA_SIZE_MAX as _TX_METADATA_SIZE_MAX_PY)
 from immucore.errors import CorruptedDataError, IllegalArgumentsError
+from immucore.flat_tx import FlatTx as _FlatTx
 
 IMPLEMENTATION = "native"
 

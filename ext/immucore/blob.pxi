@@ -326,11 +326,20 @@ cdef int build_run(BuildJob* job) noexcept nogil:
     return 0
 
 
+cdef inline object flat_kvs(object tx):
+    """A FlatTx's list of keys and values (checked to be a list: a tuple of it is copied)."""
+    cdef object kvs = (<tuple>tx)[0]
+    if type(kvs) is not list:
+        raise IllegalArgumentsError("kvs_flat must be a list")
+    return kvs
+
+
 def build_txs(version, first_id, prev_alh, peaks, ts, txs, limits):
     """Turn callers' writes into chained transactions (see the pure codec for the contract).
 
     Every tx is validated, and every value the seal would pack is range-checked, before anything
-    is hashed or ``peaks`` is touched; ``peaks`` is then updated in one step.
+    is hashed or ``peaks`` is touched; ``peaks`` is then updated in one step. A tx is a list of
+    (key, value, metadata) tuples or a ``FlatTx``.
     """
     cdef tuple tx_list = tuple(txs)
     cdef Py_ssize_t ntx = len(tx_list)
@@ -347,6 +356,7 @@ def build_txs(version, first_id, prev_alh, peaks, ts, txs, limits):
     cdef Ent* e
     cdef Py_ssize_t t, i, n, n_max = 0, depth, merges, body, blocks = 0
     cdef object entries, item, key, value, md
+    cdef bint flat
     cdef bytes kb, vb, mb, prev_b = None, rec, nodes
     cdef tuple items, peaks_held = None
     cdef list records, nodes_list, out
@@ -369,14 +379,26 @@ def build_txs(version, first_id, prev_alh, peaks, ts, txs, limits):
         # 1. Validate every tx (the pure codec's checks, messages and order).
         for t in range(ntx):
             entries = tx_list[t]
-            if not entries:
-                raise IllegalArgumentsError("no entries provided")
-            n = len(entries)
+            flat = type(entries) is _FlatTx
+            if flat:
+                # keys and values alternate in one list; one metadata for every entry
+                items = tuple(flat_kvs(entries))
+                if len(items) % 2:
+                    raise IllegalArgumentsError("kvs_flat must alternate keys and values")
+                n = len(items) // 2
+                md = (<tuple>entries)[1]
+                if type(md) is not bytes:
+                    raise IllegalArgumentsError("keys, values and metadata must be bytes")
+                if n == 0:
+                    raise IllegalArgumentsError("no entries provided")
+            else:
+                if not entries:
+                    raise IllegalArgumentsError("no entries provided")
+                items = tuple(entries)
+                n = len(items)
             if n > lim.entries_max:
                 raise IllegalArgumentsError(
                     f"{n} entries exceed the limit of {lim.entries_max_obj} entries per tx")
-            items = tuple(entries)
-            n = len(items)
             plan = &plans[t]
             plan.start = ents.count
             plan.n = n
@@ -384,10 +406,15 @@ def build_txs(version, first_id, prev_alh, peaks, ts, txs, limits):
                 n_max = n
             ents_reserve(&ents, n)
             for i in range(n):
-                item = items[i]
-                if type(item) is not tuple or len(<tuple>item) != 3:
-                    raise IllegalArgumentsError("each entry must be a (key, value, metadata) tuple")
-                key, value, md = <tuple>item
+                if flat:
+                    key = items[2 * i]
+                    value = items[2 * i + 1]
+                else:
+                    item = items[i]
+                    if type(item) is not tuple or len(<tuple>item) != 3:
+                        raise IllegalArgumentsError(
+                            "each entry must be a (key, value, metadata) tuple")
+                    key, value, md = <tuple>item
                 if type(key) is not bytes or type(value) is not bytes or type(md) is not bytes:
                     raise IllegalArgumentsError("keys, values and metadata must be bytes")
                 kb = <bytes>key
@@ -396,7 +423,7 @@ def build_txs(version, first_id, prev_alh, peaks, ts, txs, limits):
                 if len(kb) == 0:
                     raise IllegalArgumentsError("key can not be empty")
                 check_entry(len(kb) + 1, len(vb) + 1, len(mb), lim)
-                if len(mb):
+                if len(mb) and (i == 0 or not flat):      # a FlatTx's one metadata: once
                     check_caller_kv_md(mb)
                 if v0 and len(mb):
                     raise IllegalArgumentsError(

@@ -17,6 +17,7 @@ from typing import Optional
 from ..constants import (DIGEST_SIZE, INDEX_ENTRY_OFFSET_UNKNOWN, INDEX_KEY_UNFOLDED_BYTES_MAX,
                          KV_METADATA_SIZE_MAX, TX_METADATA_SIZE_MAX)
 from ..errors import CorruptedDataError, IllegalArgumentsError
+from ..flat_tx import FlatTx
 
 IMPLEMENTATION = "pure"
 
@@ -243,12 +244,15 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
     """Turn callers' writes into chained transactions.
 
     ``txs`` is a list of transactions, each a list of ``(key, value, kv_metadata_bytes)`` with the
-    caller's (unprefixed) key and value. Returns a list of ``(header, alh, record, aht_nodes)``;
-    ``peaks`` is advanced past every new tx. Nothing is returned if any tx is invalid.
+    caller's (unprefixed) key and value, or a ``FlatTx``. Returns a list of ``(header, alh,
+    record, aht_nodes)``; ``peaks`` is advanced past every new tx. Nothing is returned if any tx
+    is invalid.
     """
     # Validate everything before hashing anything, so one bad tx cannot leave peaks half-advanced.
     prepared = []
     for entries in txs:
+        if type(entries) is FlatTx:
+            entries = _flat_entries(entries)
         if not entries:
             raise IllegalArgumentsError("no entries provided")
         if len(entries) > limits[0]:
@@ -285,6 +289,19 @@ def build_txs(version: int, first_id: int, prev_alh: bytes, peaks: list, ts: int
         prev_alh = sealed[1]
         tx_id += 1
     return out
+
+
+def _flat_entries(tx: FlatTx) -> list:
+    """A FlatTx as (key, value, metadata) tuples, with the native codec's checks and messages."""
+    kvs, md = tx
+    if type(kvs) is not list:
+        raise IllegalArgumentsError("kvs_flat must be a list")
+    if len(kvs) % 2:
+        raise IllegalArgumentsError("kvs_flat must alternate keys and values")
+    if type(md) is not bytes:
+        raise IllegalArgumentsError("keys, values and metadata must be bytes")
+    pairs = iter(list(kvs))
+    return [(key, value, md) for key, value in zip(pairs, pairs)]
 
 
 def _walk_entry(blob: bytes, size: int, pos: int):
