@@ -204,15 +204,18 @@ class Database:
         """One transaction marking every key deleted (reads then report it missing)."""
         return TxHeader(*self.delete_async(keys).result()[0])
 
-    def set_async(self, kvs: KVs, *, metadata: Metadata = None, block: bool = True):
+    def set_async(self, kvs: KVs, *, metadata: Metadata = None, block: bool = True,
+                  on_done=None):
         """Like ``set`` but returns a ``concurrent.futures.Future`` of the header list. With
-        ``block=False`` a full write queue raises ``WriterBusyError`` instead of waiting."""
+        ``block=False`` a full write queue raises ``WriterBusyError`` instead of waiting. With
+        ``on_done``, ``on_done(headers, exception)`` gets the outcome instead, on a writer
+        thread (it must be quick and must not block), and None is returned."""
         self._check_writable()
         entries, size = _entries(kvs, metadata)
-        return self._writer.submit_set(entries, size, block)
+        return self._writer.submit_set(entries, size, block, on_done)
 
     def set_flat_async(self, kvs_flat: list, *, metadata: Optional[KVMetadata] = None,
-                       block: bool = True):
+                       block: bool = True, on_done=None):
         """``set_async`` for keys and values alternating in one list, ``[k1, v1, k2, v2, ...]``
         (what the wire carries), with one ``metadata`` for every entry. The codec checks and lays
         the list out in C: no Python work per entry here."""
@@ -224,7 +227,7 @@ class Database:
             size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
         except TypeError:
             raise IllegalArgumentsError("keys, values and metadata must be bytes") from None
-        return self._writer.submit_set(FlatTx(kvs_flat, md), size, block)
+        return self._writer.submit_set(FlatTx(kvs_flat, md), size, block, on_done)
 
     def delete_async(self, keys: Iterable[bytes], *, block: bool = True):
         """Like ``delete`` but returns a ``concurrent.futures.Future`` of the header list."""

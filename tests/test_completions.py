@@ -64,18 +64,38 @@ def test_a_failing_delivery_does_not_strand_the_rest_of_its_commit():
         completions = Completions(asyncio.get_running_loop())
         delivered = []
 
-        def deliver(n, writer_future):
+        def deliver(n, headers, exc):
             if n == 1:
                 raise RuntimeError("a broken callback")
-            delivered.append((n, writer_future.result()))
+            delivered.append((n, headers))
 
-        writer_futures = [Future() for _ in range(3)]
-        for n, f in enumerate(writer_futures):
-            f.set_running_or_notify_cancel()
-            completions.call_when_done(f, lambda wf, n=n: deliver(n, wf))
-        for n, f in enumerate(writer_futures):
-            f.set_result([n])
+        on_done = [completions.on_loop(lambda headers, exc, n=n: deliver(n, headers, exc))
+                   for n in range(3)]
+        thread = threading.Thread(target=lambda: [done([n], None)
+                                                  for n, done in enumerate(on_done)])
+        thread.start()
+        thread.join()
         await asyncio.sleep(0.05)
         return delivered
 
     assert asyncio.run(main()) == [(0, [0]), (2, [2])]
+
+
+def test_a_writer_callback_runs_its_function_on_the_loop():
+    async def main():
+        loop = asyncio.get_running_loop()
+        completions = Completions(loop)
+        seen = []
+        on_done = completions.on_loop(
+            lambda headers, exc: seen.append((headers, exc, threading.current_thread())))
+        error = ValueError("bad tx")
+        thread = threading.Thread(target=lambda: (on_done([1], None), on_done(None, error)))
+        thread.start()
+        thread.join()
+        assert seen == []                     # nothing runs on the writer's thread
+        await asyncio.sleep(0.05)
+        return seen, error
+
+    seen, error = asyncio.run(main())
+    assert [(h, e) for h, e, _ in seen] == [([1], None), (None, error)]
+    assert all(t is threading.main_thread() for _, _, t in seen)

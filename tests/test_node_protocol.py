@@ -766,24 +766,30 @@ def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
     assert order == list(range(1, count + 1))
 
 
-def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
-    """A handler may return a loop future (a SET, resolved by its commit): its result, or its
-    error, is answered when it resolves, and the request counts as in flight until then."""
+def test_requests_answered_later_are_answered_in_any_order_and_counted():
+    """A handler may return a LaterAnswer (a SET, given its answer by its commit): its result,
+    or its error, is answered when given, only the first one counts, and the request counts as
+    in flight until then."""
     from immucore.errors import ReadOnlyReplicaError
+    from immucore.server.connection import LaterAnswer
 
     async def run():
         loop = asyncio.get_running_loop()
-        answers = {n: loop.create_future() for n in (1, 2, 3)}
+        answers = {n: LaterAnswer() for n in (1, 2, 3, 4)}
+        answers[4].give({"n": 4})           # given before the connection bound it: kept
 
         def dispatch(conn, msg, body):
             return answers[body["n"]]
 
         conn, transport = _logged_in_connection(dispatch)
-        conn.data_received(_numbered_requests(Msg.SET, (1, 2, 3)))
+        conn.data_received(_numbered_requests(Msg.SET, (1, 2, 3, 4)))
         inflight_before = conn._inflight
-        answers[3].set_result({"n": 3})
-        answers[1].set_exception(ReadOnlyReplicaError())
-        answers[2].cancel()                 # never answered, but no longer in flight
+        answers[3].give({"n": 3})
+        answers[3].give({"n": "again"})     # not a second answer
+        answers[1].fail(ReadOnlyReplicaError())
+        cancelled = loop.create_future()
+        cancelled.cancel()
+        answers[2].settle_from(cancelled)   # never answered, but no longer in flight
         for _ in range(3):
             await asyncio.sleep(0)
         conn._idle_handle.cancel()
@@ -792,10 +798,11 @@ def test_requests_answered_by_a_future_are_answered_in_any_order_and_counted():
 
     inflight_before, sent, inflight_after = asyncio.run(run())
     assert inflight_before == 3 and inflight_after == 0
-    assert sent[0] == (3, 0, {"n": 3})
-    assert sent[1][0] == 1 and sent[1][1] & FLAG_ERROR
-    assert sent[1][2]["message"] == "database is read-only because it's a replica"
-    assert len(sent) == 2
+    assert sent[0] == (4, 0, {"n": 4})
+    assert sent[1] == (3, 0, {"n": 3})
+    assert sent[2][0] == 1 and sent[2][1] & FLAG_ERROR
+    assert sent[2][2]["message"] == "database is read-only because it's a replica"
+    assert len(sent) == 3
 
 
 def test_inflight_requests_never_exceed_the_limit():

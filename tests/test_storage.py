@@ -67,6 +67,37 @@ def test_concurrent_writers_get_contiguous_ids_and_their_own_headers(tmp_path):
     db.close()
 
 
+def test_a_write_with_on_done_reports_to_its_callback_instead_of_a_future(tmp_path):
+    """The node's SET path: no future; the outcome, success or error, goes to on_done on a
+    writer thread, and a callback that raises does not stop the writer."""
+    import queue
+    db = open_database(str(tmp_path / "db"), max_value_len=100)
+    outcomes = {name: queue.Queue() for name in ("a", "bc", "odd", "big")}
+
+    def report(name):
+        return lambda headers, exc: outcomes[name].put((headers, exc, threading.current_thread()))
+
+    assert db.set_async({b"a": b"1"}, on_done=report("a")) is None
+    assert db.set_flat_async([b"b", b"2", b"c", b"3"], on_done=report("bc")) is None
+    db.set_flat_async([b"odd"], on_done=report("odd"))                 # the codec rejects it
+    db.set_flat_async([b"big", bytes(200)], on_done=report("big"))     # over max_value_len
+    got = {name: q.get(timeout=10) for name, q in outcomes.items()}
+    assert [(got[n][0][0][0], got[n][0][0][5], got[n][1]) for n in ("a", "bc")] == [
+        (1, 1, None), (2, 2, None)]
+    assert got["odd"][0] is None
+    assert "kvs_flat must alternate keys and values" in str(got["odd"][1])
+    assert got["big"][0] is None and "value length" in str(got["big"][1])
+    assert all(t is not threading.current_thread() for _, _, t in got.values())
+
+    def broken(headers, exc):
+        raise RuntimeError("a broken callback")
+
+    db.set_async({b"d": b"4"}, on_done=broken)
+    assert db.set({b"e": b"5"}).id == 4                                # the writer goes on
+    assert db.get(b"b").value == b"2" and db.get(b"e").value == b"5"
+    db.close()
+
+
 def test_one_bad_request_in_a_group_commit_fails_alone(tmp_path):
     db = open_database(str(tmp_path / "db"), max_value_len=100)
     futures = [db.set_async({f"ok{n}".encode(): b"v"}) for n in range(20)]

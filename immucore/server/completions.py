@@ -4,6 +4,10 @@
 future, and chains callbacks both ways. A commit resolves all its writes at once on the
 committer thread, so ``Completions`` queues them and wakes the loop once: under 32 connections
 of single-entry sets that is one wake-up per ~8 writes.
+
+Two forms: ``wrap`` gives an asyncio future of a writer's future (for handlers that await), and
+``on_loop`` gives the writer an ``on_done(result, exception)`` callback that runs a function on
+the loop (a SET, answered from its commit with no future at all).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ log = logging.getLogger("immucore.server")
 class Completions:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._resolved: collections.deque = collections.deque()   # (deliver, writer future)
+        self._resolved: collections.deque = collections.deque()   # (deliver, its arguments)
         self._lock = threading.Lock()
         self._drain_scheduled = False
 
@@ -29,17 +33,18 @@ class Completions:
         if the writer has not taken it yet (as ``wrap_future`` does)."""
         waiter = self._loop.create_future()
         waiter.add_done_callback(functools.partial(_cancel_with, writer_future))
-        self.call_when_done(writer_future, functools.partial(settle, waiter))
+        writer_future.add_done_callback(functools.partial(self._resolve, settle, waiter))
         return waiter
 
-    def call_when_done(self, writer_future: Future, deliver) -> None:
-        """Call ``deliver(writer_future)`` on the loop once the writer has resolved it: for a
-        handler that answers from a callback, with no future or task of its own."""
-        writer_future.add_done_callback(functools.partial(self._resolve, deliver))
+    def on_loop(self, deliver):
+        """An ``on_done(result, exception)`` for the writer: ``deliver(result, exception)``
+        then runs on the loop."""
+        return functools.partial(self._resolve, deliver)
 
-    def _resolve(self, deliver, writer_future: Future):
-        """On the committer's thread (or at once, if already done)."""
-        self._resolved.append((deliver, writer_future))
+    def _resolve(self, deliver, *outcome):
+        """On a writer thread (or on the loop, for a future already done): queue the delivery
+        and wake the loop, once for everything queued until it drains."""
+        self._resolved.append((deliver, outcome))
         with self._lock:
             if self._drain_scheduled:
                 return
@@ -54,9 +59,9 @@ class Completions:
             self._drain_scheduled = False
         resolved = self._resolved
         while resolved:
-            deliver, writer_future = resolved.popleft()
+            deliver, outcome = resolved.popleft()
             try:
-                deliver(writer_future)
+                deliver(*outcome)
             except Exception:  # noqa: BLE001 - one failed delivery must not strand the others
                 log.exception("delivering a write's outcome failed")
 

@@ -51,6 +51,48 @@ async def _ready(value):
     return value
 
 
+class LaterAnswer:
+    """What a handler returns when a callback gives its answer later (a SET, answered from its
+    commit): no coroutine, task or future. The connection binds where the answer goes right
+    after the handler returns, always before the loop can run the callback; an answer given
+    before that anyway is kept until then. Only the first answer counts."""
+    __slots__ = ("_to", "_given")
+
+    def __init__(self):
+        self._to = None
+        self._given = None
+
+    def bind(self, to) -> None:
+        """``to(result, exception)`` receives the answer."""
+        if self._given is not None:
+            to(*self._given)
+        else:
+            self._to = to
+
+    def give(self, result) -> None:
+        self._settle(result, None)
+
+    def fail(self, exc: BaseException) -> None:
+        self._settle(None, exc)
+
+    def settle_from(self, source: asyncio.Future) -> None:
+        """The outcome of a finished asyncio future (a task the answer had to wait for)."""
+        if source.cancelled():
+            self.fail(asyncio.CancelledError())
+        elif source.exception() is not None:
+            self.fail(source.exception())
+        else:
+            self.give(source.result())
+
+    def _settle(self, result, exc) -> None:
+        if self._given is not None:
+            return                       # only the first answer counts
+        self._given = (result, exc)
+        to, self._to = self._to, None
+        if to is not None:
+            to(result, exc)
+
+
 # From Python 3.12 a task can run its first step at once (eager_start): the handler then runs in
 # a real task, which asyncio.timeout and current_task() need. Before, _Started emulates it.
 _EAGER_TASKS = sys.version_info >= (3, 12)
@@ -203,9 +245,9 @@ class Connection(asyncio.Protocol):
             handled = self._dispatch(self, msg, _request_body(raw))
             if type(handled) is dict:                # answered without a coroutine
                 finished, result = True, handled
-            elif isinstance(handled, asyncio.Future):     # answered by a callback (a SET)
+            elif type(handled) is LaterAnswer:          # answered by a callback (a SET)
                 self._inflight += 1
-                handled.add_done_callback(functools.partial(self._answered, msg, request_id))
+                handled.bind(functools.partial(self._answered, msg, request_id))
                 return
             else:
                 finished, result = _first_step(handled)
@@ -246,15 +288,13 @@ class Connection(asyncio.Protocol):
             self._dispatch_backlog()
             self._maybe_resume_reading()
 
-    def _answered(self, msg, request_id: int, answer: asyncio.Future):
-        """``_finish`` for a request answered by a future instead of a coroutine."""
+    def _answered(self, msg, request_id: int, result, exc):
+        """``_finish`` for a request answered through a LaterAnswer instead of a coroutine."""
         try:
-            if not answer.cancelled():
-                exc = answer.exception()
-                if exc is None:
-                    self._send(msg, 0, request_id, answer.result())
-                else:
-                    self._answer_error(msg, request_id, exc)
+            if exc is None:
+                self._send(msg, 0, request_id, result)
+            elif not isinstance(exc, asyncio.CancelledError):
+                self._answer_error(msg, request_id, exc)
         except Exception as exc:  # noqa: BLE001 - an answer that does not encode
             self._answer_error(msg, request_id, exc)
         finally:

@@ -15,7 +15,8 @@ from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, to_wire
 from ..types import KVMetadata, State, TxHeader
 from . import auth, settings as dbsettings
-from .completions import Completions, settle
+from .completions import Completions
+from .connection import LaterAnswer
 from .node import DatabaseError, Node
 
 
@@ -46,14 +47,15 @@ def _metadata(body: dict):
     return None
 
 
-def _submit_set(db, body: dict):
-    """A SET's tx handed to the writer without waiting (a full queue: writer_busy). Our clients'
-    ``kvs_flat`` with at most one metadata goes to the codec as it came, not entry by entry."""
+def _submit_set(db, body: dict, on_done):
+    """A SET's tx handed to the writer without waiting (a full queue: writer_busy): its future,
+    or None when ``on_done`` takes the outcome. Our clients' ``kvs_flat`` with at most one
+    metadata goes to the codec as it came, not entry by entry."""
     metadata = _metadata(body)
     flat = body.get("kvs_flat")
     if type(flat) is list and not isinstance(metadata, dict):
-        return db.set_flat_async(flat, metadata=metadata, block=False)
-    return db.set_async(_kvs(body), metadata=metadata, block=False)
+        return db.set_flat_async(flat, metadata=metadata, block=False, on_done=on_done)
+    return db.set_async(_kvs(body), metadata=metadata, block=False, on_done=on_done)
 
 
 def _kvs(body: dict) -> list:
@@ -111,7 +113,7 @@ class Dispatcher:
     async def _write(self, db, body: dict) -> tuple:
         """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy),
         and on a sync primary answered once enough replicas hold it."""
-        headers = await self._committed(_submit_set(db, body))
+        headers = await self._committed(_submit_set(db, body, None))
         await self.node.replicated(db.name, headers[0][0])
         return headers[0]
 
@@ -124,18 +126,18 @@ class Dispatcher:
             self._completions = Completions(asyncio.get_running_loop())
         return self._completions
 
-    def _set_answered(self, name: str, answer: asyncio.Future, writer_future):
+    def _set_answered(self, name: str, answer: LaterAnswer, headers, exc):
         """A SET's commit, on the loop: its answer, or on a sync primary the wait for the
         replicas' acks first (in a task, as ``_write`` does)."""
-        if answer.done() or writer_future.cancelled() or writer_future.exception() is not None:
-            settle(answer, writer_future)          # its failure is the answer
+        if exc is not None:
+            answer.fail(exc)                       # its failure is the answer
             return
-        header = writer_future.result()[0]
+        header = headers[0]
         if not self.node.replicated_at_once(name, header[0]):
             waiting = asyncio.ensure_future(self._set_replicated(name, header))
-            waiting.add_done_callback(functools.partial(settle, answer))
+            waiting.add_done_callback(answer.settle_from)
             return
-        answer.set_result({"header": to_wire(TxHeader(*header))})
+        answer.give({"header": to_wire(TxHeader(*header))})
 
     async def _set_replicated(self, name: str, header: tuple) -> dict:
         await self.node.replicated(name, header[0])
@@ -242,13 +244,12 @@ class Dispatcher:
     # --- data -----------------------------------------------------------------------------
 
     def set(self, conn, body):
-        """Answered by a callback when its commit is durable: a loop future, no task (the
-        connection sends what it resolves to)."""
+        """Answered by a callback when its commit is durable: no task, coroutine or future (the
+        writer calls back through the bridge, and the connection sends what it is given)."""
         db = self._db(conn, "write")
-        writer_future = _submit_set(db, body)
-        answer = asyncio.get_running_loop().create_future()
-        self._bridge().call_when_done(
-            writer_future, functools.partial(self._set_answered, db.name, answer))
+        answer = LaterAnswer()
+        _submit_set(db, body, self._bridge().on_loop(
+            functools.partial(self._set_answered, db.name, answer)))
         return answer
 
     async def delete(self, conn, body):
