@@ -222,7 +222,12 @@ class Database:
         self._check_writable()
         if type(kvs_flat) is not list:
             raise IllegalArgumentsError("kvs_flat must be a list")
+        if len(kvs_flat) % 2:       # here, not in the sealer: a bad tx there costs its batch
+            raise IllegalArgumentsError("kvs_flat must alternate keys and values")
+        if metadata is not None and not isinstance(metadata, KVMetadata):
+            raise IllegalArgumentsError("metadata must be one KVMetadata for every entry")
         md = metadata.to_bytes() if metadata is not None else b""
+        kvs_flat = list(kvs_flat)      # ours now: the caller may reuse its list at once
         try:
             size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
         except TypeError:

@@ -701,6 +701,8 @@ def test_a_flat_tx_seals_exactly_as_its_tuples(impl, md):
     (FlatTx([b"", b"v"], b""), "key can not be empty"),
     (FlatTx([b"k", b"1", b"k", b"2"], b""), "duplicated key"),
     (FlatTx([b"k", b"v"], b"\x00" * 12), "kv metadata too long"),
+    (FlatTx([b"k", b"1", b"j", b"2"], b"\x05"),
+     "invalid kv metadata: data is corrupted: unknown kv metadata attribute 5"),
     (FlatTx([x for i in range(1025) for x in (b"k%d" % i, b"")], b""),
      "1025 entries exceed the limit of 1024 entries per tx"),
 ])

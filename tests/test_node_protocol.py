@@ -797,12 +797,29 @@ def test_requests_answered_later_are_answered_in_any_order_and_counted():
         return inflight_before, sent, conn._inflight
 
     inflight_before, sent, inflight_after = asyncio.run(run())
-    assert inflight_before == 3 and inflight_after == 0
-    assert sent[0] == (4, 0, {"n": 4})
-    assert sent[1] == (3, 0, {"n": 3})
-    assert sent[2][0] == 1 and sent[2][1] & FLAG_ERROR
-    assert sent[2][2]["message"] == "database is read-only because it's a replica"
-    assert len(sent) == 3
+    assert inflight_before == 4 and inflight_after == 0
+    by_id = {request_id: (flags, body) for request_id, flags, body in sent}
+    assert len(sent) == 3 and set(by_id) == {1, 3, 4}
+    assert by_id[4] == (0, {"n": 4}) and by_id[3] == (0, {"n": 3})
+    assert by_id[1][0] & FLAG_ERROR
+    assert by_id[1][1]["message"] == "database is read-only because it's a replica"
+
+
+def test_a_later_answer_can_be_awaited():
+    """A request served again in a task awaits its handler's result, a LaterAnswer too."""
+    from immucore.server.connection import LaterAnswer
+
+    async def run():
+        given, failed, early = LaterAnswer(), LaterAnswer(), LaterAnswer()
+        early.give("early")
+        loop = asyncio.get_running_loop()
+        loop.call_soon(given.give, "late")
+        loop.call_soon(failed.fail, ValueError("bad"))
+        results = await asyncio.gather(given, failed, early, return_exceptions=True)
+        return results
+
+    late, bad, early = asyncio.run(run())
+    assert (late, early) == ("late", "early") and isinstance(bad, ValueError)
 
 
 def test_inflight_requests_never_exceed_the_limit():
@@ -928,6 +945,18 @@ def test_set_takes_flat_and_paired_kvs_and_refuses_misshapen_ones(node, good):
         _, flags, _, answer = request(sock, Msg.SET, 9, {"kvs": [[b"p1", b"x"]]})
         assert not flags & FLAG_ERROR, answer
     assert good.get(b"p1").value == b"x"
+
+
+def test_one_metadata_reaches_every_entry_of_a_flat_set(node, good):
+    """A SET with kvs_flat and one metadata (sealed from the wire's list as it came) gives every
+    entry that metadata; metadata per key still goes entry by entry."""
+    from immucore.types import KVMetadata
+    hidden = KVMetadata(non_indexable=True)
+    header = good.set({b"md1": b"1", b"md2": b"2", b"md3": b"3"}, metadata=hidden)
+    assert [e.metadata for e in good.tx_by_id(header.id).entries] == [hidden] * 3
+    expiring = KVMetadata(expires_at=4_000_000_000)
+    header = good.set({b"md4": b"4", b"md5": b"5"}, metadata={b"md5": expiring})
+    assert [e.metadata for e in good.tx_by_id(header.id).entries] == [None, expiring]
 
 
 def test_connections_past_the_caps_are_refused_and_the_node_serves_on(tmp_path):

@@ -72,20 +72,19 @@ def test_a_write_with_on_done_reports_to_its_callback_instead_of_a_future(tmp_pa
     writer thread, and a callback that raises does not stop the writer."""
     import queue
     db = open_database(str(tmp_path / "db"), max_value_len=100)
-    outcomes = {name: queue.Queue() for name in ("a", "bc", "odd", "big")}
+    outcomes = {name: queue.Queue() for name in ("a", "bc", "dup", "big")}
 
     def report(name):
         return lambda headers, exc: outcomes[name].put((headers, exc, threading.current_thread()))
 
     assert db.set_async({b"a": b"1"}, on_done=report("a")) is None
     assert db.set_flat_async([b"b", b"2", b"c", b"3"], on_done=report("bc")) is None
-    db.set_flat_async([b"odd"], on_done=report("odd"))                 # the codec rejects it
+    db.set_flat_async([b"dup", b"1", b"dup", b"2"], on_done=report("dup"))   # the codec's check
     db.set_flat_async([b"big", bytes(200)], on_done=report("big"))     # over max_value_len
     got = {name: q.get(timeout=10) for name, q in outcomes.items()}
     assert [(got[n][0][0][0], got[n][0][0][5], got[n][1]) for n in ("a", "bc")] == [
         (1, 1, None), (2, 2, None)]
-    assert got["odd"][0] is None
-    assert "kvs_flat must alternate keys and values" in str(got["odd"][1])
+    assert got["dup"][0] is None and "duplicated key" in str(got["dup"][1])
     assert got["big"][0] is None and "value length" in str(got["big"][1])
     assert all(t is not threading.current_thread() for _, _, t in got.values())
 
@@ -93,8 +92,29 @@ def test_a_write_with_on_done_reports_to_its_callback_instead_of_a_future(tmp_pa
         raise RuntimeError("a broken callback")
 
     db.set_async({b"d": b"4"}, on_done=broken)
-    assert db.set({b"e": b"5"}).id == 4                                # the writer goes on
+    assert db.set_async({b"e": b"5"}).result(timeout=10)[0][0] == 4     # the writer goes on
     assert db.get(b"b").value == b"2" and db.get(b"e").value == b"5"
+    db.close()
+
+
+def test_a_flat_set_is_checked_at_once_and_owns_its_list(tmp_path):
+    """set_flat_async refuses a misshapen list before queueing it (a bad tx in the sealer costs
+    its whole group commit a retry), and the caller may reuse its list as soon as it returns."""
+    db = open_database(str(tmp_path / "db"))
+    with pytest.raises(IllegalArgumentsError, match="alternate keys and values"):
+        db.set_flat_async([b"odd"])
+    with pytest.raises(IllegalArgumentsError, match="must be a list"):
+        db.set_flat_async((b"k", b"v"))
+    with pytest.raises(IllegalArgumentsError, match="one KVMetadata"):
+        db.set_flat_async([b"k", b"v"], metadata={b"k": None})
+    futures = []
+    for n in range(50):
+        kvs = [b"k%d" % n, b"v%d" % n]
+        futures.append(db.set_flat_async(kvs))
+        kvs[1] = b"changed"              # the caller reuses its list at once
+        kvs.append(b"odd")
+    assert all(f.result(timeout=10)[0][5] == 1 for f in futures)
+    assert [db.get(b"k%d" % n).value for n in range(50)] == [b"v%d" % n for n in range(50)]
     db.close()
 
 

@@ -63,11 +63,18 @@ class LaterAnswer:
         self._given = None
 
     def bind(self, to) -> None:
-        """``to(result, exception)`` receives the answer."""
+        """``to(result, exception)`` receives the answer (in a later loop step, if it was given
+        already: never inside the call that bound it)."""
         if self._given is not None:
-            to(*self._given)
+            asyncio.get_running_loop().call_soon(to, *self._given)
         else:
             self._to = to
+
+    def __await__(self):
+        """The answer, awaited (a request served again in a task)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.bind(functools.partial(_settle_waiter, waiter))
+        return (yield from waiter.__await__())
 
     def give(self, result) -> None:
         self._settle(result, None)
@@ -91,6 +98,17 @@ class LaterAnswer:
         to, self._to = self._to, None
         if to is not None:
             to(result, exc)
+
+
+def _settle_waiter(waiter: asyncio.Future, result, exc) -> None:
+    if waiter.done():
+        return
+    if isinstance(exc, asyncio.CancelledError):
+        waiter.cancel()
+    elif exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(result)
 
 
 # From Python 3.12 a task can run its first step at once (eager_start): the handler then runs in

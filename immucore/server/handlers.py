@@ -51,11 +51,16 @@ def _submit_set(db, body: dict, on_done):
     """A SET's tx handed to the writer without waiting (a full queue: writer_busy): its future,
     or None when ``on_done`` takes the outcome. Our clients' ``kvs_flat`` with at most one
     metadata goes to the codec as it came, not entry by entry."""
-    metadata = _metadata(body)
     flat = body.get("kvs_flat")
-    if type(flat) is list and not isinstance(metadata, dict):
-        return db.set_flat_async(flat, metadata=metadata, block=False, on_done=on_done)
-    return db.set_async(_kvs(body), metadata=metadata, block=False, on_done=on_done)
+    if type(flat) is not list:
+        kvs = _kvs(body)                 # checked before the metadata, as they always were
+        return db.set_async(kvs, metadata=_metadata(body), block=False, on_done=on_done)
+    if len(flat) % 2:
+        raise IllegalArgumentsError("kvs_flat must alternate keys and values")
+    metadata = _metadata(body)
+    if isinstance(metadata, dict):       # metadata per key: entry by entry after all
+        return db.set_async(_kvs(body), metadata=metadata, block=False, on_done=on_done)
+    return db.set_flat_async(flat, metadata=metadata, block=False, on_done=on_done)
 
 
 def _kvs(body: dict) -> list:
