@@ -22,7 +22,8 @@ from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
 from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
-from .protocol.messages import Msg, from_wire, pack, raise_error, to_wire, unpack
+from .protocol.messages import (Msg, from_wire, header_from_wire, pack, raise_error, to_wire,
+                                unpack)
 from .types import KVMetadata, State
 
 _EMPTY_HASH = codec.sha256(b"")
@@ -287,10 +288,10 @@ class AsyncClient:
     # --- data -------------------------------------------------------------------------
 
     async def set(self, kvs, *, metadata=None):
-        return from_wire((await self.call(Msg.SET, _set_body(kvs, metadata)))["header"])
+        return header_from_wire((await self.call(Msg.SET, _set_body(kvs, metadata)))["header"])
 
     async def delete(self, keys: List[bytes]):
-        return from_wire((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
+        return header_from_wire((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
 
     async def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0, at_revision: int = 0):
         body = {"key": key}

@@ -104,6 +104,30 @@ def to_wire(value: Any) -> Any:
     return value
 
 
+_HEADER_FIELDS = _FIELDS[types.TxHeader]
+
+
+def header_to_wire(header: tuple) -> dict:
+    """``to_wire(TxHeader(*header))`` for the writer's header tuple (every field plain), without
+    building the dataclass: a SET's answer, 0.6 instead of 2.9 µs on the event loop."""
+    out = {"_t": "TxHeader"}
+    out.update(zip(_HEADER_FIELDS, header))
+    return out
+
+
+def header_from_wire(value: Any) -> types.TxHeader:
+    """``from_wire`` of a SET's answer header, 1.5 instead of 4.3 µs in the client; anything but
+    a plain TxHeader map goes through ``from_wire``."""
+    if type(value) is dict and value.get("_t") == "TxHeader" and len(value) == 10:
+        try:
+            fields = [value[name] for name in _HEADER_FIELDS]
+        except KeyError:
+            return from_wire(value)
+        if _PLAIN.issuperset(map(type, fields)):
+            return types.TxHeader(*fields)
+    return from_wire(value)
+
+
 def from_wire(value: Any) -> Any:
     kind = type(value)
     if kind in _PLAIN:

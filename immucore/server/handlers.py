@@ -12,8 +12,8 @@ from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BY
                          REPLICA_ID_CHARS_MAX)
 from ..errors import IllegalArgumentsError, ReplicaDivergedError
 from ..protocol.frames import ProtocolError
-from ..protocol.messages import Msg, from_wire, to_wire
-from ..types import KVMetadata, State, TxHeader
+from ..protocol.messages import Msg, from_wire, header_to_wire, to_wire
+from ..types import KVMetadata, State
 from . import auth, settings as dbsettings
 from .completions import Completions
 from .connection import LaterAnswer
@@ -142,11 +142,11 @@ class Dispatcher:
             waiting = asyncio.ensure_future(self._set_replicated(name, header))
             waiting.add_done_callback(answer.settle_from)
             return
-        answer.give({"header": to_wire(TxHeader(*header))})
+        answer.give({"header": header_to_wire(header)})
 
     async def _set_replicated(self, name: str, header: tuple) -> dict:
         await self.node.replicated(name, header[0])
-        return {"header": to_wire(TxHeader(*header))}
+        return {"header": header_to_wire(header)}
 
     def _manager(self, conn):
         return self.node.token_sessions if conn.detached else self.node.sessions
@@ -262,7 +262,7 @@ class Dispatcher:
         keys = _field(body, "keys", list)
         headers = await self._committed(db.delete_async(keys, block=False))
         await self.node.replicated(db.name, headers[0][0])
-        return {"header": to_wire(TxHeader(*headers[0]))}
+        return {"header": header_to_wire(headers[0])}
 
     def get(self, conn, body):
         """A plain get (only a key) that the index already covers is answered here, with no
@@ -377,7 +377,7 @@ class Dispatcher:
         if last_alh is not None and not (isinstance(last_alh, bytes) and len(last_alh) == 32):
             raise IllegalArgumentsError("field 'last_alh' must be 32 bytes")
         headers = await asyncio.wrap_future(db.replicate_txs_async(blobs, last_alh=last_alh))
-        return {"headers": to_wire([TxHeader(*h) for h in headers])}
+        return {"headers": [header_to_wire(h) for h in headers]}
 
     # --- databases ------------------------------------------------------------------------
 
