@@ -303,7 +303,8 @@ class Connection(asyncio.Protocol):
             self._answer_error(msg, request_id, exc)
         finally:
             self._inflight -= 1
-            self._dispatch_backlog()
+            if self._backlog:        # requests held back by the in-flight cap: serve them now
+                self._dispatch_backlog()
             self._maybe_resume_reading()
 
     def _answered(self, msg, request_id: int, result, exc):
@@ -317,7 +318,8 @@ class Connection(asyncio.Protocol):
             self._answer_error(msg, request_id, exc)
         finally:
             self._inflight -= 1
-            self._dispatch_backlog()
+            if self._backlog:        # requests held back by the in-flight cap: serve them now
+                self._dispatch_backlog()
             self._maybe_resume_reading()
 
     def _answer_error(self, msg, request_id: int, exc: Exception):
