@@ -73,7 +73,10 @@ class _NodeProtocol(asyncio.Protocol):
         self.closed = asyncio.get_running_loop().create_future()   # set once it is over
 
     def connection_made(self, transport):
+        # attached at once: the node may send its reason and close (too many connections,
+        # protected mode) before create_connection has even returned
         self.transport = transport
+        self._client._attach(self, transport)
 
     def data_received(self, data: bytes):
         if self._client._protocol is not self:
@@ -122,14 +125,22 @@ class AsyncClient:
         if self._transport is not None:
             return
         loop = asyncio.get_running_loop()
-        transport, protocol = await asyncio.wait_for(loop.create_connection(
+        transport, _ = await asyncio.wait_for(loop.create_connection(
             lambda: _NodeProtocol(self), self.host, self.port, ssl=self._ssl), self.timeout)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small pipelined requests must not wait for Nagle's algorithm
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _attach(self, protocol: _NodeProtocol, transport):
+        """A new connection (from its protocol's connection_made): the client's from now on."""
         self._closed_error = self._close_reason = None
         self._transport, self._protocol = transport, protocol
+
+    def _check_open(self):
+        """After connecting: a node that refused the connection at once has already said why."""
+        if self._transport is None:
+            raise self._closed_error or ConnectionClosedError("connection closed by the node")
 
     async def close(self):
         protocol = self._protocol
@@ -177,7 +188,7 @@ class AsyncClient:
         """``protocol``'s connection is over: every waiting call fails with why (once)."""
         if protocol is not self._protocol or self._transport is None:
             return                        # an earlier connection, or already ended
-        if error is None:
+        if error is None or self._close_reason is not None:    # the node's own words first
             error = ConnectionClosedError(
                 f"node closed the connection: {self._close_reason}"
                 if self._close_reason is not None else "connection closed by the node")
@@ -203,6 +214,7 @@ class AsyncClient:
         """Send one request and wait for its answer (raising the node's error, if any)."""
         if self._transport is None:
             await self._ensure_connected()
+            self._check_open()
         request_id = next(self._ids)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
@@ -265,18 +277,22 @@ class AsyncClient:
     async def stream(self, msg: Msg, body: dict) -> AsyncIterator[Any]:
         """Send one request answered by a server stream; yields each item's body."""
         await self._ensure_connected()
+        self._check_open()
         request_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
         self._write(encode_frame(int(msg), 0, request_id, pack(body)))
-        while True:
-            flags, item = await asyncio.wait_for(queue.get(), self.timeout)
-            if flags & FLAG_ERROR:
-                raise_error(item)
-            if flags & FLAG_END:
-                return
-            if flags & FLAG_STREAM:
-                yield item
+        try:
+            while True:
+                flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                if flags & FLAG_ERROR:
+                    raise_error(item)
+                if flags & FLAG_END:
+                    return
+                if flags & FLAG_STREAM:
+                    yield item
+        finally:
+            self._pending.pop(request_id, None)     # a stream given up: its queue goes too
 
     # --- session ----------------------------------------------------------------------
 
@@ -292,6 +308,7 @@ class AsyncClient:
         if self._transport is None:
             self._closed_error = None      # an explicit login starts afresh
             await self.connect()
+            self._check_open()
         answer = await self.call(Msg.LOGIN, {"user": user, "password": password,
                                              "database": database, "detached": detached})
         self.database, self.session_token = answer["database"], answer["token"]

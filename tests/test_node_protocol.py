@@ -959,6 +959,36 @@ def test_one_metadata_reaches_every_entry_of_a_flat_set(node, good):
     assert [e.metadata for e in good.tx_by_id(header.id).entries] == [None, expiring]
 
 
+def test_a_client_reports_why_a_node_refused_it_on_connect():
+    """A node may answer a new connection with one error frame and close it before the client
+    has even finished connecting (too_many_connections, protected mode): the client's first call
+    fails with the node's words, not with a bare 'connection closed'."""
+    async def run():
+        async def refuse(reader, writer):
+            writer.write(encode_frame(int(Msg.HEALTH), FLAG_ERROR, 0, pack(
+                {"code": "too_many_connections", "message": "too many connections (8)"})))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        outcomes = []
+        for _ in range(5):
+            client = AsyncClient("127.0.0.1", port)
+            try:
+                await client.login("immudb", "immudb")
+                outcomes.append("logged in")
+            except ConnectionClosedError as exc:
+                outcomes.append(str(exc))
+            await client.close()
+        server.close()
+        await server.wait_closed()
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert outcomes == ["node closed the connection: too many connections (8)"] * 5
+
+
 def test_connections_past_the_caps_are_refused_and_the_node_serves_on(tmp_path):
     """--max-connections 8: a quarter (2) may wait to log in; one more idle connection, or a
     ninth connection, gets one `too_many_connections` error frame and is closed, while the
@@ -979,6 +1009,10 @@ def test_connections_past_the_caps_are_refused_and_the_node_serves_on(tmp_path):
         idle = [socket.create_connection(("127.0.0.1", n.port), timeout=5) for _ in range(2)]
         time.sleep(0.3)
         assert "waiting to log in (2)" in refused(n)
+        refused_client = Client(n.host, n.port)     # the clients say why, too
+        with pytest.raises(ConnectionClosedError, match="waiting to log in"):
+            refused_client.login("immudb", "immudb")
+        refused_client.close()
         assert clients[0].set({b"k": b"v"}).id >= 1
         for sock in idle:
             sock.close()
