@@ -52,11 +52,9 @@ def _submit_set(db, body: dict, on_done):
     or None when ``on_done`` takes the outcome. Our clients' ``kvs_flat`` with at most one
     metadata goes to the codec as it came, not entry by entry."""
     flat = body.get("kvs_flat")
-    if type(flat) is not list:
-        kvs = _kvs(body)                 # checked before the metadata, as they always were
+    if type(flat) is not list or len(flat) % 2:
+        kvs = _kvs(body)      # refuses what is misshapen, before the metadata, as it always did
         return db.set_async(kvs, metadata=_metadata(body), block=False, on_done=on_done)
-    if len(flat) % 2:
-        raise IllegalArgumentsError("kvs_flat must alternate keys and values")
     metadata = _metadata(body)
     if isinstance(metadata, dict):       # metadata per key: entry by entry after all
         return db.set_async(_kvs(body), metadata=metadata, block=False, on_done=on_done)
