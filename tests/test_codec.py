@@ -876,7 +876,15 @@ kv_md = st.one_of(
     st.binary(max_size=12),              # build_txs does not parse kv metadata (see pure)
 )
 entry = st.tuples(st.binary(max_size=24), st.binary(max_size=160), kv_md)
-txs_strategy = st.lists(st.lists(entry, min_size=0, max_size=12), min_size=0, max_size=5)
+# a tx as the wire carries it: keys and values in one list (odd lengths, and now and then a
+# stray non-bytes item or metadata), one metadata for all of its entries
+flat_kvs = st.lists(st.one_of(st.binary(max_size=24), st.binary(max_size=160)), max_size=24)
+flat_kvs_stray = st.tuples(flat_kvs, st.sampled_from(["text", None, 7])).map(
+    lambda pair: pair[0] + [pair[1]])
+flat_tx = st.builds(FlatTx, st.one_of(flat_kvs, flat_kvs, flat_kvs, flat_kvs_stray),
+                    st.one_of(kv_md, kv_md, kv_md, st.just(None)))
+txs_strategy = st.lists(st.one_of(st.lists(entry, min_size=0, max_size=12), flat_tx),
+                        min_size=0, max_size=5)
 limits_strategy = st.one_of(st.just(LIMITS), st.tuples(st.integers(0, 12), st.integers(0, 30),
                                                        st.integers(0, 200)))
 
