@@ -11,9 +11,9 @@ The two ends talk over the worker's stdin and stdout:
 * node -> worker, 9-byte commands (one byte, then a u64; one write each, so commands from
   several threads never interleave): ``p <tx>`` tx committed (after every commit; when the
   pipe is full it is dropped, and the latest tx id is sent again after the worker's next step),
-  ``h <tx>`` a read is waiting (index now, do not gather), ``P <n>`` pause number n (finish the step, answer
-  ``paused <n>``, index nothing until ``R``), ``R <tx>`` resume with tx the last committed
-  (the log may have been cut back: the position and the bound are read again).
+  ``h <tx>`` a read is waiting (index now, do not gather), ``P <n>`` pause number n (finish
+  the step, answer ``paused <n>``, index nothing until ``R``), ``R <tx>`` resume with tx the
+  last committed (the log may have been cut back: the position and the bound are read again).
   End of input: finish the step and exit.
 * worker -> node, lines: ``indexed <tx id>`` after every step (and at start and resume),
   ``error <text>`` when a step failed (it is retried with backoff), ``paused <n>``.
