@@ -15,6 +15,7 @@ import logging
 import socket
 import sys
 import time
+import weakref
 
 from ..constants import (CONNECTION_FLUSH_ANSWERS, CONNECTION_IDLE_SECONDS,
                          CONNECTION_INFLIGHT_REQUESTS_MAX,
@@ -156,6 +157,33 @@ class _Started:
                     return done.value
 
 
+class _TurnWrites:
+    """The connections with answers to write at the end of this turn of the loop, written by
+    one loop callback: a commit answers a dozen of 32 connections at once, and a callback per
+    connection cost more than its write."""
+    __slots__ = ("_loop", "_waiting", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._waiting: list = []
+        self._scheduled = False
+
+    def add(self, connection: "Connection") -> None:
+        self._waiting.append(connection)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._write_all)
+
+    def _write_all(self) -> None:
+        self._scheduled = False
+        waiting, self._waiting = self._waiting, []
+        for connection in waiting:
+            connection._flush()
+
+
+_TURN_WRITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # loop -> _TurnWrites
+
+
 class Connection(asyncio.Protocol):
     def __init__(self, node, dispatch):
         self.node = node
@@ -176,7 +204,8 @@ class Connection(asyncio.Protocol):
         # Answers finished in one turn of the event loop leave in one write (one syscall for a
         # whole pipelined burst instead of one per answer).
         self._out: list = []
-        self._flush_handle = None
+        self._flush_pending = False
+        self._turn_writes = None        # the loop's _TurnWrites, found at the first answer
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -382,11 +411,20 @@ class Connection(asyncio.Protocol):
             # side on two cores instead of taking turns)
             self._out = []
             self.transport.writelines(out)
-        elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        elif not self._flush_pending:
+            self._flush_pending = True
+            (self._turn_writes or self._find_turn_writes()).add(self)
+
+    def _find_turn_writes(self) -> "_TurnWrites":
+        loop = asyncio.get_running_loop()
+        turn_writes = _TURN_WRITES.get(loop)
+        if turn_writes is None:
+            turn_writes = _TURN_WRITES[loop] = _TurnWrites(loop)
+        self._turn_writes = turn_writes
+        return turn_writes
 
     def _flush(self):
-        self._flush_handle = None
+        self._flush_pending = False
         out, self._out = self._out, []
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
@@ -400,9 +438,8 @@ class Connection(asyncio.Protocol):
         log.info("closing connection from %s: %s", self.peer, message)
         self._backlog.clear()            # nothing after the bad frame is served
         self._send(msg, FLAG_ERROR, request_id, {"code": code, "message": message})
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush()
+        if self._flush_pending:
+            self._flush()          # the turn's writer finds nothing left for this connection
         if self.transport is not None:
             self.transport.close()
         self._closed = True
