@@ -766,6 +766,85 @@ def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
     assert order == list(range(1, count + 1))
 
 
+def test_answers_of_one_turn_leave_in_one_write_per_connection():
+    """Answers given in one loop turn to several connections are written at its end, one write
+    per connection carrying all of its answers; a connection whose transport fails to write
+    does not keep the other connections' answers back."""
+    from immucore.server.connection import Connection, LaterAnswer
+
+    class _CountingTransport(_StubTransport):
+        def __init__(self, broken=False):
+            super().__init__()
+            self.broken, self.writes = broken, 0
+
+        def writelines(self, chunks):
+            if self.broken:
+                raise OSError("broken transport")
+            self.writes += 1
+            super().writelines(chunks)
+
+    async def run():
+        answers = {}
+
+        def dispatch(conn, msg, body):
+            answers[body["n"]] = LaterAnswer()
+            return answers[body["n"]]
+
+        transports = [_CountingTransport(broken=(index == 1)) for index in range(4)]
+        conns = []
+        for index, transport in enumerate(transports):
+            conn = Connection(_StubNode(), dispatch)
+            conn.connection_made(transport)
+            conn.logged_in("session", False)
+            conn.data_received(_numbered_requests(Msg.SET, (10 * index + 1, 10 * index + 2)))
+            conns.append(conn)
+        await asyncio.sleep(0)
+        for n in sorted(answers):
+            answers[n].give({"n": n})
+        written_at_once = sum(t.writes for t in transports)
+        for _ in range(2):
+            await asyncio.sleep(0)
+        for conn in conns:
+            conn._idle_handle.cancel()
+        return written_at_once, [(t.writes, [r for r, _, _ in _answers_sent(t)])
+                                 for t in transports if not t.broken]
+
+    written_at_once, writes = asyncio.run(run())
+    assert written_at_once == 0                   # at the end of the turn, not per answer
+    assert writes == [(1, [1, 2]), (1, [21, 22]), (1, [31, 32])]
+
+
+def test_a_lone_request_is_served_without_a_read_burst(monkeypatch):
+    """A read burst (shared read transactions) is opened only when more than one request
+    waits: a single request has nothing to share it with."""
+    from immucore.server import connection as connection_module
+    bursts = []
+
+    class _CountingBurst:
+        def __enter__(self):
+            bursts.append(1)
+
+        def __exit__(self, *exc_info):
+            return False
+
+    monkeypatch.setattr(connection_module, "ReadBurst", _CountingBurst)
+
+    async def run():
+        async def dispatch(conn, msg, body):
+            return {"n": body["n"]}
+
+        conn, transport = _logged_in_connection(dispatch)
+        conn.data_received(_numbered_requests(Msg.GET, (1,)))
+        lone = len(bursts)
+        conn.data_received(_numbered_requests(Msg.GET, (2, 3)))
+        await asyncio.sleep(0)
+        conn._idle_handle.cancel()
+        return lone, len(bursts), [r for r, _, _ in _answers_sent(transport)]
+
+    lone, total, answered = asyncio.run(run())
+    assert (lone, total, answered) == (0, 1, [1, 2, 3])
+
+
 def test_requests_answered_later_are_answered_in_any_order_and_counted():
     """A handler may return a LaterAnswer (a SET, given its answer by its commit): its result,
     or its error, is answered when given, only the first one counts, and the request counts as

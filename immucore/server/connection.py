@@ -178,7 +178,10 @@ class _TurnWrites:
         self._scheduled = False
         waiting, self._waiting = self._waiting, []
         for connection in waiting:
-            connection._flush()
+            try:
+                connection._flush()
+            except Exception:  # noqa: BLE001 - one connection's failure must not strand the rest
+                log.exception("writing answers to %s failed", connection.peer)
 
 
 _TURN_WRITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # loop -> _TurnWrites
