@@ -4,7 +4,9 @@
   pipelined gets on one connection     [>= 50,000 gets/s] (256 in flight; also in bursts of 256)
 ``make test`` runs them once at a tiny size; ``IMMUCORE_BENCH_FULL=1`` (``make bench``) at size,
 three rounds each: a benchmark prints its median round and every round's rate (client and node
-share one machine, whose speed swings by 20 % or more from minute to minute).
+share one machine, whose speed swings by 20 % or more from minute to minute). The
+32-connection benchmark also prints the CPU per tx of the node, its index workers and the
+client (from /proc, Linux): where the two cores went.
 """
 import json
 import os

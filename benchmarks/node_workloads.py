@@ -25,6 +25,42 @@ def _run(coro):
         asyncio.set_event_loop_policy(None)
 
 
+def _process_cpu_seconds(pid: int):
+    """User + system CPU of process ``pid`` (all its threads) and of its child processes that
+    are alive (the node's index workers), from /proc; None where there is no /proc."""
+    def cpu_and_parent(stat_path):
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()     # after the command name
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+
+    try:
+        own = cpu_and_parent(f"/proc/{pid}/stat")[0]
+    except OSError:
+        return None
+    children = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cpu, parent = cpu_and_parent(f"/proc/{entry}/stat")
+            except (OSError, IndexError, ValueError):
+                continue                  # a process that ended meanwhile
+            if parent == pid:
+                children += cpu
+    return own, children
+
+
+def _cpu_per_tx(node, before, client_before: float, txs: int) -> dict:
+    """CPU per tx of the node (its event loop and writer threads), its index workers and this
+    client process: where the machine's two cores went during the measured writes."""
+    after = _process_cpu_seconds(node.process.pid)
+    client = time.process_time() - client_before
+    out = {"client_cpu_us_per_tx": client / txs * 1e6}
+    if before is not None and after is not None:
+        out["node_cpu_us_per_tx"] = (after[0] - before[0]) / txs * 1e6
+        out["index_workers_cpu_us_per_tx"] = max(0.0, after[1] - before[1]) / txs * 1e6
+    return out
+
+
 async def _clients(node, count: int):
     clients = [AsyncClient(node.host, node.port) for _ in range(count)]
     for client in clients:
@@ -41,17 +77,19 @@ def concurrent_sets(node, connections: int, txs_per_connection: int) -> dict:
             for n in range(txs_per_connection):
                 await client.set({f"c{index}-{n}".encode(): b"x" * 100})
 
+        cpu_before = _process_cpu_seconds(node.process.pid), time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(work(i, c) for i, c in enumerate(clients)))
         elapsed = time.perf_counter() - start
+        cpu = _cpu_per_tx(node, *cpu_before, connections * txs_per_connection)
         for client in clients:
             await client.close()
-        return elapsed
+        return elapsed, cpu
 
-    elapsed = _run(main())
+    elapsed, cpu = _run(main())
     total = connections * txs_per_connection
     return {"connections": connections, "txs": total, "entries_per_tx": 1, "durable": True,
-            "tx_per_s": total / elapsed}
+            "tx_per_s": total / elapsed, **cpu}
 
 
 def batched_sets(node, txs: int, entries: int = 1000, in_flight: int = 4) -> dict:
