@@ -18,6 +18,9 @@ EXPORT_TRAILER_SIZE = 3           # u16 trailer length (=1) + u8 truncated flag
 TX_ENTRIES_MAX = 1024             # immudb MaxTxEntries
 KEY_SIZE_BYTES_MAX = 1024         # immudb MaxKeyLen, counted on the stored (prefixed) key
 VALUE_SIZE_BYTES_MAX = 32 << 20   # immudb server MaxValueLen (32 MiB), counted on the stored value
+# The values of one tx together: every committed tx must fit one frame when a replica exports it
+# (there is no chunked transfer), so a bigger one is refused when written, not found stuck later.
+TX_VALUES_BYTES_MAX = 60 << 20
 
 # --- storage -----------------------------------------------------------------------------------
 # LMDB keys are limited to 511 bytes (MDB_MAXKEYSIZE in py-lmdb's bundled build). The key index
@@ -112,3 +115,8 @@ REPLICATION_SYNC_TIMEOUT_SECONDS = 10.0  # a sync commit not held by enough repl
 _check(REPLICATION_BATCH_TXS <= EXPORT_TXS_COUNT_MAX, "a replica never asks for more than is sent")
 _check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
        "pre-auth frames must be smaller than authenticated ones")
+# The largest tx's export blob: its values, every key and metadata at their maximum, each entry's
+# lengths (8 bytes; 16 counted), the header with its metadata; and the answer's map around it.
+_check(TX_VALUES_BYTES_MAX + TX_ENTRIES_MAX * (KEY_SIZE_BYTES_MAX + KV_METADATA_SIZE_MAX + 16)
+       + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX + 4096 <= FRAME_BODY_BYTES_MAX,
+       "every tx a database accepts must fit one export answer")

@@ -19,7 +19,7 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         INDEX_KEY_UNFOLDED_BYTES_MAX,
                         INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
                         REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
-                        VALUE_SIZE_BYTES_MAX)
+                        TX_VALUES_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
@@ -198,7 +198,7 @@ class Database:
         """Write ``kvs`` (a dict or (key, value) pairs) as one transaction; durable on return."""
         self._check_writable()
         entries, size = _entries(kvs, metadata)
-        return TxHeader(*self._writer.submit_set(entries, size).result()[0])
+        return TxHeader(*self._writer.submit_set(entries, _tx_values(size)).result()[0])
 
     def delete(self, keys: Iterable[bytes]) -> TxHeader:
         """One transaction marking every key deleted (reads then report it missing)."""
@@ -212,7 +212,7 @@ class Database:
         thread (it must be quick and must not block), and None is returned."""
         self._check_writable()
         entries, size = _entries(kvs, metadata)
-        return self._writer.submit_set(entries, size, block, on_done)
+        return self._writer.submit_set(entries, _tx_values(size), block, on_done)
 
     def set_flat_async(self, kvs_flat: list, *, metadata: Optional[KVMetadata] = None,
                        block: bool = True, on_done=None):
@@ -232,7 +232,7 @@ class Database:
             size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
         except TypeError:
             raise IllegalArgumentsError("keys, values and metadata must be bytes") from None
-        return self._writer.submit_set(FlatTx(kvs_flat, md), size, block, on_done)
+        return self._writer.submit_set(FlatTx(kvs_flat, md), _tx_values(size), block, on_done)
 
     def delete_async(self, keys: Iterable[bytes], *, block: bool = True):
         """Like ``delete`` but returns a ``concurrent.futures.Future`` of the header list."""
@@ -697,6 +697,16 @@ def _bytes(value, what: str) -> bytes:
 
 
 _value_of = operator.itemgetter(1)
+
+
+def _tx_values(size: int) -> int:
+    """``size``, a tx's value bytes, if within TX_VALUES_BYTES_MAX: a bigger tx could be
+    committed but never exported to a replica in one frame, so it is refused now."""
+    if size > TX_VALUES_BYTES_MAX:
+        raise IllegalArgumentsError(
+            f"the values of one tx total {size} bytes, over the limit of {TX_VALUES_BYTES_MAX} "
+            "bytes (every tx must fit one frame when replicated): split it into several txs")
+    return size
 
 
 def _entries(kvs: KVs, metadata: Metadata):

@@ -499,6 +499,26 @@ def test_value_limit_default_is_32_mib_counting_the_prefix(db):
     assert db.current_state().tx_id == 1
 
 
+def test_a_tx_whose_values_could_not_be_replicated_in_one_frame_is_refused(db):
+    """Values of one tx together are bounded by TX_VALUES_BYTES_MAX (every tx must fit one
+    export answer): each write path refuses a bigger tx before queueing it, and the largest
+    allowed tx exports as a blob that fits one frame with room to spare."""
+    from immucore.constants import FRAME_BODY_BYTES_MAX, TX_VALUES_BYTES_MAX
+    half = bytes(TX_VALUES_BYTES_MAX // 2)
+    over = {b"a": half, b"b": half + b"\x00"}
+    message = f"total {TX_VALUES_BYTES_MAX + 1} bytes, over the limit of {TX_VALUES_BYTES_MAX}"
+    with pytest.raises(IllegalArgumentsError, match=message):
+        db.set(over)
+    with pytest.raises(IllegalArgumentsError, match=message):
+        db.set_async(over)
+    with pytest.raises(IllegalArgumentsError, match=message):
+        db.set_flat_async([b"a", half, b"b", half + b"\x00"])
+    assert db.current_state().tx_id == 0
+    header = db.set({b"a": half, b"b": half})               # exactly at the limit
+    (blob,) = db.export_txs(header.id, 1)
+    assert TX_VALUES_BYTES_MAX < len(blob) < FRAME_BODY_BYTES_MAX - (1 << 20)
+
+
 def test_configured_lower_limits_are_enforced_and_named(tmp_path):
     with open_database(str(tmp_path / "small"), max_tx_entries=3, max_key_len=9,
                        max_value_len=17) as database:

@@ -89,6 +89,25 @@ def test_replica_follows_its_primary_and_refuses_writes(tmp_path):
             assert status["lag_seconds"] == 0
 
 
+def test_the_largest_tx_allowed_replicates_and_a_bigger_one_is_refused_when_written(tmp_path):
+    """R12's giant tx: with no chunked transfer, every tx must fit one export answer, so the
+    node refuses a SET whose values pass TX_VALUES_BYTES_MAX with a clear error (the connection
+    stays usable) and a replica receives a tx at the limit in one frame."""
+    from immucore.constants import TX_VALUES_BYTES_MAX
+    half = bytes(TX_VALUES_BYTES_MAX // 2)
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            with pytest.raises(IllegalArgumentsError, match="over the limit of"):
+                p.set({b"a": half, b"b": half + b"\x00"})
+            header = p.set({b"a": half, b"b": half})
+            r.create_database("replicadb", _replica_settings(primary))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == header.id, "the largest tx")
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+            assert r.get(b"b").value == half
+            assert _status(r, "replicadb")["last_error"] in (None, "")
+
+
 def test_replication_resumes_after_either_side_restarts(tmp_path):
     with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
         with _login(primary) as p, _login(replica) as r:
