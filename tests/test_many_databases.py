@@ -1,0 +1,112 @@
+"""R12 (../shared/reference/reliability.md): many small databases, each with a replica, on one
+node. Writers hit every primary at once; every replica must converge (no replicator starves the
+others), and the node's threads, open files and worker processes must stay within a bound per
+database and not grow from one round of writes to the next.
+
+The node runs per database a sealer and a committer thread, and per user database an index
+worker process (docs/storage.md); a replica adds its replicator, a task on the event loop.
+"""
+import asyncio
+import os
+import time
+
+from immucore.client import AsyncClient, Client
+
+from .nodes import running_node
+
+PRIMARIES = 50
+TXS_PER_ROUND = 10
+CONVERGE_SECONDS = 60
+# measured: ~3.1 threads, ~9 open files and one index worker per database
+THREADS_PER_DATABASE_MAX = 4
+FILES_PER_DATABASE_MAX = 12
+BASE_THREADS_MAX = 32           # the event loop, read pool, systemdb/defaultdb and their kin
+BASE_FILES_MAX = 64             # listening socket, logs, the client connections of this test
+
+
+def _resources(pid: int) -> dict:
+    children = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue                  # a process that ended meanwhile
+            children += parent == pid
+    return {"threads": len(os.listdir(f"/proc/{pid}/task")),
+            "files": len(os.listdir(f"/proc/{pid}/fd")), "children": children}
+
+
+def _replica_settings(node, primary: str) -> dict:
+    return {"replica": True, "primary_database": primary, "primary_host": node.host,
+            "primary_port": node.port, "primary_username": "immudb",
+            "primary_password": "immudb"}
+
+
+async def _write_to_every_primary(node, round_number: int):
+    """One connection per primary, all writing at once."""
+    async def write(index: int):
+        client = AsyncClient(node.host, node.port)
+        await client.login("immudb", "immudb", f"primary{index}")
+        for n in range(TXS_PER_ROUND):
+            await client.set({f"r{round_number}-{n}".encode(): f"{index}".encode()})
+        await client.close()
+
+    await asyncio.gather(*(write(index) for index in range(PRIMARIES)))
+
+
+def _lagging(admin: Client) -> list:
+    """Replicas whose state differs from their primary's."""
+    lagging = []
+    for index in range(PRIMARIES):
+        admin.use_database(f"primary{index}")
+        primary = admin.current_state()
+        admin.use_database(f"replica{index}")
+        replica = admin.current_state()
+        if (replica.tx_id, replica.tx_hash) != (primary.tx_id, primary.tx_hash):
+            lagging.append(f"replica{index} at {replica.tx_id} of {primary.tx_id}")
+    return lagging
+
+
+def _wait_converged(admin: Client):
+    deadline = time.monotonic() + CONVERGE_SECONDS
+    while True:
+        lagging = _lagging(admin)
+        if not lagging:
+            return
+        assert time.monotonic() < deadline, f"not converged: {lagging[:5]}"
+        time.sleep(0.2)
+
+
+def test_fifty_databases_each_with_a_replica_on_one_node(tmp_path):
+    # every replicator holds a session on its primary, as in immudb: 50 of them, 50 writers and
+    # this admin pass the default of 100 sessions
+    with running_node(tmp_path / "node", "--max-sessions=200") as node, \
+            Client(node.host, node.port) as admin:
+        admin.login("immudb", "immudb")
+        for index in range(PRIMARIES):
+            admin.create_database(f"primary{index}")
+        for index in range(PRIMARIES):
+            admin.create_database(f"replica{index}",
+                                  _replica_settings(node, f"primary{index}"))
+        databases = 2 * PRIMARIES + 2                     # with systemdb and defaultdb
+        rounds = []
+        for round_number in range(2):
+            asyncio.run(_write_to_every_primary(node, round_number))
+            _wait_converged(admin)
+            rounds.append(_resources(node.process.pid))
+        print(f"\n{databases} databases: {rounds}")
+        first, second = rounds
+        assert first["threads"] <= THREADS_PER_DATABASE_MAX * databases + BASE_THREADS_MAX
+        assert first["files"] <= FILES_PER_DATABASE_MAX * databases + BASE_FILES_MAX
+        assert first["children"] <= databases             # index workers: one per user db
+        # nothing piles up from one round of writes to the next
+        assert second["threads"] <= first["threads"] and second["children"] == first["children"]
+        assert second["files"] <= first["files"] + 4      # a connection closing meanwhile
+        for index in (0, PRIMARIES - 1):
+            admin.use_database(f"replica{index}")
+            assert admin.get(f"r1-{TXS_PER_ROUND - 1}".encode()).value == f"{index}".encode()
+            status = next(d for d in admin.list_databases()
+                          if d["name"] == f"replica{index}")["replication"]
+            assert status["state"] == "following" and status["lag_txs"] == 0
