@@ -691,6 +691,9 @@ class _StubTransport:
     def close(self):
         self.closed = True
 
+    def abort(self):
+        self.closed = True
+
 
 def _logged_in_connection(dispatch):
     """A Connection serving ``dispatch`` on a stub transport, past login."""
@@ -767,9 +770,9 @@ def test_a_long_burst_sends_its_first_answers_before_its_turn_ends():
 
 
 def test_answers_of_one_turn_leave_in_one_write_per_connection():
-    """Answers given in one loop turn to several connections are written at its end, one write
-    per connection carrying all of its answers; a connection whose transport fails to write
-    does not keep the other connections' answers back."""
+    """Answers given in one loop turn to several connections are written at its end by one
+    loop callback, one write per connection carrying all of its answers; a connection whose
+    transport fails to write is closed and does not keep the others' answers back."""
     from immucore.server.connection import Connection, LaterAnswer
 
     class _CountingTransport(_StubTransport):
@@ -799,19 +802,26 @@ def test_answers_of_one_turn_leave_in_one_write_per_connection():
             conn.data_received(_numbered_requests(Msg.SET, (10 * index + 1, 10 * index + 2)))
             conns.append(conn)
         await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        scheduled, call_soon = [], loop.call_soon
+        loop.call_soon = lambda callback, *args, **kwargs: (
+            scheduled.append(callback), call_soon(callback, *args, **kwargs))[1]
         for n in sorted(answers):
             answers[n].give({"n": n})
+        loop.call_soon = call_soon
         written_at_once = sum(t.writes for t in transports)
         for _ in range(2):
             await asyncio.sleep(0)
         for conn in conns:
             conn._idle_handle.cancel()
-        return written_at_once, [(t.writes, [r for r, _, _ in _answers_sent(t)])
-                                 for t in transports if not t.broken]
+        return len(scheduled), written_at_once, transports[1].closed, [
+            (t.writes, [r for r, _, _ in _answers_sent(t)]) for t in transports if not t.broken]
 
-    written_at_once, writes = asyncio.run(run())
+    callbacks, written_at_once, broken_closed, writes = asyncio.run(run())
+    assert callbacks == 1                         # one for the four connections
     assert written_at_once == 0                   # at the end of the turn, not per answer
     assert writes == [(1, [1, 2]), (1, [21, 22]), (1, [31, 32])]
+    assert broken_closed
 
 
 def test_a_lone_request_is_served_without_a_read_burst(monkeypatch):

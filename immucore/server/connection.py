@@ -160,11 +160,11 @@ class _Started:
 class _TurnWrites:
     """The connections with answers to write at the end of this turn of the loop, written by
     one loop callback: a commit answers a dozen of 32 connections at once, and a callback per
-    connection cost more than its write."""
-    __slots__ = ("_loop", "_waiting", "_scheduled")
+    connection cost more than its write. One per loop (it holds no reference to its loop, so
+    a closed loop and its entry go away together)."""
+    __slots__ = ("_waiting", "_scheduled", "__weakref__")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self):
         self._waiting: list = []
         self._scheduled = False
 
@@ -172,16 +172,13 @@ class _TurnWrites:
         self._waiting.append(connection)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._write_all)
+            asyncio.get_running_loop().call_soon(self._write_all)
 
     def _write_all(self) -> None:
         self._scheduled = False
         waiting, self._waiting = self._waiting, []
         for connection in waiting:
-            try:
-                connection._flush()
-            except Exception:  # noqa: BLE001 - one connection's failure must not strand the rest
-                log.exception("writing answers to %s failed", connection.peer)
+            connection.write_answers()
 
 
 _TURN_WRITES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # loop -> _TurnWrites
@@ -263,10 +260,11 @@ class Connection(asyncio.Protocol):
         answered here, without a task: most of a pipelined burst never leaves this loop."""
         if len(self._backlog) > 1:
             with ReadBurst():         # the burst's gets share their read transactions
-                if not self._serve_backlog():
-                    return
-        elif not self._serve_backlog():   # a lone request: no reads to share (a burst costs
-            return                        # a tenth of a single-entry SET's loop time)
+                still_open = self._serve_backlog()
+        else:                         # a lone request has no reads to share a burst with
+            still_open = self._serve_backlog()
+        if not still_open:
+            return
         if self._backlog or self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
             self._pause_reading()
 
@@ -422,7 +420,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         turn_writes = _TURN_WRITES.get(loop)
         if turn_writes is None:
-            turn_writes = _TURN_WRITES[loop] = _TurnWrites(loop)
+            turn_writes = _TURN_WRITES[loop] = _TurnWrites()
         self._turn_writes = turn_writes
         return turn_writes
 
@@ -431,6 +429,18 @@ class Connection(asyncio.Protocol):
         out, self._out = self._out, []
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
+
+    def write_answers(self):
+        """The end of the loop turn: write what was answered in it (``_TurnWrites``). Answers
+        that cannot be written close the connection, so that its client is not left waiting
+        for them on an open one."""
+        try:
+            self._flush()
+        except Exception:  # noqa: BLE001 - one connection's failure must not stop the others
+            log.exception("writing answers to %s failed; closing its connection", self.peer)
+            self._closed = True
+            if self.transport is not None:
+                self.transport.abort()
 
     async def _send_when_writable(self, msg, flags, request_id, body):
         await self._writable.wait()
