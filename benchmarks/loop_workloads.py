@@ -100,6 +100,9 @@ async def _loop_cpu_per_set(connections: int, rounds: int) -> dict:
                     conn.data_received(frame)              # clients with one set in flight
                 await answers.all_in.wait()                # idle waiting costs no loop CPU
                 per_set.append((time.thread_time() - started) / connections)
+            committed = node.database("defaultdb").current_state().tx_id
+            if committed < connections * rounds:      # error answers count as answers too
+                raise RuntimeError(f"only {committed} of {connections * rounds} sets committed")
             for conn in conns:
                 conn.connection_lost(None)
         finally:

@@ -116,7 +116,10 @@ _check(REPLICATION_BATCH_TXS <= EXPORT_TXS_COUNT_MAX, "a replica never asks for 
 _check(FRAME_BODY_BYTES_MAX >= 1 << 20 and PREAUTH_FRAME_BODY_BYTES_MAX < FRAME_BODY_BYTES_MAX,
        "pre-auth frames must be smaller than authenticated ones")
 # The largest tx's export blob: its values, every key and metadata at their maximum, each entry's
-# lengths (8 bytes; 16 counted), the header with its metadata; and the answer's map around it.
-_check(TX_VALUES_BYTES_MAX + TX_ENTRIES_MAX * (KEY_SIZE_BYTES_MAX + KV_METADATA_SIZE_MAX + 16)
-       + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX + 4096 <= FRAME_BODY_BYTES_MAX,
+# lengths (8 bytes; 16 counted), the header with its metadata. A replica refuses a longer blob (it
+# could not pass it on); the answer's map around one must still fit a frame.
+TX_EXPORT_BLOB_BYTES_MAX = (TX_VALUES_BYTES_MAX
+                            + TX_ENTRIES_MAX * (KEY_SIZE_BYTES_MAX + KV_METADATA_SIZE_MAX + 16)
+                            + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX + 64)
+_check(TX_EXPORT_BLOB_BYTES_MAX + 4096 <= FRAME_BODY_BYTES_MAX,
        "every tx a database accepts must fit one export answer")

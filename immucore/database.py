@@ -7,6 +7,7 @@ Writes go through the writer thread (group commit); the key index follows asynch
 """
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import os
@@ -19,7 +20,8 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         INDEX_KEY_UNFOLDED_BYTES_MAX,
                         INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
                         REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
-                        TX_VALUES_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
+                        TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
+                        VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                      KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
@@ -198,7 +200,8 @@ class Database:
         """Write ``kvs`` (a dict or (key, value) pairs) as one transaction; durable on return."""
         self._check_writable()
         entries, size = _entries(kvs, metadata)
-        return TxHeader(*self._writer.submit_set(entries, _tx_values(size)).result()[0])
+        size = self._tx_values(size, map(_value_of, entries))
+        return TxHeader(*self._writer.submit_set(entries, size).result()[0])
 
     def delete(self, keys: Iterable[bytes]) -> TxHeader:
         """One transaction marking every key deleted (reads then report it missing)."""
@@ -212,7 +215,8 @@ class Database:
         thread (it must be quick and must not block), and None is returned."""
         self._check_writable()
         entries, size = _entries(kvs, metadata)
-        return self._writer.submit_set(entries, _tx_values(size), block, on_done)
+        size = self._tx_values(size, map(_value_of, entries))
+        return self._writer.submit_set(entries, size, block, on_done)
 
     def set_flat_async(self, kvs_flat: list, *, metadata: Optional[KVMetadata] = None,
                        block: bool = True, on_done=None):
@@ -232,7 +236,8 @@ class Database:
             size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
         except TypeError:
             raise IllegalArgumentsError("keys, values and metadata must be bytes") from None
-        return self._writer.submit_set(FlatTx(kvs_flat, md), _tx_values(size), block, on_done)
+        size = self._tx_values(size, itertools.islice(kvs_flat, 1, None, 2))
+        return self._writer.submit_set(FlatTx(kvs_flat, md), size, block, on_done)
 
     def delete_async(self, keys: Iterable[bytes], *, block: bool = True):
         """Like ``delete`` but returns a ``concurrent.futures.Future`` of the header list."""
@@ -301,6 +306,12 @@ class Database:
             raise IllegalArgumentsError(
                 f"{len(blobs)} txs exceed the limit of {REPLICATE_BATCH_TXS_MAX} per batch")
         blobs = [_bytes(b, "export blob") for b in blobs]
+        longest = max(map(len, blobs), default=0)
+        if longest > TX_EXPORT_BLOB_BYTES_MAX:
+            raise IllegalArgumentsError(
+                f"an exported tx of {longest} bytes exceeds the limit of "
+                f"{TX_EXPORT_BLOB_BYTES_MAX} bytes: this replica could not pass it on in one "
+                "frame")
         size = sum(map(len, blobs))
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
@@ -665,6 +676,17 @@ class Database:
         if self._closed:
             raise DatabaseClosedError()
 
+    def _tx_values(self, size: int, values) -> int:
+        """``size``, a tx's value bytes, if within TX_VALUES_BYTES_MAX: a bigger tx could be
+        committed but never exported to a replica in one frame, so it is refused now. A value
+        over this database's own limit is left to the codec, whose error names it."""
+        if size > TX_VALUES_BYTES_MAX and max(map(len, values)) < self._limits[2]:
+            raise IllegalArgumentsError(
+                f"the values of one tx total {size} bytes, over the limit of "
+                f"{TX_VALUES_BYTES_MAX} bytes (every tx must fit one frame when replicated): "
+                "split it into several txs")
+        return size
+
     def _check_writable(self):
         self._check_open()
         if self.is_replica:
@@ -697,16 +719,6 @@ def _bytes(value, what: str) -> bytes:
 
 
 _value_of = operator.itemgetter(1)
-
-
-def _tx_values(size: int) -> int:
-    """``size``, a tx's value bytes, if within TX_VALUES_BYTES_MAX: a bigger tx could be
-    committed but never exported to a replica in one frame, so it is refused now."""
-    if size > TX_VALUES_BYTES_MAX:
-        raise IllegalArgumentsError(
-            f"the values of one tx total {size} bytes, over the limit of {TX_VALUES_BYTES_MAX} "
-            "bytes (every tx must fit one frame when replicated): split it into several txs")
-    return size
 
 
 def _entries(kvs: KVs, metadata: Metadata):

@@ -501,8 +501,9 @@ def test_value_limit_default_is_32_mib_counting_the_prefix(db):
 
 def test_a_tx_whose_values_could_not_be_replicated_in_one_frame_is_refused(db):
     """Values of one tx together are bounded by TX_VALUES_BYTES_MAX (every tx must fit one
-    export answer): each write path refuses a bigger tx before queueing it, and the largest
-    allowed tx exports as a blob that fits one frame with room to spare."""
+    export answer): each write path refuses a bigger tx before queueing it (one value over
+    the value limit still gets the codec's error, which names it), and the largest allowed tx
+    exports as a blob that fits one frame with room to spare."""
     from immucore.constants import FRAME_BODY_BYTES_MAX, TX_VALUES_BYTES_MAX
     half = bytes(TX_VALUES_BYTES_MAX // 2)
     over = {b"a": half, b"b": half + b"\x00"}
@@ -514,6 +515,8 @@ def test_a_tx_whose_values_could_not_be_replicated_in_one_frame_is_refused(db):
     with pytest.raises(IllegalArgumentsError, match=message):
         db.set_flat_async([b"a", half, b"b", half + b"\x00"])
     assert db.current_state().tx_id == 0
+    with pytest.raises(IllegalArgumentsError, match="value length"):
+        db.set({b"one": bytes(TX_VALUES_BYTES_MAX + 1)})     # one value: the codec's error
     header = db.set({b"a": half, b"b": half})               # exactly at the limit
     (blob,) = db.export_txs(header.id, 1)
     assert TX_VALUES_BYTES_MAX < len(blob) < FRAME_BODY_BYTES_MAX - (1 << 20)

@@ -335,6 +335,19 @@ def test_a_replica_with_lower_limits_refuses_bigger_txs_by_name(db, tmp_path):
         assert small.current_state().tx_id == 1
 
 
+def test_a_replica_refuses_a_tx_it_could_not_pass_on_in_one_frame(replica):
+    """A blob over TX_EXPORT_BLOB_BYTES_MAX (pushed, or from a primary written before the tx
+    limit) is refused before anything is parsed: a replica of this replica could never get
+    it in one EXPORT_TXS answer."""
+    from immucore.constants import TX_EXPORT_BLOB_BYTES_MAX
+    too_long = bytes(TX_EXPORT_BLOB_BYTES_MAX + 1)
+    with pytest.raises(IllegalArgumentsError,
+                       match=f"of {TX_EXPORT_BLOB_BYTES_MAX + 1} bytes exceeds the limit of "
+                             f"{TX_EXPORT_BLOB_BYTES_MAX} bytes: this replica could not pass"):
+        replica.replicate_txs_async([too_long])
+    assert replica.current_state().tx_id == 0
+
+
 # --- roles ---------------------------------------------------------------------------------------
 
 def test_replicate_on_a_primary_is_refused(db):
