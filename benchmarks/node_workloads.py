@@ -9,6 +9,7 @@ import os
 import time
 
 from immucore.client import AsyncClient
+from tests.nodes import child_pids, cpu_seconds
 
 try:
     import uvloop
@@ -26,26 +27,18 @@ def _run(coro):
 
 
 def _process_cpu_seconds(pid: int):
-    """User + system CPU of process ``pid`` (all its threads) and of its child processes that
-    are alive (the node's index workers), from /proc; None where there is no /proc."""
-    def cpu_and_parent(stat_path):
-        with open(stat_path) as f:
-            fields = f.read().rsplit(")", 1)[1].split()     # after the command name
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
-
+    """CPU seconds of process ``pid`` (all its threads) and of its live child processes (the
+    node's index workers); None where there is no /proc."""
     try:
-        own = cpu_and_parent(f"/proc/{pid}/stat")[0]
+        own = cpu_seconds(pid)
     except OSError:
         return None
     children = 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cpu, parent = cpu_and_parent(f"/proc/{entry}/stat")
-            except (OSError, IndexError, ValueError):
-                continue                  # a process that ended meanwhile
-            if parent == pid:
-                children += cpu
+    for child in child_pids(pid):
+        try:
+            children += cpu_seconds(child)
+        except (OSError, IndexError, ValueError):
+            continue                      # a process that ended meanwhile
     return own, children
 
 

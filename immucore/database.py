@@ -7,7 +7,6 @@ Writes go through the writer thread (group commit); the key index follows asynch
 """
 from __future__ import annotations
 
-import itertools
 import json
 import operator
 import os
@@ -198,10 +197,7 @@ class Database:
 
     def set(self, kvs: KVs, *, metadata: Metadata = None) -> TxHeader:
         """Write ``kvs`` (a dict or (key, value) pairs) as one transaction; durable on return."""
-        self._check_writable()
-        entries, size = _entries(kvs, metadata)
-        size = self._tx_values(size, map(_value_of, entries))
-        return TxHeader(*self._writer.submit_set(entries, size).result()[0])
+        return TxHeader(*self.set_async(kvs, metadata=metadata).result()[0])
 
     def delete(self, keys: Iterable[bytes]) -> TxHeader:
         """One transaction marking every key deleted (reads then report it missing)."""
@@ -232,11 +228,12 @@ class Database:
             raise IllegalArgumentsError("metadata must be one KVMetadata for every entry")
         md = metadata.to_bytes() if metadata is not None else b""
         kvs_flat = list(kvs_flat)      # ours now: the caller may reuse its list at once
+        values = kvs_flat[1::2]
         try:
-            size = sum(map(len, kvs_flat[1::2]))     # the values, for the writer's batch bound
+            size = sum(map(len, values))     # for the writer's batch bound and the tx limit
         except TypeError:
             raise IllegalArgumentsError("keys, values and metadata must be bytes") from None
-        size = self._tx_values(size, itertools.islice(kvs_flat, 1, None, 2))
+        size = self._tx_values(size, values)
         return self._writer.submit_set(FlatTx(kvs_flat, md), size, block, on_done)
 
     def delete_async(self, keys: Iterable[bytes], *, block: bool = True):

@@ -105,3 +105,29 @@ def running_node(tmp_path, *extra_args) -> Iterator[NodeProcess]:
         yield node
     finally:
         node.stop()
+
+
+def _stat(pid) -> list:
+    """The fields of /proc/<pid>/stat after the command name: state, parent pid, ...; utime and
+    stime (clock ticks) are fields 11 and 12 of this list."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid``, all its threads (Linux /proc)."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list:
+    """The live (or zombie) child processes of ``pid`` (a node's index workers)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(entry)[1]) == pid:
+                    children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue                  # a process that ended meanwhile
+    return children

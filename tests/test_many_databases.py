@@ -12,7 +12,7 @@ import time
 
 from immucore.client import AsyncClient, Client
 
-from .nodes import running_node
+from .nodes import child_pids, running_node
 
 PRIMARIES = 50
 TXS_PER_ROUND = 10
@@ -25,17 +25,8 @@ BASE_FILES_MAX = 64             # listening socket, logs, the client connections
 
 
 def _resources(pid: int) -> dict:
-    children = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue                  # a process that ended meanwhile
-            children += parent == pid
     return {"threads": len(os.listdir(f"/proc/{pid}/task")),
-            "files": len(os.listdir(f"/proc/{pid}/fd")), "children": children}
+            "files": len(os.listdir(f"/proc/{pid}/fd")), "children": len(child_pids(pid))}
 
 
 def _replica_settings(node, primary: str) -> dict:

@@ -427,7 +427,7 @@ class Writer:
         request.succeed([])
 
     def _commit(self, items: List[_Sealed]):
-        """Write the items' sealed txs in one LMDB transaction, then resolve their futures."""
+        """Write the items' sealed txs in one LMDB transaction, then settle their requests."""
         sealed = [tx for item in items for tx in item.sealed]
         if sealed:
             tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
