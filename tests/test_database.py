@@ -218,6 +218,42 @@ def test_get_refuses_contradictory_or_future_arguments(db):
         db.get(b"a", at_tx=-1)
 
 
+def test_get_many_answers_each_key_as_get_would_from_one_snapshot(db):
+    """A burst of gets: every key's Entry or the error its own get raises, in order; one bad
+    key does not fail its neighbours."""
+    future = int(time.time()) + 3600
+    past = int(time.time()) - 5
+    db.set({b"a": b"1", b"b": b"2"})
+    db.set({b"a": b"3"})
+    db.set({b"gone": b"x"})
+    db.delete([b"gone"])
+    db.set({b"old": b"y"}, metadata=KVMetadata(expires_at=past))
+    db.set({b"fresh": b"z"}, metadata=KVMetadata(expires_at=future))
+    keys = [b"a", b"missing", b"b", b"gone", b"old", b"fresh", "text", b"a"]
+    results = db.get_many(keys)
+    assert len(results) == len(keys)
+    for key, result in zip(keys, results):
+        try:
+            expected = db.get(key)
+        except Exception as exc:  # noqa: BLE001 - the same error, per key
+            assert type(result) is type(exc) and str(result) == str(exc), key
+        else:
+            assert result == expected, key
+    assert results[0].value == b"3" and results[0].revision == 2
+    assert results[5].metadata == KVMetadata(expires_at=future)
+    assert isinstance(results[1], KeyNotFoundError) and isinstance(results[3], KeyNotFoundError)
+    assert isinstance(results[6], IllegalArgumentsError)
+    assert db.get_many([]) == []
+
+
+def test_get_many_on_a_closed_database_raises(tmp_path):
+    db = open_database(str(tmp_path / "closing"))
+    db.set({b"a": b"1"})
+    db.close()
+    with pytest.raises(DatabaseClosedError):
+        db.get_many([b"a"])
+
+
 def test_expired_entries_read_as_missing(db):
     past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
     db.set({b"old": b"1"}, metadata=KVMetadata(expires_at=past))

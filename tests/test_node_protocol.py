@@ -716,6 +716,124 @@ def _answers_sent(transport) -> list:
     return [(r, f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)]
 
 
+def _serve_gets_in_process(tmp_path, setup, bodies, before_burst=None):
+    """A real in-process Node and Dispatcher behind a stub transport: ``setup(db)`` writes, then
+    one read carrying a GET per body (request ids 1..n) arrives. Returns the answers by request
+    id as ``(flags, body)``, the database's read-request count, and whether the connection
+    was closed (before the node's shutdown closes it anyway)."""
+    from immucore.server.connection import Connection
+    from immucore.server.handlers import Dispatcher
+    from immucore.server.node import Node, NodeOptions
+
+    async def run():
+        node = Node(NodeOptions(dir=str(tmp_path / "node"), port=0, metrics_server=False))
+        try:
+            db = node.database("defaultdb")
+            setup(db)
+            for _ in range(500):
+                if db.index_covers(0):
+                    break
+                await asyncio.sleep(0.01)
+            conn, transport = Connection(node, Dispatcher(node)), _StubTransport()
+            conn.connection_made(transport)
+            session = node.sessions.open(node.users.get_user("immudb"), "defaultdb")
+            conn.logged_in(session.id, False)
+            if before_burst is not None:
+                before_burst(node, db, session)
+            counted = node.request_counts.get(("defaultdb", "read"), 0)
+            conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack(body))
+                                        for n, body in enumerate(bodies, 1)))
+            for _ in range(500):          # the general path may go through a task or a thread
+                if transport.closed or len(_answers_sent(transport)) >= len(bodies):
+                    break
+                await asyncio.sleep(0.01)
+            if conn._idle_handle:
+                conn._idle_handle.cancel()
+            answers = {r: (f, body) for r, f, body in _answers_sent(transport)}
+            return (answers, node.request_counts.get(("defaultdb", "read"), 0) - counted,
+                    transport.closed)
+        finally:
+            await node.close()
+
+    return asyncio.run(run())
+
+
+def test_a_burst_of_gets_is_answered_each_as_its_own_get(tmp_path):
+    """Plain GETs of one read are served as runs (one session check, one snapshot, answers
+    encoded in C); a missing, deleted or expired key, an entry with metadata, a big value, a
+    GET with more than a key and a malformed one are each answered exactly as the general
+    path answers them alone, across more than one run."""
+    from immucore.protocol.messages import error_body
+    from immucore.types import KVMetadata
+    future = int(time.time()) + 3600
+    big = b"B" * (1536 << 10)       # over the inline answer limit: the general encoder
+
+    def setup(db):
+        db.set({b"a": b"1", b"b": b"2"})
+        db.set({b"a": b"3", b"big": big})
+        db.set({b"gone": b"x"})
+        db.delete([b"gone"])
+        db.set({b"old": b"y"}, metadata=KVMetadata(expires_at=int(time.time()) - 5))
+        db.set({b"fresh": b"z"}, metadata=KVMetadata(expires_at=future))
+
+    shapes = [{"key": b"a"}, {"key": b"missing"}, {"key": b"b"}, {"key": b"gone"},
+              {"key": b"old"}, {"key": b"fresh"}, {"key": b"big"}, {"key": b"a", "at_tx": 1},
+              {"key": "text"}, {"key": b"a", "at_revision": 1}]
+    bodies = [shapes[n % len(shapes)] for n in range(75)]
+    answers, counted, closed = _serve_gets_in_process(tmp_path, setup, bodies)
+    assert sorted(answers) == list(range(1, 76)) and not closed
+    assert counted == 75                        # every request counted, whichever path served it
+
+    def reference(db, body):
+        from immucore.server.handlers import _field
+        try:
+            key = _field(body, "key", bytes)
+            entry = db.get(key, **{k: v for k, v in body.items() if k != "key"})
+        except Exception as exc:  # noqa: BLE001 - its error frame
+            return FLAG_ERROR, error_body(exc)
+        return 0, {"entry": to_wire(entry)}
+
+    from immucore.database import open_database
+    from immucore.protocol.messages import to_wire
+    db = open_database(str(tmp_path / "node" / "defaultdb"), name="defaultdb")
+    try:
+        for n, body in enumerate(bodies, 1):
+            assert answers[n] == reference(db, body), (n, body)
+    finally:
+        db.close()
+    assert answers[1][1]["entry"]["value"] == b"3" and answers[7][1]["entry"]["value"] == big
+    assert answers[6][1]["entry"]["metadata"]["expires_at"] == future
+
+
+def test_a_burst_of_gets_after_its_session_ended_is_answered_as_before(tmp_path):
+    """The session ended elsewhere before the burst: its first GET gets the session error, the
+    next one finds the connection logged out (not_logged_in), and the connection closes — as
+    when every GET was served alone. No GET is answered with data."""
+    def end_session(node, db, session):
+        node.close_session(session.id, detached=False)
+
+    answers, _, closed = _serve_gets_in_process(
+        tmp_path, lambda db: db.set({b"a": b"1"}), [{"key": b"a"}] * 5, end_session)
+    assert closed
+    assert all(flags & FLAG_ERROR for flags, _ in answers.values())
+    assert answers[1][1]["code"] != "not_logged_in"
+    assert answers[2][1]["code"] == "not_logged_in" and set(answers) == {1, 2}
+
+
+def test_a_burst_of_gets_while_the_index_is_behind_is_served_the_general_way(tmp_path):
+    """When the index does not cover the last commit, no GET is answered from the run: each
+    goes the general way, which waits for the index on a read thread."""
+    def index_behind(node, db, session):
+        db.index_covers = lambda since_tx=0: False
+
+    answers, counted, _ = _serve_gets_in_process(
+        tmp_path, lambda db: db.set({b"k%d" % n: b"v%d" % n for n in range(40)}),
+        [{"key": b"k%d" % n} for n in range(40)], index_behind)
+    assert counted == 40          # by each general get, not by the run that passed them on
+    assert [answers[n + 1][1]["entry"]["value"] for n in range(40)] == [
+        b"v%d" % n for n in range(40)]
+
+
 def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():
     """A handler whose read would have to wait while the burst holds guards raises
     BurstWouldBlock; the connection serves that request again in a task, outside the burst, and

@@ -29,10 +29,10 @@ Where this module differs from the pure codec, on purpose, all on error paths:
 Files: util.pxi (byte order, integers, bytes, limits), hashing.pxi (SHA-256, htree, AHT),
 header.pxi (kv metadata, tx header, inner hash, Alh), blob.pxi (export blobs: parse, verify,
 build, replicate), record.pxi (records and the key index), frames.pxi (XXH64, encode_frame,
-FrameDecoder: the wire protocol's frames).
+FrameDecoder: the wire protocol's frames), plain_get.pxi (a plain GET's key and answer frame).
 """
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_Check, PyBytes_CheckExact,
                             PyBytes_FromStringAndSize, PyBytes_GET_SIZE)
 from cpython.long cimport PyLong_Check, PyLong_CheckExact, PyLong_FromUnsignedLongLong
@@ -62,7 +62,7 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
            "record_entry_at", "record_entry_count", "record_digests", "index_key", "index_items", "xxh64_intdigest",
-           "encode_frame", "FrameDecoder")
+           "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
 cdef enum:
@@ -105,3 +105,4 @@ include "header.pxi"
 include "blob.pxi"
 include "record.pxi"
 include "frames.pxi"
+include "plain_get.pxi"

@@ -13,7 +13,8 @@ from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BY
 from ..errors import IllegalArgumentsError, ReplicaDivergedError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, header_to_wire, to_wire
-from ..types import KVMetadata, State
+from ..protocol.plain_get import encode_entry_answer, plain_get_key
+from ..types import Entry, KVMetadata, State
 from . import auth, settings as dbsettings
 from .completions import Completions
 from .connection import LaterAnswer
@@ -21,6 +22,10 @@ from .node import DatabaseError, Node
 
 
 PermissionDeniedError = auth.PermissionDeniedError
+_GET = int(Msg.GET)
+# A plain GET's answer is encoded in C up to this value size; a bigger value goes through
+# ``Connection._send``, which answers response_too_large for one over the frame limit.
+_INLINE_ANSWER_VALUE_BYTES_MAX = 1 << 20
 
 
 def _field(body: dict, name: str, kind, default=None):
@@ -269,6 +274,39 @@ class Dispatcher:
         if len(body) == 1 and db.index_covers(0):
             return {"entry": to_wire(db.get(_field(body, "key", bytes)))}
         return self._get(db, body)
+
+    def plain_gets(self, conn, run: list) -> list:
+        """A run of GETs that arrived together on ``conn`` (``(request_id, body)`` pairs),
+        served at once: for each, its answer frame (bytes), an answer body to send, the error
+        to answer, or None for one to serve the general way (``get``): a body with more than
+        a key, or every one of them while the index is behind.
+
+        The session and permission are checked once for the run: it is served in one step of
+        the event loop, in which nothing can change them, so each request is checked as it
+        would have been alone. The plain ones are read from one snapshot (``latest_rows``)
+        and an answer without metadata is encoded in C, with no Entry or map built for it."""
+        _, name = self._authorize(conn, "read")
+        db = self.node.database(name)
+        if not db.index_covers(0):
+            return [None] * len(run)
+        keys = [plain_get_key(body) for _, body in run]
+        plain = [key for key in keys if key is not None]
+        self.node.count_request(name, "read", len(plain))   # the general path counts the rest
+        rows = iter(db.latest_rows(plain))
+        answers = []
+        for (request_id, _), key in zip(run, keys):
+            if key is None:
+                answers.append(None)
+                continue
+            row = next(rows)
+            if isinstance(row, Exception):
+                answers.append(row)
+            elif row[3] is None and len(row[2]) <= _INLINE_ANSWER_VALUE_BYTES_MAX:
+                answers.append(encode_entry_answer(_GET, request_id, row[0], row[1], row[2],
+                                                   row[4]))
+            else:       # metadata, or a value big enough to need the frame size check
+                answers.append({"entry": to_wire(Entry(*row))})
+        return answers
 
     async def _get(self, db, body):
         at_tx, since_tx = _field(body, "at_tx", int, 0), _field(body, "since_tx", int, 0)

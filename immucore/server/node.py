@@ -235,9 +235,9 @@ class Node:
             out["public_key"] = self.signer.public_key
         return out
 
-    def count_request(self, name: str, action: str):
+    def count_request(self, name: str, action: str, requests: int = 1):
         key = (name, action)
-        self.request_counts[key] = self.request_counts.get(key, 0) + 1
+        self.request_counts[key] = self.request_counts.get(key, 0) + requests
 
     def database(self, name: str) -> Database:
         if name == "systemdb":

@@ -1,0 +1,54 @@
+"""The plain GET, read and answered without msgpack's general machinery.
+
+A pipelined burst of reads is made of plain GETs: a body that is exactly ``{"key": <bin>}`` (no
+``at_tx``, ``since_tx`` or ``at_revision``), answered with the key's latest entry. The node serves
+a run of them together (``Dispatcher.plain_gets``), and these two functions are most of what is
+left per request there:
+
+* ``plain_get_key(body)``: the key of a plain GET's body, or None for any other body (which then
+  goes the general way: ``unpack`` and the handler, with its checks and error messages).
+* ``encode_entry_answer(msg_type, request_id, tx, key, value, revision)``: the whole answer frame
+  of an entry without metadata, the same bytes as ``encode_frame`` of
+  ``pack({"entry": to_wire(Entry(tx, key, value, None, revision))})``.
+
+Two implementations, one behaviour, chosen as ``protocol.frames`` chooses: the native ones
+(ext/immucore/frames.pxi) and the pure ones below, the reference they are tested against
+(tests/test_plain_get.py: same keys, same bytes).
+"""
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+from ..codec import IMPLEMENTATION
+from .frames import pure_encode_frame
+from .messages import pack
+
+_KEY_MAP_HEAD = b"\x81\xa3key"     # fixmap of one entry, fixstr "key"
+_BIN_LENGTHS = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
+
+
+def pure_plain_get_key(body: bytes) -> Optional[bytes]:
+    if body[:5] != _KEY_MAP_HEAD or len(body) < 6:
+        return None
+    length = _BIN_LENGTHS.get(body[5])
+    if length is None or len(body) < 6 + length.size:
+        return None
+    start = 6 + length.size
+    if length.unpack_from(body, 6)[0] != len(body) - start:
+        return None                      # short, or more follows the key: not a plain GET
+    return bytes(body[start:])
+
+
+def pure_encode_entry_answer(msg_type: int, request_id: int, tx: int, key: bytes, value: bytes,
+                             revision: int) -> bytes:
+    body = pack({"entry": {"_t": "Entry", "tx": tx, "key": key, "value": value,
+                           "metadata": None, "revision": revision}})
+    return pure_encode_frame(msg_type, 0, request_id, body)
+
+
+if IMPLEMENTATION == "native":
+    from .._native import encode_entry_answer, plain_get_key
+else:
+    plain_get_key = pure_plain_get_key
+    encode_entry_answer = pure_encode_entry_answer

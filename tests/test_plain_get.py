@@ -1,0 +1,133 @@
+"""A plain GET's key and answer frame (immucore/protocol/plain_get.py, ext/immucore/plain_get.pxi).
+
+The pure functions are the reference: ``pure_encode_entry_answer`` is literally ``encode_frame``
+of ``pack`` of the answer map, and ``pure_plain_get_key`` must agree with ``unpack`` on what a
+plain GET is. The native twins must give the same bytes and the same keys for every input,
+including msgpack's size boundaries (fixint/uint8/16/32/64, bin8/16/32), where a hand-written
+encoder goes wrong first.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from immucore.constants import FRAME_BODY_BYTES_MAX
+from immucore.protocol.frames import FrameDecoder, pure_encode_frame
+from immucore.protocol.messages import Msg, pack, to_wire, unpack
+from immucore.protocol.plain_get import pure_encode_entry_answer, pure_plain_get_key
+from immucore.types import Entry
+
+try:
+    from codec_vectors import require_native
+except ImportError:  # tests/ imported as a package
+    from tests.codec_vectors import require_native
+
+GET = int(Msg.GET)
+INT_BOUNDARIES = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
+LENGTH_BOUNDARIES = [0, 1, 255, 256, 65535, 65536, 70000]
+
+
+@pytest.fixture(scope="module")
+def native():
+    return require_native()
+
+
+def answer_frame(request_id, tx, key, value, revision) -> bytes:
+    """What the general path sends for the same entry."""
+    body = pack({"entry": to_wire(Entry(tx, key, value, None, revision))})
+    return pure_encode_frame(GET, 0, request_id, body)
+
+
+# --- the answer -----------------------------------------------------------------------------
+
+def test_the_pure_answer_is_the_general_paths_answer():
+    for n in INT_BOUNDARIES:
+        assert (pure_encode_entry_answer(GET, n, n, b"k", b"v", n)
+                == answer_frame(n, n, b"k", b"v", n))
+
+
+@pytest.mark.parametrize("number", INT_BOUNDARIES)
+def test_native_answer_matches_at_every_integer_boundary(native, number):
+    args = (GET, number, number, b"key", b"value", number)
+    assert native.encode_entry_answer(*args) == pure_encode_entry_answer(*args)
+
+
+@pytest.mark.parametrize("length", LENGTH_BOUNDARIES)
+def test_native_answer_matches_at_every_length_boundary(native, length):
+    key, value = bytes(range(256)) * (length // 256) + b"k" * (length % 256), b"v" * length
+    for k, v in ((key, b"x"), (b"x", value)):
+        assert (native.encode_entry_answer(GET, 9, 42, k, v, 3)
+                == pure_encode_entry_answer(GET, 9, 42, k, v, 3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.integers(0, 2**64 - 1), tx=st.integers(0, 2**64 - 1),
+       revision=st.integers(0, 2**64 - 1), key=st.binary(max_size=600),
+       value=st.binary(max_size=3000))
+def test_native_answer_matches_the_pure_one(native, request_id, tx, revision, key, value):
+    frame = native.encode_entry_answer(GET, request_id, tx, key, value, revision)
+    assert frame == pure_encode_entry_answer(GET, request_id, tx, key, value, revision)
+    [(msg, flags, rid, body)] = FrameDecoder(FRAME_BODY_BYTES_MAX).feed(frame)
+    assert (msg, flags, rid) == (GET, 0, request_id)
+    assert unpack(body)["entry"] == to_wire(Entry(tx, key, value, None, revision))
+
+
+def test_native_answer_reads_buffers_in_place(native):
+    """An LMDB memoryview or a bytearray works as the value, with the bytes' result."""
+    for value in (memoryview(b"xvalue")[1:], bytearray(b"value")):
+        assert (native.encode_entry_answer(GET, 1, 2, b"k", value, 3)
+                == pure_encode_entry_answer(GET, 1, 2, b"k", b"value", 3))
+
+
+@pytest.mark.parametrize("args", [
+    (GET, 1, -1, b"k", b"v", 1),            # negative: msgpack's int encodings
+    (GET, 1, 2**64, b"k", b"v", 1),         # too big: msgpack's error
+    (GET, 1, 1, "text", b"v", 1),           # a str key: msgpack's str type
+    (GET, 1, True, b"k", b"v", 1),          # a bool is not an exact int
+    (GET, 2**64, 1, b"k", b"v", 1),         # a request id out of range: the frame's error
+])
+def test_native_answer_hands_odd_arguments_to_the_pure_one(native, args):
+    try:
+        expected = pure_encode_entry_answer(*args)
+    except Exception as exc:  # noqa: BLE001 - the same type and message are required
+        with pytest.raises(type(exc)) as raised:
+            native.encode_entry_answer(*args)
+        assert str(raised.value) == str(exc)
+    else:
+        assert native.encode_entry_answer(*args) == expected
+
+
+# --- the request ----------------------------------------------------------------------------
+
+PLAIN_BODIES = [pack({"key": k}) for k in (b"", b"k", b"k" * 255, b"k" * 256, b"k" * 70000)]
+# bin16/bin32 for a short key are valid msgpack too, just not what packers write
+PLAIN_BODIES += [b"\x81\xa3key\xc5\x00\x02ab", b"\x81\xa3key\xc6\x00\x00\x00\x02ab"]
+NOT_PLAIN = [
+    b"", b"\x80", pack({}), pack({"key": "text"}), pack({"key": b"k", "at_tx": 1}),
+    pack({"at_tx": 1, "key": b"k"}), pack({"kez": b"k"}), pack({"key": 1}),
+    pack({"key": b"abc"})[:-1],             # short
+    pack({"key": b"abc"}) + b"\x00",        # more after the key
+    b"\x81\xa3key", b"\x81\xa3key\xc4", b"\x81\xa3key\xc5\x00", b"\x81\xa3key\xc6\x00\x00\x00",
+    b"\xde\x00\x01\xa3key\xc4\x01k",        # map16 of one entry: valid, but not the plain form
+]
+
+
+@pytest.mark.parametrize("body", PLAIN_BODIES)
+def test_plain_bodies_give_their_key(native, body):
+    assert pure_plain_get_key(body) == native.plain_get_key(body) == unpack(body)["key"]
+
+
+@pytest.mark.parametrize("body", NOT_PLAIN)
+def test_anything_else_is_not_plain(native, body):
+    assert pure_plain_get_key(body) is None and native.plain_get_key(body) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=40),
+                 st.binary(max_size=40).map(lambda b: b"\x81\xa3key" + b),
+                 st.binary(max_size=300).map(lambda k: pack({"key": k}))))
+def test_both_agree_on_any_body_and_a_key_is_what_unpack_reads(native, body):
+    key = pure_plain_get_key(body)
+    assert native.plain_get_key(body) == key
+    if key is not None:
+        assert unpack(body) == {"key": key}
