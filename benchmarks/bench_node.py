@@ -5,8 +5,8 @@
 ``make test`` runs them once at a tiny size; ``IMMUCORE_BENCH_FULL=1`` (``make bench``) at size,
 three rounds each: a benchmark prints its median round and every round's rate (client and node
 share one machine, whose speed swings by 20 % or more from minute to minute). The
-32-connection benchmark also prints the CPU per tx of the node, its index workers and the
-client (from /proc, Linux): where the two cores went.
+32-connection and the gets benchmarks also print the CPU per tx (per get) of the node, its
+index workers and the client (from /proc, Linux): where the two cores went.
 """
 import json
 import os

@@ -120,6 +120,7 @@ def pipelined_gets(node, gets: int, in_flight: int = 256, bursts: bool = False) 
         await client.set({f"key{n}".encode(): b"v" * 100 for n in range(1000)})
         expected = b"v" * 100
         await client.get(b"key0")        # returns once the index covers the set above
+        cpu_before = _process_cpu_seconds(node.process.pid), time.process_time()
         start = time.perf_counter()
         if bursts:
             done = 0
@@ -138,9 +139,11 @@ def pipelined_gets(node, gets: int, in_flight: int = 256, bursts: bool = False) 
 
             await asyncio.gather(*(worker(i) for i in range(in_flight)))
         elapsed = time.perf_counter() - start
+        cpu = _cpu_per_tx(node, *cpu_before, gets)
         await client.close()
-        return elapsed
+        return elapsed, cpu
 
-    elapsed = _run(main())
+    elapsed, cpu = _run(main())
     return {"gets": gets, "in_flight": in_flight, "mode": "bursts" if bursts else "window",
-            "gets_per_s": gets / elapsed}
+            "gets_per_s": gets / elapsed,
+            **{name.replace("_per_tx", "_per_get"): value for name, value in cpu.items()}}
