@@ -22,8 +22,8 @@ from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
 from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
-from .protocol.messages import (Msg, from_wire, header_from_wire, pack, raise_error, to_wire,
-                                unpack)
+from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
+                                raise_error, to_wire, unpack)
 from .types import KVMetadata, State
 
 _EMPTY_HASH = codec.sha256(b"")
@@ -344,7 +344,7 @@ class AsyncClient:
         body = {"key": key}
         if at_tx or since_tx or at_revision:       # the node defaults each to 0
             body.update(at_tx=at_tx, since_tx=since_tx, at_revision=at_revision)
-        return from_wire((await self.call(Msg.GET, body))["entry"])
+        return entry_from_wire((await self.call(Msg.GET, body))["entry"])
 
     async def history(self, key: bytes, *, offset: int = 0, limit: int = 0, desc: bool = False):
         return from_wire((await self.call(Msg.HISTORY, {

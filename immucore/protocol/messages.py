@@ -115,6 +115,24 @@ def header_to_wire(header: tuple) -> dict:
     return out
 
 
+_ENTRY_FIELDS = _FIELDS[types.Entry]
+
+
+def entry_from_wire(value: Any) -> types.Entry:
+    """``from_wire`` of a GET's answer entry without metadata (nearly every one), without the
+    generic walk: a third of a pipelined get's client time went there. Anything else goes
+    through ``from_wire``."""
+    if type(value) is dict and value.get("_t") == "Entry" and value.get("metadata") is None \
+            and len(value) == len(_ENTRY_FIELDS) + 1:          # its fields and "_t", no more
+        try:
+            fields = [value[name] for name in _ENTRY_FIELDS]
+        except KeyError:
+            return from_wire(value)
+        if _PLAIN.issuperset(map(type, fields)):
+            return types.Entry(*fields)
+    return from_wire(value)
+
+
 def header_from_wire(value: Any) -> types.TxHeader:
     """``from_wire`` of a SET's answer header, 1.5 instead of 4.3 µs in the client; anything but
     a plain TxHeader map goes through ``from_wire``."""
