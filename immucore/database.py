@@ -577,45 +577,55 @@ class Database:
         keys = list(keys)
         if self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id:
             self._wait_index(0)        # raises if closed; waits (or BurstWouldBlock) if behind
-        rows = []
-        # the index snapshot first: the log's, opened after it, holds every tx it points at
-        with self._index_env.read(version=self._indexer.version) as itxn, \
-                self._log.read(buffers=True, version=self._writer.state) as txn:
+        with self._index_env.read(version=self._indexer.version) as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
+            found = [self._locate(cursor, key) for key in keys]
+        if all(isinstance(where, ImmucoreError) for where in found):
+            return found               # no log read at all (a burst holds no log guard)
+        # opened after the index snapshot, so it holds every tx that snapshot points at
+        with self._log.read(buffers=True, version=self._writer.state) as txn:
             tx_db, now = self._log.dbs["tx"], time.time()
-            for key in keys:
-                try:
-                    rows.append(self._latest_in(cursor, txn, tx_db, key, now))
-                except ImmucoreError as exc:
-                    rows.append(exc)
-        return rows
+            return [where if isinstance(where, ImmucoreError)
+                    else self._row_at(txn, tx_db, where, now) for where in found]
 
-    def _latest_in(self, cursor, txn, tx_db, key, now: float) -> tuple:
-        """One key's latest version, read through the index ``cursor`` and log ``txn``."""
-        if type(key) is not bytes:
-            key = _bytes(key, "key")
-        stored = _KV_PREFIX + key
-        if not cursor.set_key(codec.index_key(stored)):
-            raise KeyNotFoundError()
+    def _locate(self, cursor, key):
+        """Where ``key``'s latest version is: ``(key, stored key, tx id, entry index, entry
+        offset, revision)``, or the error its get raises (returned, not raised)."""
+        try:
+            if type(key) is not bytes:
+                key = _bytes(key, "key")
+            stored = _KV_PREFIX + key
+            if not cursor.set_key(codec.index_key(stored)):
+                raise KeyNotFoundError()
+        except ImmucoreError as exc:
+            return exc
         revision = cursor.count()
         cursor.last_dup()
         location = cursor.value()
         if len(location) == _LOCATION.size:
-            tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
-        else:                 # a row without its offset: found by walking the record
-            tx_id, entry_index = _LOCATION_NO_OFFSET.unpack(location)
-            entry_offset = INDEX_ENTRY_OFFSET_UNKNOWN
-        record = txn.get(_U64.pack(tx_id), db=tx_db)
-        if record is None:
-            raise TxNotFoundError()
-        key_read, md_raw, value, _ = codec.record_entry_at(record, entry_index, entry_offset)
-        if key_read != stored:
-            raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
-        metadata = KVMetadata.from_bytes(md_raw)
-        if metadata is not None and (metadata.deleted or metadata.expired(now)):
-            raise KeyNotFoundError()
-        if value is None:
-            raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
+            return (key, stored, *_LOCATION.unpack(location), revision)
+        # a row without its offset: found by walking the record
+        return (key, stored, *_LOCATION_NO_OFFSET.unpack(location), INDEX_ENTRY_OFFSET_UNKNOWN,
+                revision)
+
+    def _row_at(self, txn, tx_db, where: tuple, now: float):
+        """The entry ``_locate`` found, as a row, or the error its get raises (returned)."""
+        key, stored, tx_id, entry_index, entry_offset, revision = where
+        try:
+            record = txn.get(_U64.pack(tx_id), db=tx_db)
+            if record is None:
+                raise TxNotFoundError()
+            key_read, md_raw, value, _ = codec.record_entry_at(record, entry_index, entry_offset)
+            if key_read != stored:
+                raise CorruptedDataError(
+                    f"data is corrupted: index points tx {tx_id} at another key")
+            metadata = KVMetadata.from_bytes(md_raw)
+            if metadata is not None and (metadata.deleted or metadata.expired(now)):
+                raise KeyNotFoundError()
+            if value is None:
+                raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
+        except ImmucoreError as exc:
+            return exc
         return tx_id, key, bytes(value[1:]), metadata, revision
 
     def _latest(self, key) -> Entry:
