@@ -29,7 +29,8 @@ Where this module differs from the pure codec, on purpose, all on error paths:
 Files: util.pxi (byte order, integers, bytes, limits), hashing.pxi (SHA-256, htree, AHT),
 header.pxi (kv metadata, tx header, inner hash, Alh), blob.pxi (export blobs: parse, verify,
 build, replicate), record.pxi (records and the key index), frames.pxi (XXH64, encode_frame,
-FrameDecoder: the wire protocol's frames), plain_get.pxi (a plain GET's key and answer frame).
+FrameDecoder: the wire protocol's frames), answers.pxi (a plain GET's key and answer, a SET's
+answer).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
@@ -62,7 +63,8 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
            "record_entry_at", "record_entry_count", "record_digests", "index_key", "index_items", "xxh64_intdigest",
-           "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer")
+           "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer",
+           "encode_header_answer")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
 cdef enum:
@@ -105,4 +107,4 @@ include "header.pxi"
 include "blob.pxi"
 include "record.pxi"
 include "frames.pxi"
-include "plain_get.pxi"
+include "answers.pxi"

@@ -23,6 +23,7 @@ from ..constants import (CONNECTION_FLUSH_ANSWERS, CONNECTION_IDLE_SECONDS,
                          PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
                                encode_frame)
+from ..protocol.answers import encode_header_answer
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
 from ..store.env import BurstWouldBlock, ReadBurst
 
@@ -100,6 +101,16 @@ class LaterAnswer:
         to, self._to = self._to, None
         if to is not None:
             to(result, exc)
+
+
+class HeaderAnswer:
+    """A SET's answer as the writer's header tuple: ``_send`` writes its frame in C
+    (``encode_header_answer``), the bytes of ``{"header": header_to_wire(header)}`` without
+    building or packing that map."""
+    __slots__ = ("header",)
+
+    def __init__(self, header: tuple):
+        self.header = header
 
 
 def _settle_waiter(waiter: asyncio.Future, result, exc) -> None:
@@ -433,6 +444,9 @@ class Connection(asyncio.Protocol):
 
     def _send(self, msg, flags: int, request_id: int, body):
         if self._closed or self.transport is None or self.transport.is_closing():
+            return
+        if type(body) is HeaderAnswer:
+            self._queue_frame(encode_header_answer(int(msg), request_id, body.header))
             return
         raw = pack(body)
         if len(raw) > FRAME_BODY_BYTES_MAX:

@@ -13,11 +13,11 @@ from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BY
 from ..errors import IllegalArgumentsError, ReplicaDivergedError
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, header_to_wire, to_wire
-from ..protocol.plain_get import encode_entry_answer, plain_get_key
+from ..protocol.answers import encode_entry_answer, plain_get_key
 from ..types import Entry, KVMetadata, State
 from . import auth, settings as dbsettings
 from .completions import Completions
-from .connection import LaterAnswer
+from .connection import HeaderAnswer, LaterAnswer
 from .node import DatabaseError, Node
 
 
@@ -145,11 +145,11 @@ class Dispatcher:
             waiting = asyncio.ensure_future(self._set_replicated(name, header))
             waiting.add_done_callback(answer.settle_from)
             return
-        answer.give({"header": header_to_wire(header)})
+        answer.give(HeaderAnswer(header))
 
-    async def _set_replicated(self, name: str, header: tuple) -> dict:
+    async def _set_replicated(self, name: str, header: tuple) -> "HeaderAnswer":
         await self.node.replicated(name, header[0])
-        return {"header": header_to_wire(header)}
+        return HeaderAnswer(header)
 
     def _manager(self, conn):
         return self.node.token_sessions if conn.detached else self.node.sessions

@@ -1,19 +1,22 @@
-"""The plain GET, read and answered without msgpack's general machinery.
+"""The commonest requests' fixed-shape bodies, read and written without msgpack's general
+machinery.
 
 A pipelined burst of reads is made of plain GETs: a body that is exactly ``{"key": <bin>}`` (no
 ``at_tx``, ``since_tx`` or ``at_revision``), answered with the key's latest entry. The node serves
-a run of them together (``Dispatcher.plain_gets``), and these two functions are most of what is
-left per request there:
+a run of them together (``Dispatcher.plain_gets``), and the first two functions are most of what
+is left per request there. The third is every SET's answer.
 
 * ``plain_get_key(body)``: the key of a plain GET's body, or None for any other body (which then
   goes the general way: ``unpack`` and the handler, with its checks and error messages).
 * ``encode_entry_answer(msg_type, request_id, tx, key, value, revision)``: the whole answer frame
   of an entry without metadata, the same bytes as ``encode_frame`` of
   ``pack({"entry": to_wire(Entry(tx, key, value, None, revision))})``.
+* ``encode_header_answer(msg_type, request_id, header)``: a SET's answer frame from the writer's
+  header tuple, the same bytes as ``encode_frame`` of ``pack({"header": header_to_wire(header)})``.
 
 Two implementations, one behaviour, chosen as ``protocol.frames`` chooses: the native ones
-(ext/immucore/frames.pxi) and the pure ones below, the reference they are tested against
-(tests/test_plain_get.py: same keys, same bytes).
+(ext/immucore/answers.pxi) and the pure ones below, the reference they are tested against
+(tests/test_answers.py: same keys, same bytes).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from typing import Optional
 
 from ..codec import IMPLEMENTATION
 from .frames import pure_encode_frame
-from .messages import pack
+from .messages import header_to_wire, pack
 
 _KEY_MAP_HEAD = b"\x81\xa3key"     # fixmap of one entry, fixstr "key"
 _BIN_LENGTHS = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
@@ -47,8 +50,13 @@ def pure_encode_entry_answer(msg_type: int, request_id: int, tx: int, key: bytes
     return pure_encode_frame(msg_type, 0, request_id, body)
 
 
+def pure_encode_header_answer(msg_type: int, request_id: int, header: tuple) -> bytes:
+    return pure_encode_frame(msg_type, 0, request_id, pack({"header": header_to_wire(header)}))
+
+
 if IMPLEMENTATION == "native":
-    from .._native import encode_entry_answer, plain_get_key
+    from .._native import encode_entry_answer, encode_header_answer, plain_get_key
 else:
     plain_get_key = pure_plain_get_key
     encode_entry_answer = pure_encode_entry_answer
+    encode_header_answer = pure_encode_header_answer

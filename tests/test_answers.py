@@ -1,8 +1,9 @@
-"""A plain GET's key and answer frame (immucore/protocol/plain_get.py, ext/immucore/plain_get.pxi).
+"""A plain GET's key and answer frame, and a SET's answer frame (immucore/protocol/answers.py,
+ext/immucore/answers.pxi).
 
-The pure functions are the reference: ``pure_encode_entry_answer`` is literally ``encode_frame``
-of ``pack`` of the answer map, and ``pure_plain_get_key`` must agree with ``unpack`` on what a
-plain GET is. The native twins must give the same bytes and the same keys for every input,
+The pure functions are the reference: ``pure_encode_entry_answer`` and
+``pure_encode_header_answer`` are literally ``encode_frame`` of ``pack`` of the answer map, and
+``pure_plain_get_key`` must agree with ``unpack`` on what a plain GET is. The native twins must give the same bytes and the same keys for every input,
 including msgpack's size boundaries (fixint/uint8/16/32/64, bin8/16/32), where a hand-written
 encoder goes wrong first.
 """
@@ -14,8 +15,10 @@ from hypothesis import given, settings, strategies as st
 from immucore.constants import FRAME_BODY_BYTES_MAX
 from immucore.protocol.frames import FrameDecoder, pure_encode_frame
 from immucore.protocol.messages import Msg, pack, to_wire, unpack
-from immucore.protocol.plain_get import pure_encode_entry_answer, pure_plain_get_key
-from immucore.types import Entry
+from immucore.protocol.answers import (pure_encode_entry_answer, pure_encode_header_answer,
+                                       pure_plain_get_key)
+from immucore.protocol.messages import header_to_wire
+from immucore.types import Entry, TxHeader
 
 try:
     from codec_vectors import require_native
@@ -131,3 +134,55 @@ def test_both_agree_on_any_body_and_a_key_is_what_unpack_reads(native, body):
     assert native.plain_get_key(body) == key
     if key is not None:
         assert unpack(body) == {"key": key}
+
+
+# --- a SET's answer ---------------------------------------------------------------------------
+
+HEADER = (12345, bytes(range(32)), 1_700_000_000, 1, b"", 3, bytes(32), 12344, b"\x07" * 32)
+
+
+def test_the_pure_set_answer_is_the_general_paths_answer():
+    body = pack({"header": to_wire(TxHeader(*HEADER))})
+    assert pure_encode_header_answer(int(Msg.SET), 7, HEADER) == pure_encode_frame(
+        int(Msg.SET), 0, 7, body)
+
+
+@pytest.mark.parametrize("number", INT_BOUNDARIES)
+def test_native_set_answer_matches_at_every_integer_boundary(native, number):
+    header = (number, bytes(32), number, number, b"", number, bytes(32), number, bytes(32))
+    assert (native.encode_header_answer(int(Msg.SET), number, header)
+            == pure_encode_header_answer(int(Msg.SET), number, header))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ints=st.lists(st.integers(0, 2**64 - 1), min_size=5, max_size=5),
+       digests=st.lists(st.binary(max_size=300), min_size=4, max_size=4),
+       request_id=st.integers(0, 2**64 - 1))
+def test_native_set_answer_matches_the_pure_one(native, ints, digests, request_id):
+    header = (ints[0], digests[0], ints[1], ints[2], digests[1], ints[3], digests[2], ints[4],
+              digests[3])
+    frame = native.encode_header_answer(int(Msg.SET), request_id, header)
+    assert frame == pure_encode_header_answer(int(Msg.SET), request_id, header)
+    [(_, flags, rid, body)] = FrameDecoder(FRAME_BODY_BYTES_MAX).feed(frame)
+    assert (flags, rid) == (0, request_id)
+    assert unpack(body) == {"header": header_to_wire(header)}
+
+
+@pytest.mark.parametrize("header", [
+    HEADER[:8],                                          # too short: header_to_wire's zip
+    HEADER + (1,),                                       # too long
+    list(HEADER),                                        # not a tuple
+    (-1,) + HEADER[1:],                                  # a negative id: msgpack's int
+    HEADER[:1] + (bytearray(32),) + HEADER[2:],          # not exactly bytes
+    HEADER[:4] + (None,) + HEADER[5:],                   # None metadata: nil
+    HEADER[:2] + (2**64,) + HEADER[3:],                  # too big: msgpack's error
+])
+def test_native_set_answer_hands_odd_headers_to_the_pure_one(native, header):
+    try:
+        expected = pure_encode_header_answer(int(Msg.SET), 1, header)
+    except Exception as exc:  # noqa: BLE001 - the same type and message are required
+        with pytest.raises(type(exc)) as raised:
+            native.encode_header_answer(int(Msg.SET), 1, header)
+        assert str(raised.value) == str(exc)
+    else:
+        assert native.encode_header_answer(int(Msg.SET), 1, header) == expected
