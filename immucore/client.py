@@ -24,7 +24,8 @@ from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
                                 raise_error, to_wire, unpack)
-from .types import KVMetadata, State
+from .protocol.answers import decode_header_answer
+from .types import KVMetadata, State, TxHeader
 
 _EMPTY_HASH = codec.sha256(b"")
 
@@ -166,10 +167,15 @@ class AsyncClient:
         or to its stream's queue."""
         pending = self._pending
         for msg_type, flags, request_id, raw in frames:
-            try:
-                body = unpack(raw) if raw else {}
-            except Exception as exc:  # noqa: BLE001 - msgpack raises several types
-                raise ImmucoreError(f"undecodable answer from the node: {exc}") from None
+            header = (decode_header_answer(raw) if msg_type in _HEADER_ANSWERS and not flags
+                      else None)
+            if header is not None:          # a SET's answer, read in C: no map, no from_wire
+                body = {"header": TxHeader(*header)}
+            else:
+                try:
+                    body = unpack(raw) if raw else {}
+                except Exception as exc:  # noqa: BLE001 - msgpack raises several types
+                    raise ImmucoreError(f"undecodable answer from the node: {exc}") from None
             waiter = pending.get(request_id)
             if waiter is None:
                 if flags & FLAG_ERROR and isinstance(body, dict):
@@ -335,10 +341,10 @@ class AsyncClient:
     # --- data -------------------------------------------------------------------------
 
     async def set(self, kvs, *, metadata=None):
-        return header_from_wire((await self.call(Msg.SET, _set_body(kvs, metadata)))["header"])
+        return _header((await self.call(Msg.SET, _set_body(kvs, metadata)))["header"])
 
     async def delete(self, keys: List[bytes]):
-        return header_from_wire((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
+        return _header((await self.call(Msg.DELETE, {"keys": list(keys)}))["header"])
 
     async def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0, at_revision: int = 0):
         body = {"key": key}
@@ -556,6 +562,16 @@ class AsyncClient:
 
     async def set_user_active(self, user: str, active: bool) -> dict:
         return await self.call(Msg.USER_SET_ACTIVE, {"user": user, "active": active})
+
+
+# answers that are one TxHeader ({"header": ...}): read by decode_header_answer when laid out as
+# the node writes them
+_HEADER_ANSWERS = frozenset({int(Msg.SET), int(Msg.DELETE)})
+
+
+def _header(value):
+    """The TxHeader of a SET's or DELETE's answer (already one when read in C)."""
+    return value if type(value) is TxHeader else header_from_wire(value)
 
 
 def _set_body(kvs, metadata) -> dict:

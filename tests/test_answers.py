@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 from immucore.constants import FRAME_BODY_BYTES_MAX
 from immucore.protocol.frames import FrameDecoder, pure_encode_frame
 from immucore.protocol.messages import Msg, pack, to_wire, unpack
-from immucore.protocol.answers import (pure_encode_entry_answer, pure_encode_header_answer,
-                                       pure_plain_get_key)
+from immucore.protocol.answers import (pure_decode_header_answer, pure_encode_entry_answer,
+                                       pure_encode_header_answer, pure_plain_get_key)
 from immucore.protocol.messages import header_to_wire
 from immucore.types import Entry, TxHeader
 
@@ -186,3 +186,58 @@ def test_native_set_answer_hands_odd_headers_to_the_pure_one(native, header):
         assert str(raised.value) == str(exc)
     else:
         assert native.encode_header_answer(int(Msg.SET), 1, header) == expected
+
+
+# --- a SET's answer, read by the client -------------------------------------------------------
+
+def set_answer_body(header) -> bytes:
+    return pack({"header": header_to_wire(header)})
+
+
+@pytest.mark.parametrize("number", INT_BOUNDARIES)
+def test_set_answers_read_back_at_every_boundary(native, number):
+    for length in LENGTH_BOUNDARIES[:5]:
+        header = (number, b"p" * length, number, number, b"", number, bytes(32), number,
+                  b"r" * length)
+        body = set_answer_body(header)
+        assert native.decode_header_answer(body) == pure_decode_header_answer(body) == header
+
+
+@settings(max_examples=200, deadline=None)
+@given(ints=st.lists(st.integers(0, 2**64 - 1), min_size=5, max_size=5),
+       digests=st.lists(st.binary(max_size=300), min_size=4, max_size=4))
+def test_any_set_answer_reads_back_as_its_header(native, ints, digests):
+    header = (ints[0], digests[0], ints[1], ints[2], digests[1], ints[3], digests[2], ints[4],
+              digests[3])
+    body = set_answer_body(header)
+    assert native.decode_header_answer(body) == pure_decode_header_answer(body) == header
+    assert native.decode_header_answer(memoryview(body)) == header
+
+
+NOT_A_SET_ANSWER = [
+    b"", pack({}), pack({"header": {}}), pack({"code": "x", "message": "y"}),
+    set_answer_body(HEADER)[:-1],                     # short
+    set_answer_body(HEADER) + b"\x00",                # more after the header
+    pack({"header": {**header_to_wire(HEADER), "extra": 1}}),
+    pack({"header": {**header_to_wire(HEADER), "id": -1}}),           # a negative int
+    pack({"header": {**header_to_wire(HEADER), "id": "1"}}),          # a str
+    pack({"header": {**header_to_wire(HEADER), "eh": 5}}),            # an int for bytes
+    pack({"header": {**header_to_wire(HEADER), "ts": b"x"}}),         # bytes for an int
+    pack({"header": {**header_to_wire(HEADER), "metadata": None}}),   # nil
+    pack({"header": dict(reversed(list(header_to_wire(HEADER).items())))}),   # another order
+]
+
+
+@pytest.mark.parametrize("body", NOT_A_SET_ANSWER)
+def test_anything_else_is_not_a_set_answer(native, body):
+    assert pure_decode_header_answer(body) is None and native.decode_header_answer(body) is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(cut=st.integers(0, 200), flip=st.integers(0, 200), bit=st.integers(0, 7))
+def test_both_agree_on_damaged_set_answers(native, cut, flip, bit):
+    body = bytearray(set_answer_body(HEADER))
+    if flip < len(body):
+        body[flip] ^= 1 << bit
+    body = bytes(body[:len(body) - cut % len(body)] if cut else body)
+    assert native.decode_header_answer(body) == pure_decode_header_answer(body)

@@ -211,3 +211,55 @@ def encode_header_answer(msg_type, request_id, header):
 def _pure_header_answer(msg_type, request_id, header):
     from immucore.protocol.answers import pure_encode_header_answer
     return pure_encode_header_answer(msg_type, request_id, header)
+
+
+def decode_header_answer(body):
+    """The header tuple of a SET's answer body laid out as ``encode_header_answer`` writes it
+    (any of msgpack's unsigned int and bin widths), or None for any other body."""
+    cdef InBuf b
+    cdef Py_ssize_t at, n, i, width
+    cdef const uchar* p
+    cdef uchar tag
+    cdef uint64_t number
+    cdef bytes name
+    cdef list fields = []
+    inbuf_get(body, &b)
+    try:
+        p, n = b.p, b.n
+        at = PyBytes_GET_SIZE(_HEADER_ANSWER_HEAD)
+        if n < at or memcmp(p, bptr(_HEADER_ANSWER_HEAD), at) != 0:
+            return None
+        for i in range(HEADER_FIELDS):
+            name = <bytes>_HEADER_FIELD_NAMES[i]
+            if (n - at <= PyBytes_GET_SIZE(name)
+                    or memcmp(p + at, bptr(name), PyBytes_GET_SIZE(name)) != 0):
+                return None
+            at += PyBytes_GET_SIZE(name)
+            tag = p[at]
+            at += 1
+            if _HEADER_FIELD_IS_INT[i] and tag <= MP_FIXINT_MAX:
+                fields.append(tag)
+                continue
+            if _HEADER_FIELD_IS_INT[i]:
+                width = (1 if tag == MP_UINT8 else 2 if tag == MP_UINT16
+                         else 4 if tag == MP_UINT32 else 8 if tag == MP_UINT64 else 0)
+            else:
+                width = (1 if tag == MP_BIN8 else 2 if tag == MP_BIN16
+                         else 4 if tag == MP_BIN32 else 0)
+            if width == 0 or n - at < width:
+                return None
+            number = (p[at] if width == 1 else get_u16(p + at) if width == 2
+                      else get_u32(p + at) if width == 4 else get_u64(p + at))
+            at += width
+            if _HEADER_FIELD_IS_INT[i]:
+                fields.append(PyLong_FromUnsignedLongLong(number))
+                continue
+            if number > <uint64_t>(n - at):
+                return None
+            fields.append(slice_bytes(p + at, <Py_ssize_t>number))
+            at += <Py_ssize_t>number
+        if at != n:
+            return None
+        return tuple(fields)
+    finally:
+        inbuf_release(&b)
