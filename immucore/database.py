@@ -22,7 +22,8 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     ImmucoreError, KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
+                     ImmucoreError, KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError,
+                     TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
@@ -604,9 +605,10 @@ class Database:
         location = cursor.value()
         if len(location) == _LOCATION.size:
             return (key, stored, *_LOCATION.unpack(location), revision)
-        # a row without its offset: found by walking the record
-        return (key, stored, *_LOCATION_NO_OFFSET.unpack(location), INDEX_ENTRY_OFFSET_UNKNOWN,
-                revision)
+        if len(location) == _LOCATION_NO_OFFSET.size:   # found by walking the record
+            return (key, stored, *_LOCATION_NO_OFFSET.unpack(location),
+                    INDEX_ENTRY_OFFSET_UNKNOWN, revision)
+        return CorruptedDataError(f"data is corrupted: an index row of {len(location)} bytes")
 
     def _row_at(self, txn, tx_db, where: tuple, now: float):
         """The entry ``_locate`` found, as a row, or the error its get raises (returned)."""

@@ -716,17 +716,30 @@ def _answers_sent(transport) -> list:
     return [(r, f, unpack(b)) for w in transport.written for _, f, r, b in decoder.feed(w)]
 
 
-def _serve_gets_in_process(tmp_path, setup, bodies, before_burst=None):
+class _GeneralPathOnly:
+    """The Dispatcher without ``plain_gets``: every GET served on its own, as before runs."""
+
+    def __init__(self, dispatcher):
+        self._dispatcher = dispatcher
+
+    def __call__(self, conn, msg, body):
+        return self._dispatcher(conn, msg, body)
+
+
+def _serve_gets_in_process(path, setup, bodies, before_burst=None, *, runs=True,
+                           in_flight_already=0):
     """A real in-process Node and Dispatcher behind a stub transport: ``setup(db)`` writes, then
-    one read carrying a GET per body (request ids 1..n) arrives. Returns the answers by request
-    id as ``(flags, body)``, the database's read-request count, and whether the connection
-    was closed (before the node's shutdown closes it anyway)."""
+    one read carrying a GET per body (request ids 1..n) arrives. ``runs=False`` serves it with
+    the general path only (the reference). Returns the answers by request id as ``(flags,
+    body)``, the database's read-request count, whether the connection was closed (before the
+    node's shutdown closes it anyway), how many runs ``plain_gets`` served, and the most
+    requests in flight at once."""
     from immucore.server.connection import Connection
     from immucore.server.handlers import Dispatcher
     from immucore.server.node import Node, NodeOptions
 
     async def run():
-        node = Node(NodeOptions(dir=str(tmp_path / "node"), port=0, metrics_server=False))
+        node = Node(NodeOptions(dir=str(path), port=0, metrics_server=False))
         try:
             db = node.database("defaultdb")
             setup(db)
@@ -734,15 +747,37 @@ def _serve_gets_in_process(tmp_path, setup, bodies, before_burst=None):
                 if db.index_covers(0):
                     break
                 await asyncio.sleep(0.01)
-            conn, transport = Connection(node, Dispatcher(node)), _StubTransport()
+            dispatcher, seen = Dispatcher(node), {"runs": 0, "in_flight": 0}
+            plain_gets = dispatcher.plain_gets
+
+            def counting_plain_gets(conn, run):
+                seen["runs"] += 1
+                return plain_gets(conn, run)
+
+            dispatcher.plain_gets = counting_plain_gets
+            conn = Connection(node, dispatcher if runs else _GeneralPathOnly(dispatcher))
+            transport = _StubTransport()
             conn.connection_made(transport)
             session = node.sessions.open(node.users.get_user("immudb"), "defaultdb")
             conn.logged_in(session.id, False)
+            conn._inflight += in_flight_already     # requests of an earlier read still served
+            serve_now = conn._serve_now
+
+            def watched_serve_now(*args):
+                serve_now(*args)
+                seen["in_flight"] = max(seen["in_flight"], conn._inflight)
+
+            conn._serve_now = watched_serve_now
             if before_burst is not None:
                 before_burst(node, db, session)
             counted = node.request_counts.get(("defaultdb", "read"), 0)
             conn.data_received(b"".join(encode_frame(int(Msg.GET), 0, n, pack(body))
                                         for n, body in enumerate(bodies, 1)))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            conn._inflight -= in_flight_already     # they finish: the rest is served
+            if conn._backlog:
+                conn._dispatch_backlog()
             for _ in range(500):          # the general path may go through a task or a thread
                 if transport.closed or len(_answers_sent(transport)) >= len(bodies):
                     break
@@ -751,21 +786,28 @@ def _serve_gets_in_process(tmp_path, setup, bodies, before_burst=None):
                 conn._idle_handle.cancel()
             answers = {r: (f, body) for r, f, body in _answers_sent(transport)}
             return (answers, node.request_counts.get(("defaultdb", "read"), 0) - counted,
-                    transport.closed)
+                    transport.closed, seen["runs"], seen["in_flight"])
         finally:
             await node.close()
 
     return asyncio.run(run())
 
 
+def _both_paths(tmp_path, setup, bodies, before_burst=None, **options):
+    """The same burst served with runs and with the general path only, on two equal nodes."""
+    with_runs = _serve_gets_in_process(tmp_path / "runs", setup, bodies, before_burst, **options)
+    alone = _serve_gets_in_process(tmp_path / "alone", setup, bodies, before_burst,
+                                   runs=False, **options)
+    return with_runs, alone
+
+
 def test_a_burst_of_gets_is_answered_each_as_its_own_get(tmp_path):
     """Plain GETs of one read are served as runs (one session check, one snapshot, answers
     encoded in C); a missing, deleted or expired key, an entry with metadata, a big value, a
-    GET with more than a key and a malformed one are each answered exactly as the general
-    path answers them alone, across more than one run."""
-    from immucore.protocol.messages import error_body
+    GET with more than a key and one whose key is not bytes are each answered exactly as the
+    general path answers them alone, across more than one run, and counted once each."""
     from immucore.types import KVMetadata
-    future = int(time.time()) + 3600
+    future, past = int(time.time()) + 3600, int(time.time()) - 5
     big = b"B" * (1536 << 10)       # over the inline answer limit: the general encoder
 
     def setup(db):
@@ -773,65 +815,99 @@ def test_a_burst_of_gets_is_answered_each_as_its_own_get(tmp_path):
         db.set({b"a": b"3", b"big": big})
         db.set({b"gone": b"x"})
         db.delete([b"gone"])
-        db.set({b"old": b"y"}, metadata=KVMetadata(expires_at=int(time.time()) - 5))
+        db.set({b"old": b"y"}, metadata=KVMetadata(expires_at=past))
         db.set({b"fresh": b"z"}, metadata=KVMetadata(expires_at=future))
 
     shapes = [{"key": b"a"}, {"key": b"missing"}, {"key": b"b"}, {"key": b"gone"},
               {"key": b"old"}, {"key": b"fresh"}, {"key": b"big"}, {"key": b"a", "at_tx": 1},
               {"key": "text"}, {"key": b"a", "at_revision": 1}]
     bodies = [shapes[n % len(shapes)] for n in range(75)]
-    answers, counted, closed = _serve_gets_in_process(tmp_path, setup, bodies)
+    (answers, counted, closed, runs, _), (alone, alone_counted, _, _, _) = _both_paths(
+        tmp_path, setup, bodies)
+    assert runs == 3                               # 75 GETs: runs of 32, 32 and 11
     assert sorted(answers) == list(range(1, 76)) and not closed
-    assert counted == 75                        # every request counted, whichever path served it
-
-    def reference(db, body):
-        from immucore.server.handlers import _field
-        try:
-            key = _field(body, "key", bytes)
-            entry = db.get(key, **{k: v for k, v in body.items() if k != "key"})
-        except Exception as exc:  # noqa: BLE001 - its error frame
-            return FLAG_ERROR, error_body(exc)
-        return 0, {"entry": to_wire(entry)}
-
-    from immucore.database import open_database
-    from immucore.protocol.messages import to_wire
-    db = open_database(str(tmp_path / "node" / "defaultdb"), name="defaultdb")
-    try:
-        for n, body in enumerate(bodies, 1):
-            assert answers[n] == reference(db, body), (n, body)
-    finally:
-        db.close()
+    assert answers == alone
+    assert counted == alone_counted == 75
     assert answers[1][1]["entry"]["value"] == b"3" and answers[7][1]["entry"]["value"] == big
     assert answers[6][1]["entry"]["metadata"]["expires_at"] == future
+    assert answers[2][1]["code"] == "key_not_found" and answers[4][1]["code"] == "key_not_found"
+    assert answers[9][1]["code"] == "illegal_arguments"
 
 
 def test_a_burst_of_gets_after_its_session_ended_is_answered_as_before(tmp_path):
-    """The session ended elsewhere before the burst: its first GET gets the session error, the
-    next one finds the connection logged out (not_logged_in), and the connection closes — as
-    when every GET was served alone. No GET is answered with data."""
+    """The session ended elsewhere before the burst: its first GET gets the session's error,
+    the next one finds the connection logged out (not_logged_in), and the connection closes
+    — frame for frame as when every GET was served alone."""
     def end_session(node, db, session):
         node.close_session(session.id, detached=False)
 
-    answers, _, closed = _serve_gets_in_process(
+    (answers, _, closed, _, _), (alone, _, alone_closed, _, _) = _both_paths(
         tmp_path, lambda db: db.set({b"a": b"1"}), [{"key": b"a"}] * 5, end_session)
-    assert closed
-    assert all(flags & FLAG_ERROR for flags, _ in answers.values())
-    assert answers[1][1]["code"] != "not_logged_in"
+    assert answers == alone and closed and alone_closed
+    assert answers[1][1]["code"] == "session_not_found"
     assert answers[2][1]["code"] == "not_logged_in" and set(answers) == {1, 2}
 
 
 def test_a_burst_of_gets_while_the_index_is_behind_is_served_the_general_way(tmp_path):
     """When the index does not cover the last commit, no GET is answered from the run: each
-    goes the general way, which waits for the index on a read thread."""
+    goes the general way, which waits for the index on a read thread; counted once each."""
     def index_behind(node, db, session):
         db.index_covers = lambda since_tx=0: False
 
-    answers, counted, _ = _serve_gets_in_process(
+    answers, counted, _, runs, _ = _serve_gets_in_process(
         tmp_path, lambda db: db.set({b"k%d" % n: b"v%d" % n for n in range(40)}),
         [{"key": b"k%d" % n} for n in range(40)], index_behind)
-    assert counted == 40          # by each general get, not by the run that passed them on
+    assert runs == 2 and counted == 40
     assert [answers[n + 1][1]["entry"]["value"] for n in range(40)] == [
         b"v%d" % n for n in range(40)]
+
+
+def test_gets_a_run_passes_on_never_exceed_the_in_flight_limit(tmp_path):
+    """GETs a run cannot answer may each need a task: with the connection near its in-flight
+    limit, the run serves only up to the limit and leaves the rest in the backlog, served once
+    earlier requests finish."""
+    def index_behind(node, db, session):
+        db.index_covers = lambda since_tx=0: False
+
+    already = CONNECTION_INFLIGHT_REQUESTS_MAX - 4
+    answers, counted, _, _, most = _serve_gets_in_process(
+        tmp_path, lambda db: db.set({b"k%d" % n: b"v%d" % n for n in range(40)}),
+        [{"key": b"k%d" % n} for n in range(40)], index_behind, in_flight_already=already)
+    assert most == CONNECTION_INFLIGHT_REQUESTS_MAX
+    assert sorted(answers) == list(range(1, 41)) and counted == 40
+
+
+def test_a_run_whose_read_would_block_is_served_the_general_way(tmp_path):
+    """A run's snapshot read that would block (a resized map, an index that fell behind
+    meanwhile) passes the whole run to the general path: every GET answered, counted once."""
+    from immucore.store.env import BurstWouldBlock
+
+    def blocked_once(node, db, session):
+        latest_rows = db.latest_rows
+
+        def refusing(keys):
+            db.latest_rows = latest_rows
+            raise BurstWouldBlock()
+
+        db.latest_rows = refusing
+
+    (answers, counted, _, _, _), (alone, alone_counted, _, _, _) = _both_paths(
+        tmp_path, lambda db: db.set({b"k%d" % n: b"v%d" % n for n in range(10)}),
+        [{"key": b"k%d" % n} for n in range(10)], blocked_once)
+    assert answers == alone and sorted(answers) == list(range(1, 11))
+    # (alone, the GET served again outside its burst is counted twice: its handler runs twice)
+    assert counted == 10 <= alone_counted
+
+
+def test_a_run_for_a_closing_connection_writes_nothing(tmp_path):
+    """Answers encoded in C are dropped, like any other, once the transport is closing."""
+    def closing(node, db, session):
+        for conn in node.connections:
+            conn.transport.closed = True
+
+    answers, _, _, runs, _ = _serve_gets_in_process(
+        tmp_path, lambda db: db.set({b"a": b"1"}), [{"key": b"a"}] * 40, closing)
+    assert runs == 2 and answers == {}
 
 
 def test_a_read_that_would_block_in_a_burst_is_served_again_outside_it():

@@ -44,6 +44,7 @@ _HEADER_FIELDS = ((b"\xa2id", True), (b"\xa8prev_alh", False), (b"\xa2ts", True)
 
 
 def pure_plain_get_key(body: bytes) -> Optional[bytes]:
+    body = memoryview(body)        # TypeError for anything not bytes-like, as the native one
     if body[:5] != _KEY_MAP_HEAD or len(body) < 6:
         return None
     length = _BIN_LENGTHS.get(body[5])

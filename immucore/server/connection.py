@@ -311,24 +311,36 @@ class Connection(asyncio.Protocol):
             run.append((request_id, raw))
         try:
             answers = self._plain_gets(self, run)
-        except Exception:  # noqa: BLE001 - the session, the permission, a resized map
-            # one by one, as before: the first gets its own answer (its error), and the rest
-            # go back to the backlog, each to be accepted (logged in still?) and served again
-            for request_id, raw in reversed(run[1:]):
-                backlog.appendleft((_GET, 0, request_id, raw))
-            self._serve_now(Msg.GET, *run[0])
+        except Exception as exc:  # noqa: BLE001 - the session, the permission, the database
+            # the first GET gets this error, as it would alone; the rest go back to the backlog,
+            # each to be accepted again (the check may have logged the connection out)
+            self._requeue(run[1:])
+            self._answer_error(Msg.GET, run[0][0], exc)
             return
+        deferred = []
         for (request_id, raw), answer in zip(run, answers):
             if answer is None:
+                if self._inflight >= CONNECTION_INFLIGHT_REQUESTS_MAX:
+                    deferred.append((request_id, raw))   # it may need a task: not past the cap
+                    continue
                 self._serve_now(Msg.GET, request_id, raw)
             elif type(answer) is bytes:
                 self._queue_frame(answer)
             elif isinstance(answer, Exception):
                 self._answer_error(Msg.GET, request_id, answer)
             else:
-                self._send(Msg.GET, 0, request_id, answer)
+                try:
+                    self._send(Msg.GET, 0, request_id, answer)
+                except Exception as exc:  # noqa: BLE001 - an answer that does not encode
+                    self._answer_error(Msg.GET, request_id, exc)
             if self._closed:
                 return
+        self._requeue(deferred)
+
+    def _requeue(self, gets: list):
+        """``(request_id, body)`` GETs back to the front of the backlog, in their order."""
+        for request_id, raw in reversed(gets):
+            self._backlog.appendleft((_GET, 0, request_id, raw))
 
     # --- serving --------------------------------------------------------------------------
 
@@ -459,7 +471,7 @@ class Connection(asyncio.Protocol):
 
     def _queue_frame(self, frame: bytes):
         """An answer frame, written at the end of this loop turn (or now, with a full chunk)."""
-        if self._closed:
+        if self._closed or self.transport is None or self.transport.is_closing():
             return
         out = self._out
         out.append(frame)

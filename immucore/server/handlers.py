@@ -9,11 +9,12 @@ import functools
 
 from .. import __version__
 from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BYTES_MAX,
-                         REPLICA_ID_CHARS_MAX)
-from ..errors import IllegalArgumentsError, ReplicaDivergedError
+                         KEY_SIZE_BYTES_MAX, REPLICA_ID_CHARS_MAX)
+from ..errors import IllegalArgumentsError, ImmucoreError, ReplicaDivergedError
+from ..protocol.answers import encode_entry_answer, plain_get_key
 from ..protocol.frames import ProtocolError
 from ..protocol.messages import Msg, from_wire, header_to_wire, to_wire
-from ..protocol.answers import encode_entry_answer, plain_get_key
+from ..store.env import BurstWouldBlock
 from ..types import Entry, KVMetadata, State
 from . import auth, settings as dbsettings
 from .completions import Completions
@@ -23,9 +24,10 @@ from .node import DatabaseError, Node
 
 PermissionDeniedError = auth.PermissionDeniedError
 _GET = int(Msg.GET)
-# A plain GET's answer is encoded in C up to this value size; a bigger value goes through
-# ``Connection._send``, which answers response_too_large for one over the frame limit.
-_INLINE_ANSWER_VALUE_BYTES_MAX = 1 << 20
+# A plain GET's answer is encoded in C up to this value size, whose answer always fits a frame
+# (a key, the map's names and its integers take under 256 bytes more); a bigger value goes
+# through ``Connection._send``, which answers response_too_large for one over the frame limit.
+_INLINE_ANSWER_VALUE_BYTES_MAX = min(1 << 20, FRAME_BODY_BYTES_MAX - KEY_SIZE_BYTES_MAX - 256)
 
 
 def _field(body: dict, name: str, kind, default=None):
@@ -281,18 +283,27 @@ class Dispatcher:
         to answer, or None for one to serve the general way (``get``): a body with more than
         a key, or every one of them while the index is behind.
 
-        The session and permission are checked once for the run: it is served in one step of
-        the event loop, in which nothing can change them, so each request is checked as it
-        would have been alone. The plain ones are read from one snapshot (``latest_rows``)
-        and an answer without metadata is encoded in C, with no Entry or map built for it."""
+        The session and permission are checked once for the run, as the run is served: its
+        GETs arrived together and are all answered in this one step of the event loop. A
+        change of the user made meanwhile (on a read thread) is answered to its own client
+        only after this step, so it is ordered after these GETs either way, as it would be
+        had each been checked alone. The plain ones are read from one snapshot
+        (``latest_rows``) and an answer without metadata is encoded in C, with no Entry or map
+        built for it. An error of the session or the database is raised (the connection
+        answers the first GET with it)."""
         _, name = self._authorize(conn, "read")
         db = self.node.database(name)
         if not db.index_covers(0):
             return [None] * len(run)
         keys = [plain_get_key(body) for _, body in run]
         plain = [key for key in keys if key is not None]
+        try:
+            rows = iter(db.latest_rows(plain))
+        except (BurstWouldBlock, ImmucoreError):
+            # a resized map or an index that fell behind meanwhile (BurstWouldBlock), a
+            # database closing: each GET the general way, which waits or answers the error
+            return [None] * len(run)
         self.node.count_request(name, "read", len(plain))   # the general path counts the rest
-        rows = iter(db.latest_rows(plain))
         answers = []
         for (request_id, _), key in zip(run, keys):
             if key is None:
