@@ -24,7 +24,7 @@ from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
                                 raise_error, to_wire, unpack)
-from .protocol.answers import decode_header_answer
+from .protocol.answers import decode_header_answer, encode_flat_set_request
 from .types import KVMetadata, State, TxHeader
 
 _EMPTY_HASH = codec.sha256(b"")
@@ -225,7 +225,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending[request_id] = waiter
-        self._write(encode_frame(int(msg), 0, request_id, pack(body or {})))
+        self._write(_request_frame(msg, request_id, body))
         self._expire_at(loop, request_id, msg)
         try:
             flags, answer = await waiter
@@ -567,6 +567,15 @@ class AsyncClient:
 # answers that are one TxHeader ({"header": ...}): read by decode_header_answer when laid out as
 # the node writes them
 _HEADER_ANSWERS = frozenset({int(Msg.SET), int(Msg.DELETE)})
+_SET = int(Msg.SET)
+
+
+def _request_frame(msg: Msg, request_id: int, body: Optional[dict]) -> bytes:
+    """A request's frame; a SET of only ``kvs_flat`` (every set without metadata) is written in
+    C, without building and packing its map."""
+    if msg is Msg.SET and body is not None and len(body) == 1 and "kvs_flat" in body:
+        return encode_flat_set_request(_SET, request_id, body["kvs_flat"])
+    return encode_frame(int(msg), 0, request_id, pack(body or {}))
 
 
 def _header(value):

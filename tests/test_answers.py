@@ -16,7 +16,8 @@ from immucore.constants import FRAME_BODY_BYTES_MAX
 from immucore.protocol.frames import FrameDecoder, pure_encode_frame
 from immucore.protocol.messages import Msg, pack, to_wire, unpack
 from immucore.protocol.answers import (pure_decode_header_answer, pure_encode_entry_answer,
-                                       pure_encode_header_answer, pure_plain_get_key)
+                                       pure_encode_flat_set_request, pure_encode_header_answer,
+                                       pure_plain_get_key)
 from immucore.protocol.messages import header_to_wire
 from immucore.types import Entry, TxHeader
 
@@ -241,3 +242,43 @@ def test_both_agree_on_damaged_set_answers(native, cut, flip, bit):
         body[flip] ^= 1 << bit
     body = bytes(body[:len(body) - cut % len(body)] if cut else body)
     assert native.decode_header_answer(body) == pure_decode_header_answer(body)
+
+
+# --- a SET request --------------------------------------------------------------------------
+
+SET = int(Msg.SET)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 15, 16, 65535, 65536])
+def test_native_set_request_matches_at_every_array_boundary(native, count):
+    kvs_flat = [b"%d" % n for n in range(count)]
+    assert (native.encode_flat_set_request(SET, 3, kvs_flat)
+            == pure_encode_flat_set_request(SET, 3, kvs_flat))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kvs_flat=st.lists(st.binary(max_size=70000), max_size=40),
+       request_id=st.integers(0, 2**64 - 1))
+def test_native_set_request_matches_the_pure_one(native, kvs_flat, request_id):
+    frame = native.encode_flat_set_request(SET, request_id, kvs_flat)
+    assert frame == pure_encode_flat_set_request(SET, request_id, kvs_flat)
+    [(_, _, rid, body)] = FrameDecoder(FRAME_BODY_BYTES_MAX).feed(frame)
+    assert rid == request_id and unpack(body) == {"kvs_flat": kvs_flat}
+
+
+@pytest.mark.parametrize("kvs_flat", [
+    [b"k", "text"],                   # a str: msgpack's str type (the node refuses it)
+    [b"k", bytearray(b"v")],          # not exactly bytes
+    [b"k", 1],                        # an int
+    (b"k", b"v"),                     # a tuple, not a list
+    [b"k", object()],                 # msgpack's error
+])
+def test_native_set_request_hands_odd_lists_to_the_pure_one(native, kvs_flat):
+    try:
+        expected = pure_encode_flat_set_request(SET, 1, kvs_flat)
+    except Exception as exc:  # noqa: BLE001 - the same type and message are required
+        with pytest.raises(type(exc)) as raised:
+            native.encode_flat_set_request(SET, 1, kvs_flat)
+        assert str(raised.value) == str(exc)
+    else:
+        assert native.encode_flat_set_request(SET, 1, kvs_flat) == expected

@@ -64,7 +64,7 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
            "record_entry_at", "record_entry_count", "record_digests", "index_key", "index_items", "xxh64_intdigest",
            "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer",
-           "encode_header_answer", "decode_header_answer")
+           "encode_header_answer", "decode_header_answer", "encode_flat_set_request")
 
 # The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
 cdef enum:

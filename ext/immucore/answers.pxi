@@ -263,3 +263,59 @@ def decode_header_answer(body):
         return tuple(fields)
     finally:
         inbuf_release(&b)
+
+
+# {"kvs_flat": [...]}: fixmap(1), fixstr "kvs_flat"
+_FLAT_SET_HEAD = b"\x81\xa8kvs_flat"
+
+cdef enum:
+    MP_FIXARRAY = 0x90
+    MP_FIXARRAY_MAX = 15
+    MP_ARRAY16 = 0xDC
+    MP_ARRAY32 = 0xDD
+
+
+def encode_flat_set_request(msg_type, request_id, kvs_flat):
+    """A SET request's frame from a list of keys and values (``[k1, v1, k2, v2, ...]``, all
+    exactly bytes): ``encode_frame(msg_type, 0, request_id, pack({"kvs_flat": kvs_flat}))``.
+    Anything else goes to that pure twin, for its result or its error."""
+    cdef FrameFields f
+    cdef Py_ssize_t body_len, i, count
+    cdef bytes frame, item
+    cdef uchar* p
+    if type(kvs_flat) is not list:
+        return _pure_flat_set_request(msg_type, request_id, kvs_flat)
+    count = len(<list>kvs_flat)
+    if count > 0xFFFFFFFF:
+        return _pure_flat_set_request(msg_type, request_id, kvs_flat)
+    body_len = (PyBytes_GET_SIZE(_FLAT_SET_HEAD)
+                + (1 if count <= MP_FIXARRAY_MAX else 3 if count <= 0xFFFF else 5))
+    for i in range(count):
+        value = (<list>kvs_flat)[i]
+        if not PyBytes_CheckExact(value) or PyBytes_GET_SIZE(<bytes>value) > 0xFFFFFFFF:
+            return _pure_flat_set_request(msg_type, request_id, kvs_flat)
+        body_len += mp_bin_size(PyBytes_GET_SIZE(<bytes>value))
+    frame_fields(&f, msg_type, 0, request_id, body_len)
+    frame = new_bytes(FRAME_HEADER + body_len)
+    p = put_raw(wptr(frame) + FRAME_HEADER, _FLAT_SET_HEAD)
+    if count <= MP_FIXARRAY_MAX:
+        p[0] = <uchar>(MP_FIXARRAY | count)
+        p += 1
+    elif count <= 0xFFFF:
+        p[0] = MP_ARRAY16
+        put_u16(p + 1, <unsigned int>count)
+        p += 3
+    else:
+        p[0] = MP_ARRAY32
+        put_u32(p + 1, <uint32_t>count)
+        p += 5
+    for i in range(count):
+        item = <bytes>(<list>kvs_flat)[i]
+        p = mp_put_bin(p, bptr(item), PyBytes_GET_SIZE(item))
+    write_frame_header(wptr(frame), &f)
+    return frame
+
+
+def _pure_flat_set_request(msg_type, request_id, kvs_flat):
+    from immucore.protocol.answers import pure_encode_flat_set_request
+    return pure_encode_flat_set_request(msg_type, request_id, kvs_flat)

@@ -17,6 +17,8 @@ is left per request there. The third is every SET's answer.
   (exactly that layout, any of msgpack's unsigned int and bin widths), or None for any other body
   (which the client then reads with ``unpack``). Unpacking the map and ``header_from_wire`` cost a
   quarter of a single-entry SET's client time.
+* ``encode_flat_set_request(msg_type, request_id, kvs_flat)``: the client's SET request frame,
+  the same bytes as ``encode_frame`` of ``pack({"kvs_flat": kvs_flat})``.
 
 Two implementations, one behaviour, chosen as ``protocol.frames`` chooses: the native ones
 (ext/immucore/answers.pxi) and the pure ones below, the reference they are tested against
@@ -96,11 +98,16 @@ def pure_decode_header_answer(body: bytes) -> Optional[tuple]:
     return tuple(fields) if at == len(body) else None
 
 
+def pure_encode_flat_set_request(msg_type: int, request_id: int, kvs_flat: list) -> bytes:
+    return pure_encode_frame(msg_type, 0, request_id, pack({"kvs_flat": kvs_flat}))
+
+
 if IMPLEMENTATION == "native":
-    from .._native import (decode_header_answer, encode_entry_answer, encode_header_answer,
-                           plain_get_key)
+    from .._native import (decode_header_answer, encode_entry_answer, encode_flat_set_request,
+                           encode_header_answer, plain_get_key)
 else:
     plain_get_key = pure_plain_get_key
     encode_entry_answer = pure_encode_entry_answer
     encode_header_answer = pure_encode_header_answer
     decode_header_answer = pure_decode_header_answer
+    encode_flat_set_request = pure_encode_flat_set_request
