@@ -1,5 +1,6 @@
 """atheris (coverage-guided) fuzzing of what reads bytes from the network: the frame decoder,
-request bodies, export blobs (the replica's input), stored records and the proof verifiers.
+request bodies, a plain GET's key and a SET's answer (read in C on the node and the client),
+export blobs (the replica's input), stored records and the proof verifiers.
 
     python tests/fuzz_targets.py -runs=200000 -rss_limit_mb=1024     # on demand, longer
 
@@ -20,7 +21,8 @@ with atheris.instrument_imports():
     from immucore.errors import CorruptedDataError, IllegalArgumentsError
     from immucore.protocol.frames import (FrameDecoder, ProtocolError, PureFrameDecoder,
                                           encode_frame)
-    from immucore.protocol.messages import pack, unpack
+    from immucore.protocol import answers
+    from immucore.protocol.messages import header_to_wire, pack, unpack
     from immucore import verify
 
 LIMITS = (TX_ENTRIES_MAX, KEY_SIZE_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
@@ -32,6 +34,7 @@ _SEALED = codec.build_txs(1, 1, _EMPTY, [], 1700000000, [
     [(b"k" * 40, os.urandom(300), codec.kv_metadata_bytes(False, None, True))],
 ], LIMITS)
 RECORDS = [record for _, _, record, _ in _SEALED]
+SET_ANSWER = pack({"header": header_to_wire(_SEALED[1][0])})
 BLOBS = [codec.record_export_blob(record) for record in RECORDS]
 
 
@@ -57,7 +60,7 @@ def _decode(decoder, pieces) -> list:
 
 def one_input(data: bytes):
     fdp = atheris.FuzzedDataProvider(data)
-    target = fdp.ConsumeIntInRange(0, 5)
+    target = fdp.ConsumeIntInRange(0, 6)
     if target == 0:
         body = pack({"key": fdp.ConsumeBytes(8), "at_tx": fdp.ConsumeIntInRange(0, 9)})
         frame = encode_frame(fdp.ConsumeIntInRange(0, 255), fdp.ConsumeIntInRange(0, 7),
@@ -104,6 +107,25 @@ def one_input(data: bytes):
                       lambda: verify.verify_last_inclusion(terms, i, a, b)):
             if check() not in (True, False):
                 raise AssertionError("a verifier answered neither True nor False")
+    elif target == 5:
+        # what the node reads of a GET and the client of a SET's answer: the active reader must
+        # answer as the pure one, and a key or header it accepts must be what unpack reads
+        base = pack({"key": fdp.ConsumeBytes(300)}) if fdp.ConsumeBool() else SET_ANSWER
+        # cut from the end and overwrite a byte or two: a short input keeps the body whole, so
+        # the accepting paths are reached too, not only the refusals
+        raw = bytearray(base[:len(base) - fdp.ConsumeIntInRange(0, 8)])
+        for _ in range(fdp.ConsumeIntInRange(0, 2)):
+            if raw:
+                raw[fdp.ConsumeIntInRange(0, len(raw) - 1)] = fdp.ConsumeIntInRange(0, 255)
+        raw = bytes(raw) + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4))
+        key, header = answers.plain_get_key(raw), answers.decode_header_answer(raw)
+        if (key, header) != (answers.pure_plain_get_key(raw),
+                             answers.pure_decode_header_answer(raw)):
+            raise AssertionError("the native and the pure body readers disagree")
+        if key is not None and unpack(raw) != {"key": key}:
+            raise AssertionError("a plain GET's key is not what unpack reads")
+        if header is not None and unpack(raw) != {"header": header_to_wire(header)}:
+            raise AssertionError("a SET's answer header is not what unpack reads")
     else:
         raw = fdp.ConsumeBytes(fdp.remaining_bytes())
         try:
