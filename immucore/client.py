@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 
 from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
+from .durable_file import replace_durably
 from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
@@ -35,14 +36,15 @@ class ConnectionClosedError(ImmucoreError):
 
 
 class StateStore:
-    """Trusted states per (server, database), kept in a JSON file (like immudb's SDK state dir)."""
+    """Trusted states per (server, database), kept in a JSON file (like immudb's SDK state dir),
+    replaced durably on every change (``durable_file``): after a crash it holds the last state
+    saved, or the one before, never a torn file."""
 
     def __init__(self, path: Optional[str] = None):
         self.path = path
         self._states: Dict[str, dict] = {}
         if path and os.path.exists(path):
-            with open(path) as f:
-                self._states = json.load(f)
+            self._states = _load_states(path)
         self._lock = threading.Lock()
 
     def get(self, server: str, database: str) -> State:
@@ -56,10 +58,27 @@ class StateStore:
             self._states[f"{server}/{state.db}"] = {"tx_id": state.tx_id,
                                                     "tx_hash": state.tx_hash.hex()}
             if self.path:
-                tmp = self.path + ".tmp"
-                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                    json.dump(self._states, f)
-                os.replace(tmp, self.path)
+                replace_durably(self.path, json.dumps(self._states).encode())
+
+
+def _load_states(path: str) -> dict:
+    """The saved states; an unreadable file is an error, never an empty store: starting afresh
+    would trust whatever state the node shows next."""
+    try:
+        with open(path, "rb") as f:
+            states = json.loads(f.read())
+        if not isinstance(states, dict) or not all(
+                isinstance(s, dict) and isinstance(s.get("tx_id"), int)
+                and isinstance(s.get("tx_hash"), str) for s in states.values()):
+            raise ValueError("not a map of {tx_id, tx_hash} states")
+        for s in states.values():
+            bytes.fromhex(s["tx_hash"])
+    except (OSError, ValueError) as exc:
+        raise ImmucoreError(
+            f"trusted state file {path} is unreadable ({exc}); it is not reset silently, which "
+            "would trust the next state a node shows: restore it, or remove it to trust anew"
+        ) from None
+    return states
 
 
 class _NodeProtocol(asyncio.Protocol):

@@ -17,6 +17,7 @@ import sys
 from typing import Callable, Iterator, List, Optional, Sequence
 
 from ..client import Client
+from ..durable_file import replace_durably
 from ..errors import ImmucoreError
 from .flags import normalize_bool_flags
 
@@ -126,13 +127,7 @@ class Session:
     def save(self, address: str, port: int, answer: dict):
         record = {"address": address, "port": port, "token": answer["token"],
                   "user": answer["user"], "database": answer["database"]}
-        tmp = self.path + ".tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)                  # O_CREAT's mode applies only to a new file
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, self.path)
+        replace_durably(self.path, json.dumps(record).encode(), 0o600)
 
     def remove(self):
         with contextlib.suppress(FileNotFoundError):

@@ -26,6 +26,7 @@ from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS)
 from ..database import Database, open_database
+from ..durable_file import replace_durably
 from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
 from . import auth, settings as dbsettings
 from ..replication.acks import SyncAcks
@@ -529,11 +530,7 @@ def _node_id(folder: str) -> str:
     except FileNotFoundError:
         import uuid
         node_id = uuid.uuid4().hex
-        with open(path + ".tmp", "w") as f:
-            f.write(node_id)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        replace_durably(path, node_id.encode())
         return node_id
 
 
