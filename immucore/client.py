@@ -236,7 +236,8 @@ class AsyncClient:
             await self.connect()
 
     async def call(self, msg: Msg, body: Optional[dict] = None) -> Any:
-        """Send one request and wait for its answer (raising the node's error, if any)."""
+        """Send one request and wait for its answer body (raising the node's error, if any).
+        A SET's or DELETE's ``header`` comes already read, as a TxHeader (``_answered``)."""
         if self._transport is None:
             await self._ensure_connected()
             self._check_open()

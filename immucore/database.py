@@ -563,12 +563,13 @@ class Database:
         entry_index = _U16.unpack_from(location, 8)[0]
         return self._entry_at(stored, location, revision, include_deleted=False), entry_index
 
-    def get_many(self, keys: Iterable[bytes]) -> List[Union[Entry, ImmucoreError]]:
+    def get_many(self, keys: Iterable[bytes]) -> List[Union[Entry, Exception]]:
         """``get`` of each key's latest version, all read from one snapshot (a pipelined burst
         of gets): for each key, in order, its Entry or the error its ``get`` would raise
-        (KeyNotFoundError for a missing, deleted or expired key). Waits for the index like
-        ``get``; an error of the whole read (a closed database) is raised."""
-        return [row if isinstance(row, ImmucoreError) else Entry(*row)
+        (KeyNotFoundError for a missing, deleted or expired key; whatever else reading that
+        key raised). Waits for the index like ``get``; an error of the whole read (a closed
+        database) is raised."""
+        return [row if isinstance(row, Exception) else Entry(*row)
                 for row in self.latest_rows(keys)]
 
     def latest_rows(self, keys: Iterable[bytes]) -> list:
@@ -581,12 +582,12 @@ class Database:
         with self._index_env.read(version=self._indexer.version) as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
             found = [self._locate(cursor, key) for key in keys]
-        if all(isinstance(where, ImmucoreError) for where in found):
+        if all(isinstance(where, Exception) for where in found):
             return found               # no log read at all (a burst holds no log guard)
         # opened after the index snapshot, so it holds every tx that snapshot points at
         with self._log.read(buffers=True, version=self._writer.state) as txn:
             tx_db, now = self._log.dbs["tx"], time.time()
-            return [where if isinstance(where, ImmucoreError)
+            return [where if isinstance(where, Exception)
                     else self._row_at(txn, tx_db, where, now) for where in found]
 
     def _locate(self, cursor, key):
@@ -598,7 +599,7 @@ class Database:
             stored = _KV_PREFIX + key
             if not cursor.set_key(codec.index_key(stored)):
                 raise KeyNotFoundError()
-        except ImmucoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
             return exc
         revision = cursor.count()
         cursor.last_dup()
@@ -626,14 +627,14 @@ class Database:
                 raise KeyNotFoundError()
             if value is None:
                 raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
-        except ImmucoreError as exc:
+        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
             return exc
         return tx_id, key, bytes(value[1:]), metadata, revision
 
     def _latest(self, key) -> Entry:
         """``get`` of the latest version, nearly every get."""
         row = self.latest_rows((key,))[0]
-        if isinstance(row, ImmucoreError):
+        if isinstance(row, Exception):
             raise row
         return Entry(*row)
 

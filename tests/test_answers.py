@@ -1,11 +1,12 @@
-"""A plain GET's key and answer frame, and a SET's answer frame (immucore/protocol/answers.py,
-ext/immucore/answers.pxi).
+"""The fixed-shape bodies read and written without msgpack's general machinery
+(immucore/protocol/answers.py, ext/immucore/answers.pxi): a plain GET's key and answer, a SET's
+answer (written by the node, read by the client) and a SET's request.
 
-The pure functions are the reference: ``pure_encode_entry_answer`` and
-``pure_encode_header_answer`` are literally ``encode_frame`` of ``pack`` of the answer map, and
-``pure_plain_get_key`` must agree with ``unpack`` on what a plain GET is. The native twins must give the same bytes and the same keys for every input,
-including msgpack's size boundaries (fixint/uint8/16/32/64, bin8/16/32), where a hand-written
-encoder goes wrong first.
+The pure functions are the reference: the pure encoders are literally ``encode_frame`` of
+``pack`` of the map, and the pure readers must agree with ``unpack`` on what they accept. The
+native twins must give the same bytes, keys and headers for every input, including msgpack's
+size boundaries (fixint/uint8/16/32/64, bin8/16/32, fixarray/array16/32), where hand-written
+code goes wrong first.
 """
 from __future__ import annotations
 
@@ -282,3 +283,47 @@ def test_native_set_request_hands_odd_lists_to_the_pure_one(native, kvs_flat):
         assert str(raised.value) == str(exc)
     else:
         assert native.encode_flat_set_request(SET, 1, kvs_flat) == expected
+
+
+def _wide_set_answer(header, int_tag: int, bin_tag: int) -> bytes:
+    """A SET's answer with every int written as ``int_tag`` (uint8..64) and every byte string
+    as ``bin_tag`` (bin8..32), wider than a packer writes them: valid msgpack all the same."""
+    import struct
+    ints = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q"}
+    bins = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"}
+    out = bytearray(b"\x81\xa6header\x8a\xa2_t\xa8TxHeader")
+    for name, value in header_to_wire(header).items():
+        if name == "_t":
+            continue
+        out += bytes([0xA0 | len(name)]) + name.encode()
+        if isinstance(value, int):
+            out += bytes([int_tag]) + struct.pack(ints[int_tag], value)
+        else:
+            out += bytes([bin_tag]) + struct.pack(bins[bin_tag], len(value)) + value
+    return bytes(out)
+
+
+@pytest.mark.parametrize("int_tag", [0xCC, 0xCD, 0xCE, 0xCF])
+@pytest.mark.parametrize("bin_tag", [0xC4, 0xC5, 0xC6])
+def test_set_answers_with_wider_encodings_read_back(native, int_tag, bin_tag):
+    header = (200, bytes(32), 100, 1, b"", 3, bytes(range(32)), 199, b"\x07" * 32)
+    body = _wide_set_answer(header, int_tag, bin_tag)
+    assert unpack(body) == {"header": header_to_wire(header)}
+    assert native.decode_header_answer(body) == pure_decode_header_answer(body) == header
+
+
+def test_native_set_request_sizes_and_fills_from_one_snapshot(native):
+    """A request id whose ``__index__`` changes the list between sizing and filling (no caller
+    of ours does; it crashed the first native encoder) goes to the pure encoder, which packs
+    the list before it reads the id."""
+    kvs_flat = [b"k", b"v"]
+
+    class Sneaky:
+        def __index__(self):
+            kvs_flat[1] = b"X" * 100_000
+            return 7
+
+    frame = native.encode_flat_set_request(SET, Sneaky(), kvs_flat)
+    [(_, _, rid, body)] = FrameDecoder(FRAME_BODY_BYTES_MAX).feed(frame)
+    assert rid == 7 and unpack(body) == {"kvs_flat": [b"k", b"v"]}
+    assert kvs_flat[1] == b"X" * 100_000          # __index__ did run

@@ -899,6 +899,28 @@ def test_a_run_whose_read_would_block_is_served_the_general_way(tmp_path):
     assert counted == 10 <= alone_counted
 
 
+def test_a_key_whose_read_fails_unexpectedly_fails_alone(tmp_path, monkeypatch):
+    """A read error that is not one of ours (here struct.error from reading one key's record)
+    is that GET's answer (internal, logged), not its neighbours', exactly as alone."""
+    import struct
+    from immucore import codec
+    real = codec.record_entry_at
+
+    def failing_for_badkey(record, index, offset):
+        found = real(record, index, offset)
+        if found[0] == b"\x00badkey":
+            raise struct.error("cut record")
+        return found
+
+    monkeypatch.setattr(codec, "record_entry_at", failing_for_badkey)
+    bodies = [{"key": b"a"}, {"key": b"badkey"}, {"key": b"c"}]
+    (answers, _, closed, runs, _), (alone, _, _, _, _) = _both_paths(
+        tmp_path, lambda db: db.set({b"a": b"1", b"badkey": b"2", b"c": b"3"}), bodies)
+    assert runs == 1 and answers == alone and not closed
+    assert answers[1][1]["entry"]["value"] == b"1" and answers[3][1]["entry"]["value"] == b"3"
+    assert answers[2][0] & FLAG_ERROR and answers[2][1]["code"] == "internal"
+
+
 def test_a_run_for_a_closing_connection_writes_nothing(tmp_path):
     """Answers encoded in C are dropped, like any other, once the transport is closing."""
     def closing(node, db, session):

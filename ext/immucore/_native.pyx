@@ -22,6 +22,8 @@ Where this module differs from the pure codec, on purpose, all on error paths:
     pure.build_txs can raise IndexError/struct.error for a later tx after advancing peaks.
   * Read-only inputs (blobs, records, digests, hashes) may be any bytes-like object, e.g. an LMDB
     memoryview, read in place; results are always bytes.
+  * answers.pxi's readers raise TypeError for input that is not bytes-like, as their pure twins
+    do, but with CPython's buffer message (and BufferError for a non-contiguous view).
   * FrameDecoder.feed raises RuntimeError when called while a feed of the same decoder runs
     (another thread during a large body's hash without the GIL, or a re-entrant call), where
     the pure decoder has no such guard: the running feed is reading the buffer in place.
@@ -30,7 +32,7 @@ Files: util.pxi (byte order, integers, bytes, limits), hashing.pxi (SHA-256, htr
 header.pxi (kv metadata, tx header, inner hash, Alh), blob.pxi (export blobs: parse, verify,
 build, replicate), record.pxi (records and the key index), frames.pxi (XXH64, encode_frame,
 FrameDecoder: the wire protocol's frames), answers.pxi (a plain GET's key and answer, a SET's
-answer).
+answer and request: the fixed-shape bodies of the commonest messages).
 """
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer

@@ -1,5 +1,6 @@
 # The commonest requests' fixed-shape bodies, read and written in C: a plain GET's key and its
-# entry answer, and a SET's header answer. The twins of immucore/protocol/answers.py's pure
+# entry answer on the node; a SET's header answer on the node and read back by the client; a
+# SET's request from the client. The twins of immucore/protocol/answers.py's pure
 # functions (the reference the tests compare against: same keys, same bytes).
 #
 # A pipelined burst of reads is made of plain GETs, and without these the per-request msgpack
@@ -82,6 +83,13 @@ cdef inline uchar* mp_put_bin(uchar* p, const uchar* data, Py_ssize_t n) noexcep
     return p + n
 
 
+cdef inline bint plain_frame_ids(object msg_type, object request_id) noexcept:
+    """Exact ints in range: frame_fields then runs no Python code (an ``__index__`` could change
+    the arguments between sizing a frame and filling it)."""
+    cdef unsigned long long unused
+    return exact_uint(msg_type, 0xFF, &unused) and exact_uint(request_id, UINT64_MAX, &unused)
+
+
 cdef inline uchar* put_raw(uchar* p, bytes raw) noexcept:
     memcpy(p, bptr(raw), PyBytes_GET_SIZE(raw))
     return p + PyBytes_GET_SIZE(raw)
@@ -121,7 +129,8 @@ def encode_entry_answer(msg_type, request_id, tx, key, value, revision):
     cdef Py_ssize_t body_len
     cdef bytes frame
     cdef uchar* p
-    if not (exact_uint(tx, UINT64_MAX, &tx_id) and exact_uint(revision, UINT64_MAX, &rev)
+    if not (plain_frame_ids(msg_type, request_id)
+            and exact_uint(tx, UINT64_MAX, &tx_id) and exact_uint(revision, UINT64_MAX, &rev)
             and (PyBytes_Check(key) or PyObject_CheckBuffer(key))
             and (PyBytes_Check(value) or PyObject_CheckBuffer(value))):
         from immucore.protocol.answers import pure_encode_entry_answer
@@ -130,7 +139,9 @@ def encode_entry_answer(msg_type, request_id, tx, key, value, revision):
     try:
         inbuf_get(value, &v)
         try:
-            if k.n > 0xFFFFFFFF or v.n > 0xFFFFFFFF:
+            # each under 256 MiB, so the sum below stays far from even a 32-bit Py_ssize_t's
+            # limit; bigger ones (never a node's: values are at most 32 MiB) go to the pure one
+            if k.n > 0xFFFFFFF or v.n > 0xFFFFFFF:
                 from immucore.protocol.answers import pure_encode_entry_answer
                 return pure_encode_entry_answer(msg_type, request_id, tx, key, value, revision)
             body_len = (PyBytes_GET_SIZE(_ANSWER_HEAD) + mp_uint_size(tx_id)
@@ -180,7 +191,8 @@ def encode_header_answer(msg_type, request_id, header):
     cdef Py_ssize_t body_len, i
     cdef bytes frame, raw
     cdef uchar* p
-    if type(header) is not tuple or len(header) != HEADER_FIELDS:
+    if not (type(header) is tuple and len(header) == HEADER_FIELDS
+            and plain_frame_ids(msg_type, request_id)):
         return _pure_header_answer(msg_type, request_id, header)
     body_len = PyBytes_GET_SIZE(_HEADER_ANSWER_HEAD)
     for i in range(HEADER_FIELDS):
@@ -191,7 +203,8 @@ def encode_header_answer(msg_type, request_id, header):
                 return _pure_header_answer(msg_type, request_id, header)
             body_len += mp_uint_size(ints[i])
         else:
-            if not PyBytes_CheckExact(value) or PyBytes_GET_SIZE(<bytes>value) > 0xFFFFFFFF:
+            # (under 256 MiB each, as for an entry: the sum cannot wrap)
+            if not PyBytes_CheckExact(value) or PyBytes_GET_SIZE(<bytes>value) > 0xFFFFFFF:
                 return _pure_header_answer(msg_type, request_id, header)
             body_len += mp_bin_size(PyBytes_GET_SIZE(<bytes>value))
     frame_fields(&f, msg_type, 0, request_id, body_len)
@@ -280,23 +293,25 @@ def encode_flat_set_request(msg_type, request_id, kvs_flat):
     exactly bytes): ``encode_frame(msg_type, 0, request_id, pack({"kvs_flat": kvs_flat}))``.
     Anything else goes to that pure twin, for its result or its error."""
     cdef FrameFields f
-    cdef Py_ssize_t body_len, i, count
+    cdef Py_ssize_t i, count
+    cdef uint64_t body_len
+    cdef tuple items
     cdef bytes frame, item
     cdef uchar* p
-    if type(kvs_flat) is not list:
+    if not (type(kvs_flat) is list and plain_frame_ids(msg_type, request_id)):
         return _pure_flat_set_request(msg_type, request_id, kvs_flat)
-    count = len(<list>kvs_flat)
-    if count > 0xFFFFFFFF:
-        return _pure_flat_set_request(msg_type, request_id, kvs_flat)
+    items = tuple(kvs_flat)        # sized and copied from one snapshot of the list
+    count = len(items)
     body_len = (PyBytes_GET_SIZE(_FLAT_SET_HEAD)
                 + (1 if count <= MP_FIXARRAY_MAX else 3 if count <= 0xFFFF else 5))
     for i in range(count):
-        value = (<list>kvs_flat)[i]
-        if not PyBytes_CheckExact(value) or PyBytes_GET_SIZE(<bytes>value) > 0xFFFFFFFF:
+        if not PyBytes_CheckExact(items[i]):
             return _pure_flat_set_request(msg_type, request_id, kvs_flat)
-        body_len += mp_bin_size(PyBytes_GET_SIZE(<bytes>value))
-    frame_fields(&f, msg_type, 0, request_id, body_len)
-    frame = new_bytes(FRAME_HEADER + body_len)
+        body_len += <uint64_t>mp_bin_size(PyBytes_GET_SIZE(<bytes>items[i]))
+        if body_len > 0xFFFFFFFF:        # past a frame's length field: the pure one's error
+            return _pure_flat_set_request(msg_type, request_id, kvs_flat)
+    frame_fields(&f, msg_type, 0, request_id, <Py_ssize_t>body_len)
+    frame = new_bytes(FRAME_HEADER + <Py_ssize_t>body_len)
     p = put_raw(wptr(frame) + FRAME_HEADER, _FLAT_SET_HEAD)
     if count <= MP_FIXARRAY_MAX:
         p[0] = <uchar>(MP_FIXARRAY | count)
@@ -310,7 +325,7 @@ def encode_flat_set_request(msg_type, request_id, kvs_flat):
         put_u32(p + 1, <uint32_t>count)
         p += 5
     for i in range(count):
-        item = <bytes>(<list>kvs_flat)[i]
+        item = <bytes>items[i]
         p = mp_put_bin(p, bptr(item), PyBytes_GET_SIZE(item))
     write_frame_header(wptr(frame), &f)
     return frame

@@ -4,7 +4,8 @@ machinery.
 A pipelined burst of reads is made of plain GETs: a body that is exactly ``{"key": <bin>}`` (no
 ``at_tx``, ``since_tx`` or ``at_revision``), answered with the key's latest entry. The node serves
 a run of them together (``Dispatcher.plain_gets``), and the first two functions are most of what
-is left per request there. The third is every SET's answer.
+is left per request there. The other three are a SET's answer, written by the node and read by
+the client, and the client's SET request.
 
 * ``plain_get_key(body)``: the key of a plain GET's body, or None for any other body (which then
   goes the general way: ``unpack`` and the handler, with its checks and error messages).
@@ -70,7 +71,7 @@ def pure_encode_header_answer(msg_type: int, request_id: int, header: tuple) -> 
 
 
 def pure_decode_header_answer(body: bytes) -> Optional[tuple]:
-    body = bytes(body)
+    body = bytes(memoryview(body))      # TypeError for anything not bytes-like, as the native
     if not body.startswith(_HEADER_ANSWER_HEAD):
         return None
     at, fields = len(_HEADER_ANSWER_HEAD), []
