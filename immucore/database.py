@@ -22,8 +22,7 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     ImmucoreError, KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError,
-                     TxNotFoundError)
+                     KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
