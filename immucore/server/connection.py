@@ -21,9 +21,9 @@ from ..constants import (CONNECTION_FLUSH_ANSWERS, CONNECTION_IDLE_SECONDS,
                          CONNECTION_INFLIGHT_REQUESTS_MAX,
                          CONNECTION_SEND_BUFFER_BYTES_MAX, FRAME_BODY_BYTES_MAX,
                          PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
+from ..protocol.answers import encode_header_answer
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
                                encode_frame)
-from ..protocol.answers import encode_header_answer
 from ..protocol.messages import PREAUTH_MESSAGES, Msg, error_body, pack, unpack
 from ..store.env import BurstWouldBlock, ReadBurst
 
