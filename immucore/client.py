@@ -22,10 +22,10 @@ from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
 from .durable_file import replace_durably
 from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
+from .protocol.answers import decode_header_answer, encode_flat_set_request
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
                                 raise_error, to_wire, unpack)
-from .protocol.answers import decode_header_answer, encode_flat_set_request
 from .types import KVMetadata, State, TxHeader
 
 _EMPTY_HASH = codec.sha256(b"")
