@@ -14,25 +14,25 @@ from . import loop_workloads as w
 FULL = os.environ.get("IMMUCORE_BENCH_FULL") == "1"
 
 
-def test_loop_cpu_per_single_entry_set(benchmark):
+def _measure(benchmark, name: str, fn, *args) -> dict:
     results = []
-    rounds = 400 if FULL else 20
-    benchmark.pedantic(lambda: results.append(w.loop_cpu_per_set(32, rounds)), rounds=1,
-                       iterations=1)
+    benchmark.pedantic(lambda: results.append(fn(*args)), rounds=1, iterations=1)
     r = results[0]
-    print("\n[event-loop CPU per set, 32 connections, in process] "
-          + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}))
+    print(f"\n[{name}] " + json.dumps({k: round(v, 1) if isinstance(v, float) else v
+                                      for k, v in r.items()}))
     benchmark.extra_info.update(r)
+    return r
+
+
+def test_loop_cpu_per_single_entry_set(benchmark):
+    rounds = 400 if FULL else 20
+    r = _measure(benchmark, "event-loop CPU per set, 32 connections, in process",
+                 w.loop_cpu_per_set, 32, rounds)
     assert r["sets"] == 32 * rounds and r["loop_us_per_set_median"] > 0
 
 
 def test_loop_cpu_per_pipelined_get(benchmark):
-    results = []
     rounds = 200 if FULL else 10
-    benchmark.pedantic(lambda: results.append(w.loop_cpu_per_get(256, rounds)), rounds=1,
-                       iterations=1)
-    r = results[0]
-    print("\n[event-loop CPU per get, 256 to a read, in process] "
-          + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}))
-    benchmark.extra_info.update(r)
+    r = _measure(benchmark, "event-loop CPU per get, 256 to a read, in process",
+                 w.loop_cpu_per_get, 256, rounds)
     assert r["gets"] == 256 * rounds and r["loop_us_per_get_median"] > 0

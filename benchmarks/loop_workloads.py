@@ -20,10 +20,7 @@ from immucore.server.connection import Connection
 from immucore.server.handlers import Dispatcher
 from immucore.server.node import Node, NodeOptions
 
-try:
-    import uvloop
-except ImportError:        # uvloop is a dependency; keep the stdlib loop as a fallback
-    uvloop = None
+from .node_workloads import run_on_uvloop
 
 
 class _CountingTransport:
@@ -78,19 +75,21 @@ class _Answers:
             self.all_in.set()
 
 
+def _logged_in(node, dispatch, answers: "_Answers") -> Connection:
+    """A connection past login, on a transport that counts its answers into ``answers``."""
+    conn = Connection(node, dispatch)
+    conn.connection_made(_CountingTransport(answers))
+    session = node.sessions.open(node.users.get_user("immudb"), "defaultdb")
+    conn.logged_in(session.id, False)
+    return conn
+
+
 async def _loop_cpu_per_set(connections: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="immucore-loop-bench-") as data_dir:
         node = Node(NodeOptions(dir=data_dir, port=0, metrics_server=False))
         try:
-            dispatch = Dispatcher(node)
-            answers = _Answers()
-            conns = []
-            for _ in range(connections):
-                conn = Connection(node, dispatch)
-                conn.connection_made(_CountingTransport(answers))
-                session = node.sessions.open(node.users.get_user("immudb"), "defaultdb")
-                conn.logged_in(session.id, False)
-                conns.append(conn)
+            dispatch, answers = Dispatcher(node), _Answers()
+            conns = [_logged_in(node, dispatch, answers) for _ in range(connections)]
             per_set = []
             request_id = 0
             for n in range(rounds):
@@ -125,11 +124,7 @@ async def _loop_cpu_per_get(burst: int, rounds: int) -> dict:
             while not db.index_covers(0):          # timed from when the index has caught up
                 await asyncio.sleep(0.01)
             answers = _Answers()
-            conn = Connection(node, Dispatcher(node))
-            transport = _CountingTransport(answers)
-            conn.connection_made(transport)
-            session = node.sessions.open(node.users.get_user("immudb"), "defaultdb")
-            conn.logged_in(session.id, False)
+            conn = _logged_in(node, Dispatcher(node), answers)
             per_get = []
             request_id = 0
             for _ in range(rounds):
@@ -144,8 +139,8 @@ async def _loop_cpu_per_get(burst: int, rounds: int) -> dict:
                 conn.data_received(data)                # one read of a pipelining client
                 await answers.all_in.wait()
                 per_get.append((time.thread_time() - started) / burst)
-            if transport.errors:
-                raise RuntimeError(f"{transport.errors} gets were answered with an error")
+            if conn.transport.errors:
+                raise RuntimeError(f"{conn.transport.errors} gets were answered with an error")
             conn.connection_lost(None)
         finally:
             await node.close()
@@ -161,22 +156,13 @@ def _summary(per_request: list, settings: dict, name: str) -> dict:
             f"loop_only_{name}s_per_s": 1 / median}
 
 
-def _on_uvloop(coro):
-    if uvloop is not None:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    try:
-        return asyncio.run(coro)
-    finally:
-        asyncio.set_event_loop_policy(None)
-
-
 def loop_cpu_per_get(burst: int = 256, rounds: int = 200) -> dict:
     """Event-loop CPU per pipelined GET of an existing key, ``burst`` GETs to a read (what a
     client with that many in flight sends); every answer must be an entry."""
-    return _on_uvloop(_loop_cpu_per_get(burst, rounds))
+    return run_on_uvloop(_loop_cpu_per_get(burst, rounds))
 
 
 def loop_cpu_per_set(connections: int = 32, rounds: int = 400) -> dict:
     """Event-loop CPU per single-entry durable SET; ``loop_only_sets_per_s`` is the rate the
     loop alone could sustain (sockets, the writer threads and the client come on top)."""
-    return _on_uvloop(_loop_cpu_per_set(connections, rounds))
+    return run_on_uvloop(_loop_cpu_per_set(connections, rounds))

@@ -17,7 +17,8 @@ except ImportError:        # uvloop is a dependency; keep the stdlib loop as a f
     uvloop = None
 
 
-def _run(coro):
+def run_on_uvloop(coro):
+    """``asyncio.run`` on uvloop, as the node runs (the stdlib loop where uvloop is missing)."""
     if uvloop is not None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
@@ -79,7 +80,7 @@ def concurrent_sets(node, connections: int, txs_per_connection: int) -> dict:
             await client.close()
         return elapsed, cpu
 
-    elapsed, cpu = _run(main())
+    elapsed, cpu = run_on_uvloop(main())
     total = connections * txs_per_connection
     return {"connections": connections, "txs": total, "entries_per_tx": 1, "durable": True,
             "tx_per_s": total / elapsed, **cpu}
@@ -103,7 +104,7 @@ def batched_sets(node, txs: int, entries: int = 1000, in_flight: int = 4) -> dic
         await client.close()
         return elapsed
 
-    elapsed = _run(main())
+    elapsed = run_on_uvloop(main())
     return {"txs": txs, "entries_per_tx": entries, "in_flight": in_flight, "durable": True,
             "entries_per_s": txs * entries / elapsed}
 
@@ -143,7 +144,7 @@ def pipelined_gets(node, gets: int, in_flight: int = 256, bursts: bool = False) 
         await client.close()
         return elapsed, cpu
 
-    elapsed, cpu = _run(main())
+    elapsed, cpu = run_on_uvloop(main())
     return {"gets": gets, "in_flight": in_flight, "mode": "bursts" if bursts else "window",
             "gets_per_s": gets / elapsed,
             **{name.replace("_per_tx", "_per_get"): value for name, value in cpu.items()}}
