@@ -287,8 +287,8 @@ def _replica_killed_mid_catch_up(tmp_path, seed: int):
         _check_resumed_after(resumed, durable)
         assert durable < BACKLOG_TXS, "the replica was killed after its catch-up"
         # The trace above is the exact proof; the primary's own count agrees: a re-download
-        # from tx 1 would cost it at least one export per batch of the whole backlog (its
-        # 'admin' count also holds the replica's acks, so only this bound is meaningful).
+        # from tx 1 would cost it at least one export per batch of the whole backlog (acks are
+        # counted apart, as replica_ack: they had made this bound fail for an early kill).
         assert requests_to_resume < BACKLOG_TXS // REPLICATION_BATCH_TXS
     check_node_storage(replica.dir)
 

@@ -179,10 +179,12 @@ class Dispatcher:
             raise PermissionDeniedError("permission denied")
         return user, name
 
-    def _db(self, conn, action: str):
+    def _db(self, conn, action: str, kind: str = None):
+        """The session's database, once ``action`` is allowed on it; the request is counted
+        under ``kind`` (default: the action) in the immucore_requests metric."""
         _, name = self._authorize(conn, action)
         database = self.node.database(name)
-        self.node.count_request(name, action)
+        self.node.count_request(name, kind or action)
         return database
 
     async def _read(self, fn, *args, **kwargs):
@@ -404,8 +406,9 @@ class Dispatcher:
 
     async def replica_ack(self, conn, body):
         """A replica durably holds every tx up to ``tx_id``; counted for sync replication only
-        if ``alh`` is this database's Alh at that tx (a diverged replica never counts)."""
-        db = self._db(conn, "admin")
+        if ``alh`` is this database's Alh at that tx (a diverged replica never counts). Counted
+        apart from the exports (kind replica_ack): one comes after every applied batch."""
+        db = self._db(conn, "admin", "replica_ack")
         replica_id = _field(body, "replica_id", str)
         tx_id, alh = _field(body, "tx_id", int), _field(body, "alh", bytes)
         if not 0 < len(replica_id) <= REPLICA_ID_CHARS_MAX:

@@ -33,7 +33,8 @@ class NodeCollector:
         yield committed
         yield indexed
         requests = CounterMetricFamily("immucore_requests", "requests served per database and "
-                                       "kind (read, write, admin)", labels=["db", "kind"])
+                                       "kind (read, write, admin, replica_ack)",
+                                       labels=["db", "kind"])
         for (name, kind), count in list(self.node.request_counts.items()):
             requests.add_metric([name, kind], count)
         yield requests
