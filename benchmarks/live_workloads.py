@@ -16,7 +16,7 @@ import time
 
 from immucore.client import AsyncClient
 
-from .node_workloads import _run
+from .node_workloads import run_on_uvloop
 from tests.nodes import NodeProcess
 
 REPLICA_DB = "replicadb"
@@ -100,7 +100,7 @@ def _start_cluster(workdir: str, replica_count: int, primary_flags=()):
             client = await _client(node)
             await client.create_database(REPLICA_DB, _replica_settings(primary))
             await client.close()
-    _run(create())
+    run_on_uvloop(create())
     return primary, replicas
 
 
@@ -116,8 +116,8 @@ def live(workdir: str, replica_count: int, connections: int = 32, seconds: float
     primary, replicas = _start_cluster(os.path.join(workdir, f"live{replica_count}"),
                                        replica_count)
     try:
-        rate, latencies = _run(_write_for(primary, connections, seconds, replicas,
-                                          probe_every_ms))
+        rate, latencies = run_on_uvloop(_write_for(primary, connections, seconds, replicas,
+                                                   probe_every_ms))
     finally:
         _stop(primary, *replicas)
     return {"replicas": replica_count, "connections": connections, "seconds": seconds,
@@ -138,8 +138,8 @@ def sync_writes(workdir: str, connections: int = 32, seconds: float = 10, acks: 
             client = await _client(primary)
             await client.set({b"warm": b"up"})
             await client.close()
-        _run(settle())
-        rate, _ = _run(_write_for(primary, connections, seconds, [], 0))
+        run_on_uvloop(settle())
+        rate, _ = run_on_uvloop(_write_for(primary, connections, seconds, [], 0))
     finally:
         _stop(primary, *replicas)
     return {"sync_acks": acks, "replicas": len(replicas), "connections": connections,
