@@ -1,7 +1,8 @@
 """Workloads of the node benchmarks: a real node process on loopback, driven by AsyncClients on
 uvloop from this process. Each returns what it measured with its settings. The node is durable
 (--synced, the default: every acknowledged commit is fsynced). Client and node share the
-machine's cores, so these are end-to-end numbers of one box, not of the node alone."""
+machine's cores, so these are end-to-end numbers of one box, not of the node alone. A node
+started with ``--synced=false`` is reported as ``"durable": false``."""
 from __future__ import annotations
 
 import asyncio
@@ -55,6 +56,10 @@ def _cpu_per_tx(node, before, client_before: float, txs: int) -> dict:
     return out
 
 
+def _durable(node) -> bool:
+    return "--synced=false" not in node.extra_args
+
+
 async def _clients(node, count: int):
     clients = [AsyncClient(node.host, node.port) for _ in range(count)]
     for client in clients:
@@ -82,7 +87,8 @@ def concurrent_sets(node, connections: int, txs_per_connection: int) -> dict:
 
     elapsed, cpu = run_on_uvloop(main())
     total = connections * txs_per_connection
-    return {"connections": connections, "txs": total, "entries_per_tx": 1, "durable": True,
+    return {"connections": connections, "txs": total, "entries_per_tx": 1,
+            "durable": _durable(node),
             "tx_per_s": total / elapsed, **cpu}
 
 
@@ -105,7 +111,8 @@ def batched_sets(node, txs: int, entries: int = 1000, in_flight: int = 4) -> dic
         return elapsed
 
     elapsed = run_on_uvloop(main())
-    return {"txs": txs, "entries_per_tx": entries, "in_flight": in_flight, "durable": True,
+    return {"txs": txs, "entries_per_tx": entries, "in_flight": in_flight,
+            "durable": _durable(node),
             "entries_per_s": txs * entries / elapsed}
 
 
