@@ -4,6 +4,8 @@
 ``IMMUCORE_BENCH_FULL=1``) runs the real sizes. Each prints its numbers and settings:
   set of 1000-entry txs, 1 and 4 writers  [>= 1,000,000 entries/s]
   64 concurrent single-entry sets  [>= 20,000 tx/s]
+  single-entry sets, 32 kept in flight by callback (no threads waiting: the writer's own
+                                   capacity under the node's 32-connection shape)
   index of random keys, 10/tx      [>= 300,000 entries/s]: following live writers, and
                                    indexing a backlog (index rebuilt from the log)
   replicate_txs of 10-entry txs    [>= 100,000 tx/s], with the raw LMDB+SHA-256 floor
@@ -19,6 +21,7 @@ FULL = os.environ.get("IMMUCORE_BENCH_FULL") == "1"
 SIZES = {
     "set_txs": 500 if FULL else 5,
     "writers": 64, "txs_per_writer": 500 if FULL else 3,
+    "in_flight_txs": 100_000 if FULL else 100,
     "index_txs": 200_000 if FULL else 200,
     "replicate_txs": 100_000 if FULL else 300,
 }
@@ -52,6 +55,12 @@ def test_concurrent_single_entry_writers(benchmark, tmp_path):
     r = _run(benchmark, "64 concurrent writers", w.concurrent_writers, str(tmp_path),
              SIZES["writers"], SIZES["txs_per_writer"])
     assert r["txs"] == SIZES["writers"] * SIZES["txs_per_writer"]
+
+
+def test_single_entry_sets_32_in_flight(benchmark, tmp_path):
+    r = _run(benchmark, "single-entry sets, 32 in flight", w.sets_in_flight, str(tmp_path), 32,
+             SIZES["in_flight_txs"])
+    assert r["txs"] == SIZES["in_flight_txs"]
 
 
 def test_index_throughput(benchmark, tmp_path):

@@ -89,6 +89,50 @@ def concurrent_writers(workdir: str, writers: int, txs_per_writer: int,
             "tx_per_s": total / elapsed}
 
 
+def sets_in_flight(workdir: str, in_flight: int, txs: int, durable: bool = True) -> dict:
+    """Single-entry sets kept ``in_flight`` at a time by callback: each commit's callback (on a
+    writer thread) submits the next set at once, so no thread of the benchmark waits or wakes.
+    The writer's own capacity at that concurrency: what the node's 32 connections of
+    single-entry SETs would get with no network, event loop or client in between."""
+    db = _fresh(workdir, "in-flight", durable=durable)
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"submitted": 0, "committed": 0, "error": None}
+
+    def submit():
+        with lock:
+            n = state["submitted"]
+            if n >= txs:
+                return
+            state["submitted"] = n + 1
+        db.set_flat_async([b"k%d" % n, b"x" * 100], block=False, on_done=committed)
+
+    def committed(headers, exc):
+        with lock:
+            state["committed"] += 1
+            if exc is not None and state["error"] is None:
+                state["error"] = exc
+            finished = state["committed"] == txs or state["error"] is not None
+        if finished:
+            done.set()
+        else:
+            submit()
+
+    try:
+        start = time.perf_counter()
+        for _ in range(in_flight):
+            submit()
+        if not done.wait(600):
+            raise TimeoutError(f"{state['committed']} of {txs} sets committed in 600 s")
+        elapsed = time.perf_counter() - start
+        if state["error"] is not None:
+            raise state["error"]
+    finally:
+        db.close()
+    return {"in_flight": in_flight, "txs": txs, "durable": durable, "seconds": elapsed,
+            "tx_per_s": txs / elapsed}
+
+
 def index_throughput(workdir: str, txs: int, entries: int = 10, key_size: int = 32,
                      value_size: int = 100, durable: bool = True) -> dict:
     """Random keys, ``entries`` per tx. Two measures: how fast the async index follows the log
