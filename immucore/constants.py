@@ -86,6 +86,10 @@ CONNECTION_SEND_BUFFER_BYTES_MAX = 64 << 20   # unread responses before a connec
 CONNECTION_FLUSH_ANSWERS = 32   # answers gathered in one loop turn before they are sent at once
 CONNECTION_IDLE_SECONDS = 600            # a connection with no frame for this long is closed
 PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
+# A peer that stopped reading: its unread answers passed CONNECTION_SEND_BUFFER_BYTES_MAX (the
+# connection stopped reading its requests) and did not drain for this long. It is aborted,
+# dropping what was buffered; close() would wait for the peer to read it, which may be never.
+CONNECTION_WRITE_STALL_SECONDS = 60
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
 # Open connections (--max-connections); a new one past it gets `too_many_connections` and is
 # closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be

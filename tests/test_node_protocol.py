@@ -26,7 +26,8 @@ import pytest
 import xxhash
 
 from immucore.client import AsyncClient, Client, ConnectionClosedError
-from immucore.constants import (CONNECTION_INFLIGHT_REQUESTS_MAX, FRAME_BODY_BYTES_MAX,
+from immucore.constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
+                                CONNECTION_WRITE_STALL_SECONDS, FRAME_BODY_BYTES_MAX,
                                 PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
 from immucore.errors import IllegalArgumentsError, KeyNotFoundError
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
@@ -664,8 +665,9 @@ class _StubNode:
 
 class _StubTransport:
     def __init__(self):
-        self.paused = self.closed = False
+        self.paused = self.closed = self.aborted = False
         self.written = []
+        self.buffered = 0           # what get_write_buffer_size() says is still unsent
 
     def get_extra_info(self, name):
         return ("127.0.0.1", 1) if name == "peername" else None
@@ -688,11 +690,14 @@ class _StubTransport:
     def is_closing(self):
         return self.closed
 
+    def get_write_buffer_size(self):
+        return self.buffered
+
     def close(self):
         self.closed = True
 
     def abort(self):
-        self.closed = True
+        self.closed = self.aborted = True
 
 
 def _logged_in_connection(dispatch):
@@ -1178,6 +1183,59 @@ def test_preauth_slowloris_is_closed_after_the_idle_limit(monkeypatch):
     closed, elapsed = asyncio.run(run())
     assert elapsed > PREAUTH_IDLE_SECONDS
     assert closed, f"no frame in {elapsed:.0f} s and still open"
+
+
+def _stub_clock(monkeypatch):
+    from immucore.server import connection as connection_module
+    clock = [1000.0]
+    monkeypatch.setattr(connection_module.time, "monotonic", lambda: clock[0])
+    return clock
+
+
+def _check_idle_after(conn, clock, seconds):
+    clock[0] += seconds
+    conn._check_idle()
+    if conn._idle_handle:
+        conn._idle_handle.cancel()
+
+
+def test_a_peer_that_stops_reading_its_answers_is_aborted(monkeypatch):
+    """Its answers passed the send buffer's mark (reading stopped) and never drained: after
+    CONNECTION_WRITE_STALL_SECONDS it is aborted, not closed (close would wait for the peer
+    to read them). One that drains in time stays."""
+    clock = _stub_clock(monkeypatch)
+
+    async def run():
+        conn, transport = _logged_in_connection(None)
+        conn._idle_handle.cancel()
+        conn.pause_writing()
+        _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        drained_in_time = not transport.closed
+        conn.resume_writing()                     # it read: the stall starts again from here
+        _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        conn.pause_writing()
+        _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        still_open = not transport.closed
+        _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        return drained_in_time, still_open, transport.aborted
+
+    drained_in_time, still_open, aborted = asyncio.run(run())
+    assert drained_in_time and still_open
+    assert aborted
+
+
+def test_an_idle_connection_with_unread_answers_is_aborted_and_one_without_closed(monkeypatch):
+    clock = _stub_clock(monkeypatch)
+
+    async def run(buffered):
+        conn, transport = _logged_in_connection(None)
+        conn._idle_handle.cancel()
+        transport.buffered = buffered
+        _check_idle_after(conn, clock, CONNECTION_IDLE_SECONDS + 1)
+        return transport.closed, transport.aborted
+
+    assert asyncio.run(run(buffered=1000)) == (True, True)
+    assert asyncio.run(run(buffered=0)) == (True, False)
 
 
 # --- last: the idle connection opened when the module's node started ---------------------------

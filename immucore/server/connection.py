@@ -19,7 +19,8 @@ import weakref
 
 from ..constants import (CONNECTION_FLUSH_ANSWERS, CONNECTION_IDLE_SECONDS,
                          CONNECTION_INFLIGHT_REQUESTS_MAX,
-                         CONNECTION_SEND_BUFFER_BYTES_MAX, FRAME_BODY_BYTES_MAX,
+                         CONNECTION_SEND_BUFFER_BYTES_MAX, CONNECTION_WRITE_STALL_SECONDS,
+                         FRAME_BODY_BYTES_MAX,
                          PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
 from ..protocol.answers import encode_header_answer
 from ..protocol.frames import (FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, ProtocolError,
@@ -214,6 +215,7 @@ class Connection(asyncio.Protocol):
         self._writable.set()
         self._last_frame = time.monotonic()
         self._idle_handle = None
+        self._write_stalled_since = None   # when unread answers passed the buffer's mark
         self._closed = False
         # Answers finished in one turn of the event loop leave in one write (one syscall for a
         # whole pipelined burst instead of one per answer).
@@ -249,10 +251,12 @@ class Connection(asyncio.Protocol):
         self._writable.set()
 
     def pause_writing(self):
+        self._write_stalled_since = time.monotonic()
         self._writable.clear()
         self._pause_reading()
 
     def resume_writing(self):
+        self._write_stalled_since = None
         self._writable.set()
         self._maybe_resume_reading()
 
@@ -541,14 +545,31 @@ class Connection(asyncio.Protocol):
 
     def _schedule_idle_check(self):
         limit = CONNECTION_IDLE_SECONDS if self.session else PREAUTH_IDLE_SECONDS
-        self._idle_handle = asyncio.get_running_loop().call_later(limit / 2, self._check_idle)
+        self._idle_handle = asyncio.get_running_loop().call_later(
+            min(limit, CONNECTION_WRITE_STALL_SECONDS) / 2, self._check_idle)
 
     def _check_idle(self):
+        """Close a connection idle for too long, and abort one whose peer stopped reading."""
         if self._closed:
             return
+        now = time.monotonic()
+        stalled = self._write_stalled_since
+        if stalled is not None and now - stalled > CONNECTION_WRITE_STALL_SECONDS:
+            log.info("closing connection from %s: it has not read its answers for %.0f s",
+                     self.peer, now - stalled)
+            self._abort()
+            return
         limit = CONNECTION_IDLE_SECONDS if self.session else PREAUTH_IDLE_SECONDS
-        if self._inflight == 0 and time.monotonic() - self._last_frame > limit:
+        if self._inflight == 0 and now - self._last_frame > limit:
             log.info("closing idle connection from %s", self.peer)
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._abort()            # answers it never read: close() would wait for them
+            else:
+                self.transport.close()
             return
         self._schedule_idle_check()
+
+    def _abort(self):
+        self._closed = True
+        self._backlog.clear()
+        self.transport.abort()
