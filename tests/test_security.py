@@ -2,13 +2,16 @@
 refused before they do, and tokens do not survive a restart."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 import pytest
 
-from immucore.client import Client
+from immucore.client import Client, ConnectionClosedError
 from immucore.errors import IllegalArgumentsError
 from immucore.protocol.messages import RemoteError
+from immucore.server.node import _is_loopback
 
 from .nodes import running_node
 
@@ -60,3 +63,43 @@ def test_tokens_do_not_survive_a_restart(tmp_path):
             with pytest.raises(RemoteError) as refused:
                 client.resume(token)
             assert refused.value.code == "session_not_found"
+
+
+def _non_loopback_address():
+    """This machine's address on its default route, or None (a UDP connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))          # TEST-NET-1, never reached
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def test_protected_mode_refuses_remote_peers_until_the_default_password_changes(tmp_path):
+    """Redis's protected mode: listening on every address with the default sysadmin password,
+    a peer from another address is refused with a message that says how to change it; once
+    the password is changed (from loopback) the same peer logs in."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    with running_node(tmp_path, "--address", "0.0.0.0") as node:
+        with Client(address, node.port) as remote:
+            with pytest.raises(ConnectionClosedError, match="protected mode") as refused:
+                remote.login("immudb", "immudb")
+        assert "immuadmin user changepassword immudb" in str(refused.value)
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "immudb")
+            local.change_password("immudb", "immudb", "Changed1!pw")
+        with Client(address, node.port) as remote:
+            remote.login("immudb", "Changed1!pw")
+            assert remote.health()
+
+
+@pytest.mark.parametrize("peer, loopback", [
+    (("127.0.0.1", 1), True), (("127.8.9.10", 1), True), (("::1", 1, 0, 0), True),
+    (("::ffff:127.0.0.1", 1, 0, 0), True),           # IPv4 on a dual-stack listener
+    (("192.0.2.2", 1), False), (("::ffff:192.0.2.2", 1, 0, 0), False), (("fd00::2", 1, 0, 0), False),
+    (("not an address", 1), False), ((), False), (None, False)])
+def test_only_loopback_peers_pass_protected_mode(peer, loopback):
+    assert _is_loopback(peer) is loopback

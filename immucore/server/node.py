@@ -38,6 +38,18 @@ SETTINGS_PREFIX = b"\x02"
 READ_THREADS = 8
 
 
+def _is_loopback(peer) -> bool:
+    """Whether a peer address (asyncio's peername) is loopback; an IPv4 peer of a dual-stack
+    listener arrives as ``::ffff:127.0.0.1``. An address that cannot be read is not."""
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except (TypeError, IndexError, ValueError):
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class DatabaseError(ImmucoreError):
     """A database management request that cannot be done (missing, exists, reserved…)."""
 
@@ -426,17 +438,13 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if not peer or not auth.using_default_password(self.users):
-            return None
-        try:
-            if ipaddress.ip_address(peer[0]).is_loopback:
-                return None
-        except ValueError:
+        if not auth.using_default_password(self.users) or _is_loopback(peer):
             return None
         return ("protected_mode",
                 "immucore is in protected mode: the sysadmin password is still the default, so "
-                "only loopback connections are accepted. Change it (immuadmin user "
-                "changepassword immudb) or start the node with --admin-password")
+                "only loopback connections are accepted. Change it from this machine "
+                "(immuadmin login immudb, then immuadmin user changepassword immudb); "
+                "--admin-password sets it only when a node creates its data folder")
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
