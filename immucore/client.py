@@ -10,6 +10,7 @@ answers each by request id), so ``asyncio.gather`` of many ``get``s costs one ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import json
@@ -29,6 +30,17 @@ from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wir
 from .types import KVMetadata, State, TxHeader
 
 _EMPTY_HASH = codec.sha256(b"")
+
+
+@contextlib.contextmanager
+def _proof_checks():
+    """A proof the node shaped wrongly (a part missing, of the wrong type or out of range)
+    fails verification like a wrong one: the caller gets VerificationError, never an
+    AttributeError from deep inside the checks."""
+    try:
+        yield
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+        raise VerificationError(f"malformed proof: {type(exc).__name__}: {exc}") from exc
 
 
 class ConnectionClosedError(ImmucoreError):
@@ -475,20 +487,26 @@ class AsyncClient:
     async def verified_set(self, kvs, *, metadata=None):
         trusted = self.state_store.get(self._server_id(), self.database)
         vtx = await self.verifiable_set(kvs, prove_since_tx=trusted.tx_id, metadata=metadata)
-        self._check_and_advance(trusted, vtx)
-        return vtx.tx.header
+        with _proof_checks():
+            self._check_and_advance(trusted, vtx)
+            return vtx.tx.header
 
     async def verified_tx_by_id(self, tx_id: int):
         trusted = self.state_store.get(self._server_id(), self.database)
         vtx = await self.verifiable_tx_by_id(tx_id, prove_since_tx=trusted.tx_id)
-        self._check_and_advance(trusted, vtx)
-        return vtx.tx
+        with _proof_checks():
+            self._check_and_advance(trusted, vtx)
+            return vtx.tx
 
     async def verified_get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0,
                            at_revision: int = 0):
         trusted = self.state_store.get(self._server_id(), self.database)
         ventry = await self.verifiable_get(key, prove_since_tx=trusted.tx_id, at_tx=at_tx,
                                            since_tx=since_tx, at_revision=at_revision)
+        with _proof_checks():
+            return self._check_entry(trusted, ventry)
+
+    def _check_entry(self, trusted: State, ventry):
         entry, vtx = ventry.entry, ventry.verifiable_tx
         header = vtx.tx.header
         if entry.tx != header.id:

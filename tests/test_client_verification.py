@@ -1,0 +1,143 @@
+"""The client's own checks of what a node proves: the proofs come from a real embedded database
+(what a node would send), and each test alters one part the way a lying or broken node
+could. Every alteration is refused with VerificationError and leaves the trusted state as it
+was; the untouched proofs pass and move it forward."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from immucore.client import AsyncClient, StateStore
+from immucore.database import open_database
+from immucore.errors import VerificationError
+
+replace = dataclasses.replace
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = open_database(str(tmp_path / "db"))
+    for n in range(1, 9):
+        database.set({b"k%d" % n: b"v%d" % n})
+    yield database
+    database.close()
+
+
+def _client(db, tamper=lambda answer: answer) -> AsyncClient:
+    """An AsyncClient whose node is ``db``: its verifiable calls answer with the database's own
+    proofs, passed through ``tamper`` first."""
+    client = AsyncClient("127.0.0.1", 1, state_store=StateStore())
+    client.database = "defaultdb"
+
+    async def verifiable_get(key, *, prove_since_tx, **options):
+        return tamper(db.verifiable_get(key, prove_since_tx=prove_since_tx, **options))
+
+    async def verifiable_tx_by_id(tx_id, *, prove_since_tx):
+        return tamper(db.verifiable_tx_by_id(tx_id, prove_since_tx=prove_since_tx))
+
+    client.verifiable_get = verifiable_get
+    client.verifiable_tx_by_id = verifiable_tx_by_id
+    return client
+
+
+def _trusted(client):
+    return client.state_store.get(client._server_id(), client.database)
+
+
+def test_untouched_proofs_verify_and_move_the_trusted_state(db):
+    client = _client(db)
+    assert asyncio.run(client.verified_tx_by_id(3)).header.id == 3
+    assert _trusted(client).tx_id == 3
+    assert asyncio.run(client.verified_get(b"k7")).value == b"v7"
+    assert _trusted(client).tx_id == 7
+    assert _trusted(client).tx_hash == db.tx_by_id(7).header.alh()
+
+
+def _on_vtx(change):
+    """Apply ``change`` to the VerifiableTx of a verifiable tx or entry."""
+    def tamper(answer):
+        if hasattr(answer, "verifiable_tx"):
+            return replace(answer, verifiable_tx=change(answer.verifiable_tx))
+        return change(answer)
+    return tamper
+
+
+def _on_dual(change):
+    return _on_vtx(lambda vtx: replace(vtx, dual_proof=change(vtx.dual_proof)))
+
+
+def _flip(data: bytes) -> bytes:
+    return bytes([data[0] ^ 1]) + data[1:]
+
+
+TX_TAMPERS = {
+    "entry hash": _on_vtx(lambda vtx: replace(vtx, tx=replace(vtx.tx, entries=(
+        replace(vtx.tx.entries[0], hvalue=_flip(vtx.tx.entries[0].hvalue)),)))),
+    "entry dropped": _on_vtx(lambda vtx: replace(vtx, tx=replace(vtx.tx, entries=()))),
+    "header eh": _on_vtx(lambda vtx: replace(vtx, tx=replace(
+        vtx.tx, header=replace(vtx.tx.header, eh=_flip(vtx.tx.header.eh))))),
+    "target bl_root": _on_dual(lambda p: replace(p, target_tx_header=replace(
+        p.target_tx_header, bl_root=_flip(p.target_tx_header.bl_root)))),
+    "inclusion term": _on_dual(lambda p: replace(
+        p, inclusion_proof=(_flip(p.inclusion_proof[0]),) + tuple(p.inclusion_proof[1:]))),
+    "consistency term": _on_dual(lambda p: replace(
+        p, consistency_proof=(_flip(p.consistency_proof[0]),) + tuple(p.consistency_proof[1:]))),
+    "linear proof term": _on_dual(lambda p: replace(p, linear_proof=replace(
+        p.linear_proof, terms=tuple(p.linear_proof.terms[:-1]) + (
+            _flip(p.linear_proof.terms[-1]),)))),
+    "no dual proof": _on_vtx(lambda vtx: replace(vtx, dual_proof=None)),
+    "no linear proof": _on_dual(lambda p: replace(p, linear_proof=None)),
+    "terms not bytes": _on_dual(lambda p: replace(p, inclusion_proof=(5,))),
+}
+
+
+@pytest.mark.parametrize("how", sorted(TX_TAMPERS))
+def test_an_altered_tx_proof_is_refused_and_trusted_state_kept(db, how):
+    client = _client(db)
+    asyncio.run(client.verified_tx_by_id(2))             # trust tx 2 first: a real dual proof
+    before = _trusted(client)
+    client_lied = _client(db, TX_TAMPERS[how])
+    client_lied.state_store = client.state_store
+    with pytest.raises(VerificationError):
+        asyncio.run(client_lied.verified_tx_by_id(6))
+    assert _trusted(client) == before
+
+
+ENTRY_TAMPERS = {
+    "value": lambda ve: replace(ve, entry=replace(ve.entry, value=b"other")),
+    "key": lambda ve: replace(ve, entry=replace(ve.entry, key=b"k1")),
+    "entry tx": lambda ve: replace(ve, entry=replace(ve.entry, tx=ve.entry.tx - 1)),
+    "inclusion leaf": lambda ve: replace(ve, inclusion_proof=replace(ve.inclusion_proof, leaf=1)),
+    "no inclusion proof": lambda ve: replace(ve, inclusion_proof=None),
+    "no entry": lambda ve: replace(ve, entry=None),
+    **{f"tx: {how}": tamper for how, tamper in TX_TAMPERS.items()},
+}
+
+
+@pytest.mark.parametrize("how", sorted(ENTRY_TAMPERS))
+def test_an_altered_entry_proof_is_refused_and_trusted_state_kept(db, how):
+    client = _client(db)
+    asyncio.run(client.verified_get(b"k2"))
+    before = _trusted(client)
+    client_lied = _client(db, ENTRY_TAMPERS[how])
+    client_lied.state_store = client.state_store
+    with pytest.raises(VerificationError):
+        asyncio.run(client_lied.verified_get(b"k6"))
+    assert _trusted(client) == before
+
+
+def test_a_proof_from_a_state_it_does_not_trust_is_refused(db):
+    """A node that answers as if the client trusted another tx (here: no trusted state at all
+    although the client trusts tx 4)."""
+    client = _client(db)
+    asyncio.run(client.verified_tx_by_id(4))
+
+    async def from_scratch(tx_id, *, prove_since_tx):
+        return db.verifiable_tx_by_id(tx_id, prove_since_tx=tx_id)
+
+    client.verifiable_tx_by_id = from_scratch
+    with pytest.raises(VerificationError, match="trusted state"):
+        asyncio.run(client.verified_tx_by_id(7))
+    assert _trusted(client).tx_id == 4
