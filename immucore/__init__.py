@@ -6,4 +6,6 @@ from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsEr
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State,  # noqa: F401
                     Tx, TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
 
+from .client import AsyncClient, Client, StateStore  # noqa: F401,E402  (after the types it uses)
+
 __version__ = "0.1.0"
