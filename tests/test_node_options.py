@@ -26,6 +26,45 @@ def test_precedence_is_flag_then_environment_then_file_then_default(tmp_path):
     assert options["dir"] == "./data" and options["synced"] is True
 
 
+@pytest.mark.parametrize("environ, file_text", [
+    ({"IMMUCORE_SIGNINGKEY": "/k.pem"}, ""),
+    ({"IMMUCORE_SIGNING_KEY": "/k.pem"}, ""),
+    ({}, 'signingKey = "/k.pem"\n'),
+    ({}, 'signing_key = "/k.pem"\n'),
+], ids=["env flag name", "env snake case", "file flag name", "file snake case"])
+def test_the_signing_key_is_read_under_every_spelling(tmp_path, environ, file_text):
+    """A node configured with --signingKey's name in the environment or the file must sign:
+    an option silently dropped there would leave it unsigned without a word."""
+    config = tmp_path / "immucore.toml"
+    config.write_text(file_text)
+    args = node_cli.build_parser().parse_args(["--config", str(config)])
+    assert node_cli.resolve(args, environ=environ)["signing_key"] == "/k.pem"
+
+
+@pytest.mark.parametrize("environ, file_text", [
+    ({"IMMUCORE_REPLICATION_ENABLED": "true", "IMMUCORE_REPLICATION_MASTER_PORT": "4000"}, ""),
+    ({}, 'replication-enabled = true\nreplication-master-port = 4000\n'),
+    ({"IMMUCORE_REPLICATION_IS_REPLICA": "true", "IMMUCORE_REPLICATION_PRIMARY_PORT": "4000"}, ""),
+    ({}, 'replication-is-replica = true\nreplication_primary_port = 4000\n'),
+], ids=["env seed names", "file seed names", "env immudb names", "file immudb names"])
+def test_replication_flags_are_read_under_both_names_everywhere(tmp_path, environ, file_text):
+    config = tmp_path / "immucore.toml"
+    config.write_text(file_text)
+    args = node_cli.build_parser().parse_args(["--config", str(config)])
+    options = node_cli.resolve(args, environ=environ)
+    assert options["replica"] is True and options["primary_port"] == 4000
+
+
+def test_keys_of_the_file_that_are_no_flag_are_named_and_ignored(tmp_path):
+    config = tmp_path / "immucore.toml"
+    config.write_text('port = 4000\nweb-server = true\nmax_sesions = 3\n')
+    warnings = []
+    args = node_cli.build_parser().parse_args(["--config", str(config)])
+    options = node_cli.resolve(args, environ={}, warn=warnings.append)
+    assert options["port"] == 4000 and options["max_sessions"] == 100
+    assert len(warnings) == 1 and "max_sesions, web_server" in warnings[0], warnings
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--synced"], True), (["--synced=false"], False), (["--synced", "false"], False),
     (["--synced=true"], True),

@@ -1,6 +1,9 @@
-"""``immucore``: run a node. Flags follow immudb's server flags; each can also be set by an
-environment variable ``IMMUCORE_<FLAG>`` (dashes as underscores) or a TOML file (``--config``,
-same names as keys). Precedence: command line, then environment, then the file, then defaults."""
+"""``immucore``: run a node (flags follow immudb's server flags).
+
+Each flag can also be set by an environment variable ``IMMUCORE_<FLAG>`` (upper case, dashes
+as underscores: ``IMMUCORE_MAX_SESSIONS``, ``IMMUCORE_SIGNINGKEY``) or a key of a TOML file
+(``--config``; the flag's name: ``max-sessions``, ``signingKey``). Precedence: command line,
+then environment, then the file, then defaults."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +21,9 @@ log = logging.getLogger("immucore")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="immucore", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="immucore", description=__doc__.replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=None, help="data folder (default ./data)")
     parser.add_argument("-a", "--address", default=None, help="bind address (default 0.0.0.0)")
     parser.add_argument("-p", "--port", type=int, default=None, help="port (default 3322)")
@@ -64,37 +69,55 @@ _DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_passwor
              "replication_sync_timeout": REPLICATION_SYNC_TIMEOUT_SECONDS}
 
 
-def resolve(args, environ=os.environ) -> dict:
-    """Merge command line, IMMUCORE_* environment and the TOML file into one options dict."""
-    file_values = {}
-    config = args.config or environ.get("IMMUCORE_CONFIG")
+def resolve(args, environ=os.environ, warn=None) -> dict:
+    """Merge command line, IMMUCORE_* environment and the TOML file into one options dict.
+
+    Every spelling of a flag works in all three: ``--signingKey`` is ``IMMUCORE_SIGNINGKEY``
+    (or ``IMMUCORE_SIGNING_KEY``) and ``signingKey`` (or ``signing_key``) in the file, and a
+    replication flag's seed-guide name works as well as immudb's current one. A key of the
+    file that is no flag is reported through ``warn`` (stderr by default) and ignored, as
+    immudb ignores keys it does not know: a config file written for immudb still starts."""
+    warn = warn or (lambda text: print(f"immucore: {text}", file=sys.stderr))
+    file_values, config = {}, args.config or environ.get("IMMUCORE_CONFIG")
     if config:
         import tomllib
         with open(config, "rb") as f:
-            file_values = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
-    options = {}
-    dests = list(_DEFAULTS) + [f"repl_{s}" for s, *_ in REPLICATION_FLAGS]
-    for dest in dests:
+            file_values = {_key(k): v for k, v in tomllib.load(f).items()}
+    options, known = {}, {"config"}
+    for dest in list(_DEFAULTS) + [f"repl_{s}" for s, *_ in REPLICATION_FLAGS]:
+        keys = {_key(name) for name in _flag_names(dest)}
+        known |= keys
         value = getattr(args, dest, None)
-        flag = dest.removeprefix("repl_") if dest.startswith("repl_") else dest
-        env_name = "IMMUCORE_" + _flag_name(dest).upper().replace("-", "_")
-        if value is None and env_name in environ:
-            value = _convert(dest, environ[env_name])
-        if value is None and _flag_name(dest).replace("-", "_") in file_values:
-            value = file_values[_flag_name(dest).replace("-", "_")]
+        if value is None:
+            value = next((_convert(dest, environ[f"IMMUCORE_{k}"]) for k in sorted(keys)
+                          if f"IMMUCORE_{k}" in environ), None)
+        if value is None:
+            value = next((file_values[k] for k in sorted(keys) if k in file_values), None)
         if value is None:
             value = _DEFAULTS.get(dest)
-        options[dest if not dest.startswith("repl_") else flag] = value
+        options[dest.removeprefix("repl_")] = value
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        warn(f"{config}: ignoring keys that are no immucore flag: "
+             + ", ".join(k.lower() for k in unknown))
     return options
 
 
-def _flag_name(dest: str) -> str:
+def _key(name: str) -> str:
+    """One form for a flag's name wherever it is written: ``signingKey``, ``SIGNING-KEY`` and
+    ``signing_key`` differ, ``--replication-is-replica`` and ``replication_is_replica`` do
+    not."""
+    return name.lstrip("-").replace("-", "_").upper()
+
+
+def _flag_names(dest: str) -> list:
+    """Every option string of ``dest`` on the command line, without dashes in front."""
     if dest.startswith("repl_"):
         setting = dest.removeprefix("repl_")
-        for name, flags, *_ in REPLICATION_FLAGS:
-            if name == setting:
-                return flags[0].lstrip("-")
-    return dest.replace("_", "-")
+        return [flags for name, flags, *_ in REPLICATION_FLAGS if name == setting][0]
+    if dest == "signing_key":
+        return ["signingKey", "signing-key"]
+    return [dest.replace("_", "-")]
 
 
 def _convert(dest: str, text: str):
