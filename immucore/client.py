@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import heapq
 import itertools
 import json
@@ -47,10 +48,24 @@ class ConnectionClosedError(ImmucoreError):
     """The connection to the node closed before the answer came."""
 
 
+STATE_FILE_ENV = "IMMUCORE_STATE_FILE"
+STATE_FILE_DEFAULT = os.path.join("~", ".immucore", "client_state.json")
+
+
+def default_state_path() -> str:
+    """Where clients keep their trusted states unless told otherwise: ``$IMMUCORE_STATE_FILE``,
+    else ``~/.immucore/client_state.json``."""
+    return os.path.expanduser(os.environ.get(STATE_FILE_ENV) or STATE_FILE_DEFAULT)
+
+
 class StateStore:
     """Trusted states per (server, database), kept in a JSON file (like immudb's SDK state dir),
     replaced durably on every change (``durable_file``): after a crash it holds the last state
-    saved, or the one before, never a torn file."""
+    saved, or the one before, never a torn file. ``path=None`` keeps them in memory only.
+
+    Several clients may share one file, in one process or several: a change is made under an
+    exclusive lock of ``<path>.lock`` on the file as it is then, and where two disagree on a
+    server's database the later tx is kept (a state only moves forward)."""
 
     def __init__(self, path: Optional[str] = None):
         self.path = path
@@ -59,6 +74,16 @@ class StateStore:
             self._states = _load_states(path)
         self._lock = threading.Lock()
 
+    @classmethod
+    def default(cls) -> "StateStore":
+        """The store of ``default_state_path()``, one per path in this process."""
+        path = default_state_path()
+        with _DEFAULT_STORES_LOCK:
+            store = _DEFAULT_STORES.get(path)
+            if store is None:
+                store = _DEFAULT_STORES[path] = cls(path)
+            return store
+
     def get(self, server: str, database: str) -> State:
         raw = self._states.get(f"{server}/{database}")
         if raw is None:
@@ -66,11 +91,31 @@ class StateStore:
         return State(database, raw["tx_id"], bytes.fromhex(raw["tx_hash"]))
 
     def put(self, server: str, state: State):
+        key = f"{server}/{state.db}"
         with self._lock:
-            self._states[f"{server}/{state.db}"] = {"tx_id": state.tx_id,
-                                                    "tx_hash": state.tx_hash.hex()}
-            if self.path:
+            if not self.path:
+                self._states[key] = _state_entry(state)
+                return
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
+                on_disk = _load_states(self.path) if os.path.exists(self.path) else {}
+                for other, entry in on_disk.items():      # what other clients saved meanwhile
+                    mine = self._states.get(other)
+                    if mine is None or entry["tx_id"] > mine["tx_id"]:
+                        self._states[other] = entry
+                if self._states.get(key, {"tx_id": -1})["tx_id"] < state.tx_id:
+                    self._states[key] = _state_entry(state)
                 replace_durably(self.path, json.dumps(self._states).encode())
+
+
+_DEFAULT_STORES: Dict[str, StateStore] = {}
+_DEFAULT_STORES_LOCK = threading.Lock()
+
+
+def _state_entry(state: State) -> dict:
+    return {"tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}
 
 
 def _load_states(path: str) -> dict:
@@ -138,7 +183,7 @@ class AsyncClient:
         if server_public_key is not None:
             from .signing import load_public_key
             self.server_public_key = load_public_key(server_public_key)
-        self.state_store = state_store or StateStore()
+        self._state_store = state_store
         self.database: Optional[str] = None
         self.session_token: Optional[str] = None
         self._transport = self._protocol = None
@@ -480,6 +525,20 @@ class AsyncClient:
         return from_wire((await self.call(Msg.REPLICATE_TX, body))["headers"])
 
     # --- verified calls ---------------------------------------------------------------
+
+    @property
+    def state_store(self) -> StateStore:
+        """The trusted states: by default in a file (``default_state_path()``), as immudb's
+        SDKs keep theirs, so a new client, or this program started again, keeps trusting what
+        was proven before. Opened at the first verified call: a client that never verifies
+        never reads it."""
+        if self._state_store is None:
+            self._state_store = StateStore.default()
+        return self._state_store
+
+    @state_store.setter
+    def state_store(self, store: StateStore):
+        self._state_store = store
 
     def _server_id(self) -> str:
         return f"{self.host}:{self.port}"

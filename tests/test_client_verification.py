@@ -9,9 +9,10 @@ import dataclasses
 
 import pytest
 
-from immucore.client import AsyncClient, StateStore
+from immucore.client import AsyncClient, StateStore, default_state_path
 from immucore.database import open_database
-from immucore.errors import VerificationError
+from immucore.errors import ImmucoreError, VerificationError
+from immucore.types import State
 
 replace = dataclasses.replace
 
@@ -25,10 +26,12 @@ def db(tmp_path):
     database.close()
 
 
-def _client(db, tamper=lambda answer: answer) -> AsyncClient:
+def _client(db, tamper=lambda answer: answer, state_store="memory") -> AsyncClient:
     """An AsyncClient whose node is ``db``: its verifiable calls answer with the database's own
-    proofs, passed through ``tamper`` first."""
-    client = AsyncClient("127.0.0.1", 1, state_store=StateStore())
+    proofs, passed through ``tamper`` first. Its trusted states in memory, unless
+    ``state_store`` is None (the default file)."""
+    client = AsyncClient("127.0.0.1", 1,
+                         state_store=StateStore() if state_store == "memory" else state_store)
     client.database = "defaultdb"
 
     async def verifiable_get(key, *, prove_since_tx, **options):
@@ -141,3 +144,36 @@ def test_a_proof_from_a_state_it_does_not_trust_is_refused(db):
     with pytest.raises(VerificationError, match="trusted state"):
         asyncio.run(client.verified_tx_by_id(7))
     assert _trusted(client).tx_id == 4
+
+
+# --- the trusted states' file -------------------------------------------------------------------
+
+def test_by_default_the_trusted_state_is_kept_in_a_file_a_new_client_reads(db):
+    client = _client(db, state_store=None)
+    asyncio.run(client.verified_tx_by_id(5))
+    path = default_state_path()
+    assert StateStore(path).get(client._server_id(), "defaultdb").tx_id == 5   # as after a restart
+    again = _client(db, state_store=None)
+    assert _trusted(again).tx_id == 5                   # a new client starts from it
+    asyncio.run(again.verified_tx_by_id(7))
+    assert StateStore(path).get(client._server_id(), "defaultdb").tx_id == 7
+
+
+def test_clients_sharing_the_file_keep_each_others_states_and_only_move_forward(tmp_path):
+    path = str(tmp_path / "states.json")
+    first, second = StateStore(path), StateStore(path)     # as two processes would hold them
+    first.put("a:1", State("defaultdb", 7, b"\x07" * 32))
+    second.put("b:2", State("defaultdb", 3, b"\x03" * 32))
+    second.put("a:1", State("defaultdb", 4, b"\x04" * 32))   # older than what first saved
+    on_disk = StateStore(path)
+    assert on_disk.get("a:1", "defaultdb").tx_id == 7
+    assert on_disk.get("b:2", "defaultdb").tx_id == 3
+
+
+def test_a_client_that_never_verifies_never_reads_the_file(db, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv("IMMUCORE_STATE_FILE", str(broken))
+    client = _client(db, state_store=None)              # constructing it reads nothing
+    with pytest.raises(ImmucoreError, match="unreadable"):
+        asyncio.run(client.verified_tx_by_id(2))
