@@ -59,15 +59,18 @@ REPLICATION_FLAGS = (
     ("primary_password", ("--replication-primary-password", "--replication-follower-password"),
      str, "password of that user"),
     ("prefetch_tx_buffer_size", ("--replication-prefetch-tx-buffer-size",), int,
-     "maximum number of prefetched transactions (default 100 on replicas)"),
+     "immudb's prefetch size (default 100 on replicas); stored, not used: replicas here "
+     "prefetch whole batches (docs/replication.md)"),
     ("replication_commit_concurrency", ("--replication-commit-concurrency",), int,
-     "number of concurrent replications (default 10 on replicas)"),
+     "immudb's concurrent replications (default 10 on replicas); stored, not used: each "
+     "batch is applied in order in one transaction"),
     ("allow_tx_discarding", ("--replication-allow-tx-discarding",), bool,
      "allow precommitted transactions to be discarded if the replica diverges"),
     ("skip_integrity_check", ("--replication-skip-integrity-check",), bool,
-     "skip integrity checks when reading data during replication"),
+     "immudb's skip of integrity checks; stored, not used: a replica here always verifies "
+     "every tx before writing it"),
     ("wait_for_indexing", ("--replication-wait-for-indexing",), bool,
-     "wait for indexing to be up to date during replication"),
+     "immudb's wait for indexing; stored, not needed: reads on a replica wait for its index"),
 )
 
 
