@@ -351,3 +351,14 @@ TestReplicationSteps = ReplicationSteps.TestCase
 TestReplicationSteps.settings = settings(
     max_examples=int(os.environ.get("IMMUCORE_SIM_HYPOTHESIS_EXAMPLES", 60)),
     stateful_step_count=80, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def test_apply_durations_are_a_cumulative_histogram():
+    from immucore.replication.replicator import Durations
+    durations = Durations()
+    for seconds in (0.0005, 0.001, 0.003, 0.2, 20.0):
+        durations.observe(seconds)
+    buckets = dict(durations.buckets())
+    assert buckets["0.001"] == 2 and buckets["0.005"] == 3 and buckets["0.5"] == 4
+    assert buckets["10.0"] == 4 and buckets["+Inf"] == 5
+    assert abs(durations.total_seconds - 20.2045) < 1e-9

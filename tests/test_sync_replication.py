@@ -7,6 +7,7 @@ its old primary never acknowledged to clients.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -76,6 +77,12 @@ def test_a_sync_write_is_answered_only_once_a_replica_holds_it(tmp_path):
             scraped = _metrics(replica_metrics)
             assert 'immucore_replication_state{db="replicadb",state="following"} 1.0' in scraped
             assert 'immudb_replication_lag{db="replicadb"} 0.0' in scraped
+            assert 'immudb_replication_replicators{db="replicadb"} 1.0' in scraped
+            assert 'immudb_replication_replicators_active{db="replicadb"} 1.0' in scraped
+            assert 'immudb_replication_replicators_retry_delay{db="replicadb"} 0.0' in scraped
+            applied = re.search(r'immudb_replication_commit_time_count\{db="replicadb"\} (\S+)',
+                                scraped)
+            assert applied and float(applied.group(1)) >= 1, scraped
 
 
 def test_sync_acks_change_at_run_time_and_release_waiting_writes(tmp_path):

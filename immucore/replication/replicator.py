@@ -31,6 +31,29 @@ from . import machine as m
 log = logging.getLogger("immucore.replication")
 
 
+class Durations:
+    """A histogram of durations for Prometheus (cumulative counts per upper bound, in seconds),
+    kept here and read when metrics are scraped."""
+    BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BOUNDS) + 1)      # the last one: above every bound
+        self.total_seconds = 0.0
+
+    def observe(self, seconds: float):
+        self.counts[next((i for i, bound in enumerate(self.BOUNDS) if seconds <= bound),
+                         len(self.BOUNDS))] += 1
+        self.total_seconds += seconds
+
+    def buckets(self) -> list:
+        """``[(le, cumulative count), ...]`` ending with ``+Inf``, as Prometheus wants them."""
+        out, running = [], 0
+        for bound, count in zip([str(b) for b in self.BOUNDS] + ["+Inf"], self.counts):
+            running += count
+            out.append((bound, running))
+        return out
+
+
 class Replicator:
     def __init__(self, database, settings: dict, tls=None, replica_id: str = ""):
         self.database = database
@@ -48,6 +71,8 @@ class Replicator:
             backoff_seconds_max=REPLICATION_BACKOFF_SECONDS_MAX,
             allow_discarding=bool(settings.get("allow_tx_discarding")), primary=self.primary)
         self.last_applied_at = 0.0
+        self.retry_delay_seconds = 0.0      # the backoff under way, 0 when not retrying
+        self.apply_seconds = Durations()    # each applied batch: immudb_replication_commit_time
         self._caught_up_at = time.monotonic()   # lag_seconds: how long we have been behind
         self._task: Optional[asyncio.Task] = None
         self._client: Optional[AsyncClient] = None
@@ -95,7 +120,8 @@ class Replicator:
                 # an upper bound: the replica held everything the primary had committed then
                 "lag_seconds": round(now - self._caught_up_at, 3),
                 "seconds_since_last_apply": (round(time.time() - self.last_applied_at, 3)
-                                             if self.last_applied_at else None)}
+                                             if self.last_applied_at else None),
+                "retry_delay_seconds": self.retry_delay_seconds}
 
     # --- the event loop of the machine --------------------------------------------------
 
@@ -186,7 +212,11 @@ class Replicator:
             await asyncio.gather(self._apply_task, return_exceptions=True)
             self._apply_task = None
         commands = self._drain_apply_events()
-        await asyncio.sleep(seconds)
+        self.retry_delay_seconds = seconds
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.retry_delay_seconds = 0.0
         self._spawn(self._connect())
         return [c for c in commands if not isinstance(c, (m.Fetch, m.Ack))]
 
@@ -226,6 +256,7 @@ class Replicator:
                    answer.get("last_alh"))
 
     async def _apply(self, command: m.Apply):
+        started = time.monotonic()
         try:
             headers = await asyncio.wrap_future(self.database.replicate_txs_async(
                 command.blobs, floor_tx_id=command.floor_tx_id, last_alh=command.last_alh))
@@ -238,6 +269,7 @@ class Replicator:
                        isinstance(exc, ReplicaDivergedError))
             return
         self.last_applied_at = time.time()
+        self.apply_seconds.observe(time.monotonic() - started)
         last = headers[-1]
         self._post("applied", last[0], self.database.alh_of(last[0]))
 

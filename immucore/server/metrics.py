@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 
 log = logging.getLogger("immucore.metrics")
 
@@ -52,8 +53,26 @@ class NodeCollector:
         since_apply = GaugeMetricFamily("immucore_replication_seconds_since_last_apply",
                                         "seconds since the replica last applied a batch",
                                         labels=["db"])
+        # immudb's gauges of its replicator workers: a replica here has one replicator, which
+        # applies one batch at a time
+        replicators = GaugeMetricFamily("immudb_replication_replicators",
+                                        "replicators of the database", labels=["db"])
+        active = GaugeMetricFamily("immudb_replication_replicators_active",
+                                   "replicators following their primary (not retrying, not "
+                                   "stopped)", labels=["db"])
+        retry_delay = GaugeMetricFamily("immudb_replication_replicators_retry_delay",
+                                        "seconds the replicator waits before its next retry "
+                                        "(0 when not retrying)", labels=["db"])
+        commit_time = HistogramMetricFamily("immudb_replication_commit_time",
+                                            "seconds to verify and commit one replicated batch",
+                                            labels=["db"])
         for name, replicator in list(self.node.replicators.items()):
             status = replicator.status()
+            replicators.add_metric([name], 1)
+            active.add_metric([name], 1 if status["state"] == "following" else 0)
+            retry_delay.add_metric([name], status["retry_delay_seconds"])
+            durations = replicator.apply_seconds
+            commit_time.add_metric([name], durations.buckets(), durations.total_seconds)
             lag.add_metric([name], status["lag_txs"])
             primary.add_metric([name], status["primary_committed_tx_id"])
             retries.add_metric([name], status["retries"])
@@ -67,6 +86,10 @@ class NodeCollector:
         yield state
         yield lag_seconds
         yield since_apply
+        yield replicators
+        yield active
+        yield retry_delay
+        yield commit_time
         quorum = GaugeMetricFamily("immucore_replication_sync_quorum_tx_id", "on a sync primary: "
                                    "the highest tx held by enough replicas", labels=["db"])
         acked = GaugeMetricFamily("immucore_replication_replica_acked_tx_id", "the last tx each "
