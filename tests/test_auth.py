@@ -627,6 +627,25 @@ def test_max_sessions():
     assert len({s.id for s in opened}) == 3
 
 
+def test_managers_that_share_a_limit_count_their_sessions_together():
+    """The node's connection sessions and CLI tokens: --max-sessions bounds both together."""
+    clock = FakeClock()
+    connections = SessionManager(3, inactivity_timeout_seconds=10, clock=clock)
+    tokens = SessionManager(3, inactivity_timeout_seconds=100, clock=clock)
+    connections.share_limit(tokens)
+    alice = make_user("alice", {"db1": PERMISSION_READ})
+    connections.open(alice, "db1")
+    kept = tokens.open(alice, "db1")
+    tokens.open(alice, "db1")
+    for manager in (connections, tokens):
+        with pytest.raises(MaxSessionsReachedError):
+            manager.open(alice, "db1")
+    tokens.close(kept.id)
+    assert tokens.open(alice, "db1")
+    clock.now += 11                          # the connection session expired: room in tokens
+    assert tokens.open(alice, "db1") and len(tokens) == 3 and len(connections) == 0
+
+
 def test_sessions_are_thread_safe():
     sessions = SessionManager(10_000)
     alice = make_user("alice", {"db1": PERMISSION_READ})

@@ -551,6 +551,19 @@ class SessionManager:
         self._sessions: Dict[str, Session] = {}
         # username -> the first record revision still valid (older snapshots may not log in)
         self._revision_floor: Dict[str, int] = {}
+        # the managers whose sessions count against max_sessions together (share_limit), and
+        # the lock every open() of them takes: only open() adds sessions, so under it the sum
+        # can only fall meanwhile
+        self._limit_group = [self]
+        self._open_lock = threading.Lock()
+
+    def share_limit(self, other: "SessionManager") -> None:
+        """Count ``other``'s sessions with these against ``max_sessions`` (the node's
+        connection sessions and CLI tokens: ``--max-sessions`` bounds them together)."""
+        group = self._limit_group + [m for m in other._limit_group if m not in self._limit_group]
+        lock = threading.Lock()
+        for manager in group:
+            manager._limit_group, manager._open_lock = group, lock
 
     def open(self, user: User, database: Optional[str] = None) -> Session:
         """A new session for an authenticated ``user``, on ``database`` if given."""
@@ -558,12 +571,19 @@ class SessionManager:
             raise UserNotActiveError()
         if database is not None:
             _check_session_database(user, database)
+        with self._open_lock:
+            for manager in self._limit_group:
+                if manager is not self:
+                    manager.expire()             # their expired sessions make room too
+            return self._open_locked(user, database)
+
+    def _open_locked(self, user: User, database: Optional[str]) -> Session:
         with self._lock:
             if user.revision < self._revision_floor.get(user.username, 0):
                 raise UserChangedError()
             now = self._clock()
             self._expire_locked(now)
-            if len(self._sessions) >= self.max_sessions:
+            if sum(len(m._sessions) for m in self._limit_group) >= self.max_sessions:
                 raise MaxSessionsReachedError()
             session = Session(secrets.token_hex(16), user.username, database, now, now, user)
             self._sessions[session.id] = session

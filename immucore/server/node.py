@@ -116,6 +116,7 @@ class Node:
                                             inactivity_timeout_seconds=SESSION_INACTIVITY_SECONDS)
         self.token_sessions = auth.SessionManager(
             options.max_sessions, inactivity_timeout_seconds=TOKEN_SESSION_INACTIVITY_SECONDS)
+        self.sessions.share_limit(self.token_sessions)       # --max-sessions: both together
         # Any change of a user (password, permissions, deactivation) ends its sessions.
         self.users.add_listener(self.sessions.user_changed)
         self.users.add_listener(self.token_sessions.user_changed)
