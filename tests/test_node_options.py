@@ -151,3 +151,12 @@ def test_refused_database_settings_are_not_stored_and_the_node_restarts(tmp_path
             client.login("immudb", "immudb")
             names = [d["name"] for d in client.list_databases()]
             assert "fine" in names and "toobig" not in names
+
+
+def test_the_banner_names_roles_and_goes_to_the_log_file_too(tmp_path):
+    logfile = tmp_path / "immucore.log"
+    with running_node(tmp_path, "--replication-sync-enabled=true", "--replication-sync-acks=1",
+                      f"--logfile={logfile}") as node:
+        banner = next(line for line in node.log().splitlines() if "listening on" in line)
+        assert "defaultdb (sync primary, 1 ack)" in banner, banner
+        assert banner in logfile.read_text()

@@ -72,6 +72,8 @@ async def run_node(options: dict, *, ready=None) -> int:
         with open(node_options.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
     print(node.banner(), flush=True)
+    if node_options.logfile:         # the log then lives in a file: it starts with the banner too
+        log.info("%s", node.banner())
     from . import auth
     if auth.using_default_password(node.users):
         log.warning("the sysadmin user 'immudb' still has the default password: change it "

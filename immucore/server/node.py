@@ -492,14 +492,24 @@ class Node:
         self.systemdb.close()
 
     def banner(self) -> str:
-        roles = ", ".join(f"{name}{' (replica)' if self.settings.get(name, {}).get('replica') else ''}"
-                          for name in self.databases)
+        roles = ", ".join(name + _role(self.settings.get(name, {})) for name in self.databases)
         text = (f"immucore {__version__} listening on {self.options.address}:{self.options.port}"
                 f", data in {os.path.abspath(self.options.dir)}, databases: systemdb, {roles}")
         if self.server_replication is not None:
             s = self.server_replication
             text += f"; systemdb and defaultdb replica of {s['primary_host']}:{s['primary_port']}"
         return text
+
+
+def _role(settings: dict) -> str:
+    """A database's role for the banner: `` (replica)``, `` (sync primary, 2 acks)`` or
+    nothing for a plain primary."""
+    if settings.get("replica"):
+        return " (sync replica)" if settings.get("sync_replication") else " (replica)"
+    if settings.get("sync_replication"):
+        acks = settings.get("sync_acks") or 0
+        return f" (sync primary, {acks} ack{'s' if acks != 1 else ''})"
+    return ""
 
 
 def _server_replication(flags: dict) -> Optional[dict]:
