@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional
 from . import codec, verify
 from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
 from .durable_file import replace_durably
-from .errors import IllegalArgumentsError, ImmucoreError, VerificationError
+from .errors import IllegalArgumentsError, ImmucoreError, KeyNotFoundError, VerificationError
 from .protocol.answers import decode_header_answer, encode_flat_set_request
 from .protocol.frames import FLAG_END, FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
 from .protocol.messages import (Msg, entry_from_wire, from_wire, header_from_wire, pack,
@@ -429,6 +429,17 @@ class AsyncClient:
             body.update(at_tx=at_tx, since_tx=since_tx, at_revision=at_revision)
         return entry_from_wire((await self.call(Msg.GET, body))["entry"])
 
+    async def get_many(self, keys) -> list:
+        """``Database.get_many`` over the wire: each key's latest Entry, or the
+        KeyNotFoundError its ``get`` raised, in order. The GETs are pipelined (one write, one
+        round trip; the node serves those that arrive together from one snapshot). Any other
+        error (the connection, the session) is raised."""
+        results = await asyncio.gather(*(self.get(key) for key in keys), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, KeyNotFoundError):
+                raise result
+        return results
+
     async def history(self, key: bytes, *, offset: int = 0, limit: int = 0, desc: bool = False):
         return from_wire((await self.call(Msg.HISTORY, {
             "key": key, "offset": offset, "limit": limit, "desc": desc}))["entries"])
@@ -697,7 +708,7 @@ def _set_body(kvs, metadata) -> dict:
 
 _BLOCKING_METHODS = (
     "health", "server_info", "login", "resume", "logout", "keepalive", "use_database", "set",
-    "delete", "get", "history", "scan", "tx_by_id", "current_state", "verifiable_set",
+    "delete", "get", "get_many", "history", "scan", "tx_by_id", "current_state", "verifiable_set",
     "verifiable_get", "verifiable_tx_by_id", "export_tx", "export_txs", "export_batch",
     "replica_ack", "replicate_tx",
     "replicate_txs", "verified_set", "verified_get", "verified_tx_by_id", "create_database",

@@ -587,6 +587,19 @@ def test_1000_concurrent_gets_on_one_connection(node, good):
         assert (entry.key, entry.value) == (key, kvs[key])
 
 
+def test_get_many_answers_each_key_in_order_like_the_embedded_api(node, good):
+    good.set({b"many-a": b"1", b"many-b": b"2"})
+    good.delete([b"many-b"])
+    keys = [b"many-a", b"many-missing", b"many-b"] + [b"many-a"] * 100
+    results = good.get_many(keys)
+    assert len(results) == len(keys)
+    assert results[0].value == b"1" and all(r.value == b"1" for r in results[3:])
+    assert isinstance(results[1], KeyNotFoundError) and isinstance(results[2], KeyNotFoundError)
+    with node.client(login=None) as anonymous:
+        with pytest.raises(RemoteError, match="not logged in"):
+            anonymous.get_many([b"many-a"])
+
+
 def test_pipelined_raw_requests_are_answered_by_request_id(node):
     with raw_connection(node) as sock:
         request(sock, Msg.LOGIN, 1, {"user": "immudb", "password": "immudb"})
