@@ -21,7 +21,8 @@ import threading
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 from . import codec, verify
-from .constants import CLIENT_TIMEOUT_SECONDS_DEFAULT, FRAME_BODY_BYTES_MAX
+from .constants import (CLIENT_STREAM_ITEMS_BUFFERED_MAX, CLIENT_TIMEOUT_SECONDS_DEFAULT,
+                        FRAME_BODY_BYTES_MAX)
 from .durable_file import replace_durably
 from .errors import IllegalArgumentsError, ImmucoreError, KeyNotFoundError, VerificationError
 from .protocol.answers import decode_header_answer, encode_flat_set_request
@@ -188,6 +189,7 @@ class AsyncClient:
         self.session_token: Optional[str] = None
         self._transport = self._protocol = None
         self._pending: Dict[int, Any] = {}
+        self._full_streams: set = set()   # streams whose caller is behind (reading paused)
         self._ids = itertools.count(1)
         self._closed_error: Optional[BaseException] = None
         self._close_reason: Optional[str] = None    # what the node said when it closed
@@ -261,6 +263,10 @@ class AsyncClient:
                 waiter.put_nowait((flags, body))
                 if flags & (FLAG_END | FLAG_ERROR):
                     pending.pop(request_id, None)
+                elif waiter.qsize() >= CLIENT_STREAM_ITEMS_BUFFERED_MAX:
+                    self._full_streams.add(request_id)      # its caller is behind: wait
+                    if self._transport is not None:
+                        self._transport.pause_reading()
             else:
                 del pending[request_id]
                 if not waiter.done():
@@ -282,6 +288,7 @@ class AsyncClient:
             elif not waiter.done():
                 waiter.set_exception(error)
         self._pending.clear()
+        self._full_streams.clear()
         self._transport = None
 
     async def _ensure_connected(self):
@@ -368,6 +375,9 @@ class AsyncClient:
         try:
             while True:
                 flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                if request_id in self._full_streams and \
+                        queue.qsize() < CLIENT_STREAM_ITEMS_BUFFERED_MAX:
+                    self._stream_caught_up(request_id)
                 if flags & FLAG_ERROR:
                     raise_error(item)
                 if flags & FLAG_END:
@@ -376,6 +386,14 @@ class AsyncClient:
                     yield item
         finally:
             self._pending.pop(request_id, None)     # a stream given up: its queue goes too
+            self._stream_caught_up(request_id)
+
+    def _stream_caught_up(self, request_id: int):
+        """Read the connection again once no stream's caller is behind."""
+        if request_id in self._full_streams:
+            self._full_streams.discard(request_id)
+            if not self._full_streams and self._transport is not None:
+                self._transport.resume_reading()
 
     # --- session ----------------------------------------------------------------------
 
@@ -510,6 +528,14 @@ class AsyncClient:
         answer = await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id, "count": count,
                                                   "wait_ms": wait_ms})
         return (answer["blobs"], answer["committed_tx_id"]) if with_state else answer["blobs"]
+
+    async def export_stream(self, first_tx_id: int, count: int) -> AsyncIterator[dict]:
+        """Committed txs from ``first_tx_id`` (``count`` of them, or up to the node's last
+        committed when it starts) as a server stream: yields ``{"blobs", "last_alh"}`` chunks
+        (the Alh of each chunk's last tx, for ``replicate_txs(..., last_alh=)``)."""
+        async for chunk in self.stream(Msg.EXPORT_TXS_STREAM, {"first_tx_id": first_tx_id,
+                                                               "count": count}):
+            yield chunk
 
     async def export_batch(self, first_tx_id: int, count: int, *, wait_ms: int = 0) -> dict:
         """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx) and

@@ -101,6 +101,13 @@ SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3
 TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
+# EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
+# at half a frame), every chunk read and its permission checked as the one before leaves.
+EXPORT_STREAM_CHUNK_TXS = 1_000
+# A client stops reading its connection while a stream it is given has this many items its
+# caller has not taken yet: the node's send buffer then fills and it waits (flow control end
+# to end), instead of the client holding a whole export in memory.
+CLIENT_STREAM_ITEMS_BUFFERED_MAX = 4
 EXPORT_WAIT_MS_MAX = 30_000              # longest long poll of a caught-up replica
 
 # --- replication (docs/replication.md) -----------------------------------------------------------

@@ -43,6 +43,7 @@ class Msg(enum.IntEnum):
     REPLICATE_TX = 21
     EXPORT_TXS = 22
     REPLICA_ACK = 23
+    EXPORT_TXS_STREAM = 24
     # --- databases ----------------------------------------------------------------------
     DATABASE_CREATE = 30
     DATABASE_LIST = 31

@@ -8,7 +8,8 @@ import asyncio
 import functools
 
 from .. import __version__
-from ..constants import (EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX, FRAME_BODY_BYTES_MAX,
+from ..constants import (EXPORT_STREAM_CHUNK_TXS, EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX,
+                         FRAME_BODY_BYTES_MAX,
                          KEY_SIZE_BYTES_MAX, REPLICA_ID_CHARS_MAX)
 from ..errors import IllegalArgumentsError, ImmucoreError, ReplicaDivergedError
 from ..protocol.answers import encode_entry_answer, plain_get_key
@@ -100,7 +101,7 @@ class Dispatcher:
             Msg.VERIFIABLE_GET: self.verifiable_get,
             Msg.VERIFIABLE_TX_BY_ID: self.verifiable_tx_by_id, Msg.EXPORT_TX: self.export_tx,
             Msg.EXPORT_TXS: self.export_txs, Msg.REPLICATE_TX: self.replicate_tx,
-            Msg.REPLICA_ACK: self.replica_ack,
+            Msg.REPLICA_ACK: self.replica_ack, Msg.EXPORT_TXS_STREAM: self.export_txs_stream,
             Msg.DATABASE_CREATE: self.database_create, Msg.DATABASE_LIST: self.database_list,
             Msg.DATABASE_LOAD: self.database_load, Msg.DATABASE_UNLOAD: self.database_unload,
             Msg.DATABASE_DELETE: self.database_delete, Msg.DATABASE_UPDATE: self.database_update,
@@ -403,6 +404,32 @@ class Dispatcher:
         if blobs:       # the replica checks the last tx against it (no later prevAlh does)
             answer["last_alh"] = await self._read(db.alh_of, first + len(blobs) - 1)
         return answer
+
+    async def export_txs_stream(self, conn, body):
+        """Committed txs ``first_tx_id`` .. ``first_tx_id + count - 1`` (or up to the last
+        committed when the stream starts) as a server stream: one frame per chunk of up to
+        EXPORT_STREAM_CHUNK_TXS blobs, then the end frame. A bulk copy of a log: no chunk size
+        to choose, no request per chunk; each chunk waits for the one before to be sent."""
+        db = self._db(conn, "admin")
+        first, count = _field(body, "first_tx_id", int), _field(body, "count", int)
+        if first < 1 or count < 1:
+            raise IllegalArgumentsError("first_tx_id and count must be at least 1")
+        last = min(first + count - 1, db.current_state().tx_id)
+        return self._export_chunks(conn, db, first, last)
+
+    async def _export_chunks(self, conn, db, first: int, last: int):
+        while first <= last:
+            # checked again for every chunk: a user whose permission went meanwhile (or a
+            # session that ended) stops the stream with that error
+            self._authorize(conn, "admin", db.name)
+            blobs = await self._read(db.export_txs, first,
+                                     min(EXPORT_STREAM_CHUNK_TXS, last - first + 1),
+                                     FRAME_BODY_BYTES_MAX // 2)
+            if not blobs:
+                return
+            last_alh = await self._read(db.alh_of, first + len(blobs) - 1)
+            yield {"blobs": blobs, "last_alh": last_alh}
+            first += len(blobs)
 
     async def replica_ack(self, conn, body):
         """A replica durably holds every tx up to ``tx_id``; counted for sync replication only

@@ -1,0 +1,100 @@
+"""EXPORT_TXS_STREAM, the server stream of a bulk export, against a real node: chunks in
+order and whole, each with its last tx's Alh, a copy applied to a replica that ends equal,
+permission checked, and a slow reader's client holding only a few chunks."""
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from immucore.client import AsyncClient
+from immucore.constants import CLIENT_STREAM_ITEMS_BUFFERED_MAX, EXPORT_STREAM_CHUNK_TXS
+from immucore.database import open_database
+from immucore.errors import IllegalArgumentsError
+from immucore.protocol.messages import RemoteError
+
+from .nodes import running_node
+
+TXS = 12 * EXPORT_STREAM_CHUNK_TXS + 321
+_U64 = struct.Struct(">Q")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    with running_node(tmp_path_factory.mktemp("export-stream")) as running:
+        async def fill():
+            client = AsyncClient(running.host, running.port)
+            await client.login("immudb", "immudb")
+            for start in range(0, TXS, 500):
+                await asyncio.gather(*(client.set({b"k%d" % n: b"v%d" % n})
+                                       for n in range(start, min(start + 500, TXS))))
+            await client.create_user("reader", "Reader1!pw", "read", "defaultdb")
+            await client.close()
+        asyncio.run(fill())
+        yield running
+
+
+def _stream(node, first, count, *, user=("immudb", "immudb"), pause=0.0, sizes=None):
+    async def run():
+        client = AsyncClient(node.host, node.port)
+        await client.login(*user)
+        chunks, queues = [], []
+        try:
+            async for chunk in client.export_stream(first, count):
+                chunks.append(chunk)
+                if sizes is not None:
+                    # the stream's queue of chunks received and not yet taken (kept from the
+                    # first chunk on: the client forgets it once the end frame arrived)
+                    queues = queues or [q for q in client._pending.values()
+                                        if type(q) is asyncio.Queue]
+                    sizes.append(queues[0].qsize())
+                await asyncio.sleep(pause)
+            alhs = [(await client.tx_by_id(_tx_id(c["blobs"][-1]))).header.alh() for c in chunks]
+            return chunks, alhs
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def _tx_id(blob: bytes) -> int:
+    return _U64.unpack_from(blob, 4)[0]
+
+
+def test_the_whole_log_streams_in_order_in_chunks_with_their_last_alh(node, tmp_path):
+    chunks, alhs = _stream(node, 1, 10**9)
+    blobs = [blob for chunk in chunks for blob in chunk["blobs"]]
+    assert [_tx_id(b) for b in blobs] == list(range(1, len(blobs) + 1))
+    assert len(blobs) >= TXS
+    assert all(len(c["blobs"]) <= EXPORT_STREAM_CHUNK_TXS for c in chunks) and len(chunks) >= 13
+    assert [c["last_alh"] for c in chunks] == alhs
+    replica = open_database(str(tmp_path / "replica"), replica=True)
+    try:
+        for chunk in chunks:
+            replica.replicate_txs_async(chunk["blobs"], last_alh=chunk["last_alh"]).result()
+        assert replica.current_state().tx_hash == alhs[-1]
+        assert replica.audit() == len(blobs)
+    finally:
+        replica.close()
+
+
+def test_a_range_streams_exactly_and_past_the_end_nothing(node):
+    chunks, _ = _stream(node, 2001, 1500)
+    assert [_tx_id(b) for c in chunks for b in c["blobs"]] == list(range(2001, 3501))
+    assert _stream(node, 10**9, 5)[0] == []
+
+
+def test_bad_ranges_and_a_reader_are_refused(node):
+    with pytest.raises(IllegalArgumentsError):
+        _stream(node, 1, 0)
+    with pytest.raises(IllegalArgumentsError):
+        _stream(node, 0, 10)
+    with pytest.raises(RemoteError, match="permission denied"):
+        _stream(node, 1, 10, user=("reader", "Reader1!pw"))
+
+
+def test_a_slow_reader_holds_only_a_few_chunks(node):
+    sizes = []
+    chunks, _ = _stream(node, 1, 10**9, pause=0.05, sizes=sizes)
+    assert len(chunks) >= 13
+    assert max(sizes) <= CLIENT_STREAM_ITEMS_BUFFERED_MAX + 2, sizes
