@@ -1,7 +1,8 @@
 """Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id and
 requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
-replica its lag, state, its primary's committed tx id and its retries; per sync primary the
-quorum and each replica's acknowledged tx. Values are read when Prometheus scrapes (a custom
+replica its lag, state, its primary's committed tx id, its retries, immudb's replicator gauges
+and the time each batch took to commit; per sync primary the quorum and each replica's
+acknowledged tx. Values are read when Prometheus scrapes (a custom
 collector), so the hot path pays nothing for them."""
 from __future__ import annotations
 
