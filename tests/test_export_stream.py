@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import pytest
 
-from immucore.client import AsyncClient
+from immucore.client import AsyncClient, Client
 from immucore.constants import CLIENT_STREAM_ITEMS_BUFFERED_MAX, EXPORT_STREAM_CHUNK_TXS
 from immucore.database import open_database
 from immucore.errors import IllegalArgumentsError
@@ -98,3 +99,30 @@ def test_a_slow_reader_holds_only_a_few_chunks(node):
     chunks, _ = _stream(node, 1, 10**9, pause=0.05, sizes=sizes)
     assert len(chunks) >= 13
     assert max(sizes) <= CLIENT_STREAM_ITEMS_BUFFERED_MAX + 2, sizes
+
+
+def test_streams_abandoned_midway_end_and_leave_the_node_serving(tmp_path):
+    """A client that drops its connection in the middle of a stream: the stream ends (it
+    reads nothing more for nobody) and the node's count of logged-in connections stays
+    right, so with --max-connections 8 (2 may wait to log in) new clients still get in."""
+    with running_node(tmp_path, "--max-connections=8") as node:
+        async def fill_then_abandon():
+            client = AsyncClient(node.host, node.port)
+            await client.login("immudb", "immudb")
+            for start in range(0, 6000, 500):
+                await asyncio.gather(*(client.set({b"a%d" % n: b"v"})
+                                       for n in range(start, start + 500)))
+            await client.close()
+            for _ in range(4):
+                reader = AsyncClient(node.host, node.port)
+                await reader.login("immudb", "immudb")
+                async for _chunk in reader.export_stream(1, 10**9):
+                    break                          # one chunk, then the connection goes
+                await reader.close()
+        asyncio.run(fill_then_abandon())
+        time.sleep(0.5)
+        for _ in range(3):
+            with Client(node.host, node.port) as client:
+                client.login("immudb", "immudb")
+                assert client.get(b"a1").value == b"v"
+        assert "Traceback" not in node.log()

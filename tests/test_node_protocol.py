@@ -1237,6 +1237,27 @@ def test_a_peer_that_stops_reading_its_answers_is_aborted(monkeypatch):
     assert aborted
 
 
+def test_a_slow_reader_is_not_aborted_while_its_answers_drain(monkeypatch):
+    """Reading its answers slowly (the buffer shrinks between checks, though writing stays
+    paused) is not stopping: the stall counts from the last progress."""
+    clock = _stub_clock(monkeypatch)
+
+    async def run():
+        conn, transport = _logged_in_connection(None)
+        conn._idle_handle.cancel()
+        transport.buffered = 80 << 20
+        conn.pause_writing()
+        for _ in range(5):                      # 5 x 0.6 of the limit, reading all along
+            transport.buffered -= 10 << 20
+            _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        still_open = not transport.closed
+        for _ in range(2):                      # then it stops reading
+            _check_idle_after(conn, clock, CONNECTION_WRITE_STALL_SECONDS * 0.6)
+        return still_open, transport.aborted
+
+    assert asyncio.run(run()) == (True, True)
+
+
 def test_an_idle_connection_with_unread_answers_is_aborted_and_one_without_closed(monkeypatch):
     clock = _stub_clock(monkeypatch)
 

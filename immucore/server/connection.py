@@ -215,8 +215,10 @@ class Connection(asyncio.Protocol):
         self._writable.set()
         self._last_frame = time.monotonic()
         self._idle_handle = None
-        self._write_stalled_since = None   # when unread answers passed the buffer's mark
+        self._write_stalled_since = None   # since when unread answers have not drained
+        self._stalled_buffer_bytes = 0     # how much was unread when last looked at
         self._closed = False
+        self._lost = False                 # connection_lost was called
         # Answers finished in one turn of the event loop leave in one write (one syscall for a
         # whole pipelined burst instead of one per answer).
         self._out: list = []
@@ -238,13 +240,16 @@ class Connection(asyncio.Protocol):
         self._schedule_idle_check()
 
     def connection_lost(self, exc):
-        self._closed = True
+        self._closed = self._lost = True
         self._backlog.clear()
         if self.session is not None:
             if not self.detached:
                 self.node.close_session(self.session, detached=False)  # it dies with it
             if self in self.node.connections:
                 self.node.logged_in_connections -= 1
+            # gone with the connection: a request still running (a stream) that finds its
+            # session ended must not log out, and count this connection out, a second time
+            self.session, self.detached = None, False
         self.node.connections.discard(self)
         if self._idle_handle:
             self._idle_handle.cancel()
@@ -252,6 +257,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self):
         self._write_stalled_since = time.monotonic()
+        self._stalled_buffer_bytes = self.transport.get_write_buffer_size()
         self._writable.clear()
         self._pause_reading()
 
@@ -398,8 +404,14 @@ class Connection(asyncio.Protocol):
         try:
             result = await rest
             if hasattr(result, "__aiter__"):         # a server stream
-                async for item in result:
-                    await self._send_when_writable(msg, FLAG_STREAM, request_id, item)
+                try:
+                    async for item in result:
+                        await self._send_when_writable(msg, FLAG_STREAM, request_id, item)
+                        if self._closed:         # its reader is gone: read nothing more
+                            return
+                finally:
+                    if hasattr(result, "aclose"):
+                        await result.aclose()
                 self._send(msg, FLAG_END, request_id, {})
             else:
                 self._send(msg, 0, request_id, result)
@@ -528,6 +540,11 @@ class Connection(asyncio.Protocol):
             self._flush()          # the turn's writer finds nothing left for this connection
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # close() waits for the peer to read what is buffered, which one that stopped
+                # reading never does: abort it if it has not gone by then
+                asyncio.get_running_loop().call_later(CONNECTION_WRITE_STALL_SECONDS,
+                                                      self._abort_if_still_open)
         self._closed = True
 
     # --- flow control and idleness --------------------------------------------------------
@@ -554,6 +571,12 @@ class Connection(asyncio.Protocol):
             return
         now = time.monotonic()
         stalled = self._write_stalled_since
+        if stalled is not None:
+            unread = self.transport.get_write_buffer_size()
+            if unread < self._stalled_buffer_bytes:
+                # a slow reader, not a stopped one: it read some since the last look
+                self._write_stalled_since = stalled = now
+            self._stalled_buffer_bytes = unread
         if stalled is not None and now - stalled > CONNECTION_WRITE_STALL_SECONDS:
             log.info("closing connection from %s: it has not read its answers for %.0f s",
                      self.peer, now - stalled)
@@ -573,3 +596,9 @@ class Connection(asyncio.Protocol):
         self._closed = True
         self._backlog.clear()
         self.transport.abort()
+
+    def _abort_if_still_open(self):
+        if not self._lost:
+            log.info("aborting connection from %s: it did not read its last answers",
+                     self.peer)
+            self.transport.abort()
