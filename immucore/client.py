@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import heapq
 import itertools
 import json
 import os
 import socket
 import threading
+import time
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 from . import codec, verify
@@ -41,7 +41,8 @@ def _proof_checks():
     AttributeError from deep inside the checks."""
     try:
         yield
-    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError,
+            IllegalArgumentsError) as exc:      # the last: a wire value of an unknown type
         raise VerificationError(f"malformed proof: {type(exc).__name__}: {exc}") from exc
 
 
@@ -65,8 +66,10 @@ class StateStore:
     saved, or the one before, never a torn file. ``path=None`` keeps them in memory only.
 
     Several clients may share one file, in one process or several: a change is made under an
-    exclusive lock of ``<path>.lock`` on the file as it is then, and where two disagree on a
-    server's database the later tx is kept (a state only moves forward)."""
+    exclusive lock of ``<path>.lock``, to the file as it is then (an entry removed from it by
+    hand stays removed), and a state only moves forward: a later tx replaces an earlier one,
+    an earlier one is not written, and a different hash for the same tx is a VerificationError
+    (the node showed two histories)."""
 
     def __init__(self, path: Optional[str] = None):
         self.path = path
@@ -95,28 +98,57 @@ class StateStore:
         key = f"{server}/{state.db}"
         with self._lock:
             if not self.path:
-                self._states[key] = _state_entry(state)
+                self._states[key] = _newer(self._states.get(key), state, key)
                 return
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            with open(self.path + ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes
-                on_disk = _load_states(self.path) if os.path.exists(self.path) else {}
-                for other, entry in on_disk.items():      # what other clients saved meanwhile
-                    mine = self._states.get(other)
-                    if mine is None or entry["tx_id"] > mine["tx_id"]:
-                        self._states[other] = entry
-                if self._states.get(key, {"tx_id": -1})["tx_id"] < state.tx_id:
-                    self._states[key] = _state_entry(state)
-                replace_durably(self.path, json.dumps(self._states).encode())
+            with _file_lock(self.path + ".lock"):
+                states = _load_states(self.path) if os.path.exists(self.path) else {}
+                states[key] = _newer(states.get(key), state, key)
+                replace_durably(self.path, json.dumps(states).encode())
+                self._states = states
 
 
 _DEFAULT_STORES: Dict[str, StateStore] = {}
 _DEFAULT_STORES_LOCK = threading.Lock()
 
 
-def _state_entry(state: State) -> dict:
-    return {"tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}
+STATE_FILE_LOCK_WAIT_SECONDS = 10.0
+
+
+def _newer(saved: Optional[dict], state: State, key: str) -> dict:
+    """What to keep for ``key``: ``state`` unless ``saved`` is later; the same tx with another
+    hash means two different histories."""
+    entry = {"tx_id": state.tx_id, "tx_hash": state.tx_hash.hex()}
+    if saved is None or saved["tx_id"] < state.tx_id:
+        return entry
+    if saved["tx_id"] == state.tx_id and saved["tx_hash"] != entry["tx_hash"]:
+        raise VerificationError(
+            f"{key}: tx {state.tx_id} was trusted with another hash; the node has shown two "
+            "different histories")
+    return saved
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock of ``path`` (created 0600, never through a symbolic link), waited for
+    at most STATE_FILE_LOCK_WAIT_SECONDS."""
+    import fcntl                         # here: the rest of the client needs no POSIX module
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + STATE_FILE_LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ImmucoreError(
+                        f"trusted state file {path} stayed locked for "
+                        f"{STATE_FILE_LOCK_WAIT_SECONDS:g} s by another client") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)                     # releases the lock
 
 
 def _load_states(path: str) -> dict:
@@ -189,7 +221,7 @@ class AsyncClient:
         self.session_token: Optional[str] = None
         self._transport = self._protocol = None
         self._pending: Dict[int, Any] = {}
-        self._full_streams: set = set()   # streams whose caller is behind (reading paused)
+        self._reading_paused = False      # by _maybe_pause_reading: stream callers behind
         self._ids = itertools.count(1)
         self._closed_error: Optional[BaseException] = None
         self._close_reason: Optional[str] = None    # what the node said when it closed
@@ -263,10 +295,9 @@ class AsyncClient:
                 waiter.put_nowait((flags, body))
                 if flags & (FLAG_END | FLAG_ERROR):
                     pending.pop(request_id, None)
+                    self._read_again()
                 elif waiter.qsize() >= CLIENT_STREAM_ITEMS_BUFFERED_MAX:
-                    self._full_streams.add(request_id)      # its caller is behind: wait
-                    if self._transport is not None:
-                        self._transport.pause_reading()
+                    self._maybe_pause_reading()
             else:
                 del pending[request_id]
                 if not waiter.done():
@@ -288,7 +319,7 @@ class AsyncClient:
             elif not waiter.done():
                 waiter.set_exception(error)
         self._pending.clear()
-        self._full_streams.clear()
+        self._reading_paused = False
         self._transport = None
 
     async def _ensure_connected(self):
@@ -309,6 +340,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending[request_id] = waiter
+        self._read_again()              # its answer may sit behind a paused stream's items
         self._write(_request_frame(msg, request_id, body))
         self._expire_at(loop, request_id, msg)
         try:
@@ -371,13 +403,13 @@ class AsyncClient:
         request_id = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
+        self._read_again()
         self._write(encode_frame(int(msg), 0, request_id, pack(body)))
         try:
             while True:
                 flags, item = await asyncio.wait_for(queue.get(), self.timeout)
-                if request_id in self._full_streams and \
-                        queue.qsize() < CLIENT_STREAM_ITEMS_BUFFERED_MAX:
-                    self._stream_caught_up(request_id)
+                if queue.qsize() < CLIENT_STREAM_ITEMS_BUFFERED_MAX:
+                    self._read_again()
                 if flags & FLAG_ERROR:
                     raise_error(item)
                 if flags & FLAG_END:
@@ -386,13 +418,24 @@ class AsyncClient:
                     yield item
         finally:
             self._pending.pop(request_id, None)     # a stream given up: its queue goes too
-            self._stream_caught_up(request_id)
+            self._read_again()
 
-    def _stream_caught_up(self, request_id: int):
-        """Read the connection again once no stream's caller is behind."""
-        if request_id in self._full_streams:
-            self._full_streams.discard(request_id)
-            if not self._full_streams and self._transport is not None:
+    def _maybe_pause_reading(self):
+        """Stop reading the connection when everything waiting on it is a stream whose caller
+        is CLIENT_STREAM_ITEMS_BUFFERED_MAX items behind: the node then waits, instead of
+        this client holding a whole export. Never while a call or another stream waits for
+        an answer, which would then never come."""
+        if self._reading_paused or self._transport is None:
+            return
+        if all(type(w) is asyncio.Queue and w.qsize() >= CLIENT_STREAM_ITEMS_BUFFERED_MAX
+               for w in self._pending.values()):
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _read_again(self):
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._transport is not None:
                 self._transport.resume_reading()
 
     # --- session ----------------------------------------------------------------------
@@ -497,8 +540,9 @@ class AsyncClient:
         body = _set_body(kvs, metadata)
         body["prove_since_tx"] = prove_since_tx
         answer = await self.call(Msg.VERIFIABLE_SET, body)
-        vtx = from_wire(answer["verifiable_tx"])
-        self._check_signed_target(answer, vtx)
+        with _proof_checks():
+            vtx = from_wire(answer["verifiable_tx"])
+            self._check_signed_target(answer, vtx)
         return vtx
 
     async def verifiable_get(self, key: bytes, *, prove_since_tx: int, at_tx: int = 0,
@@ -506,15 +550,17 @@ class AsyncClient:
         answer = await self.call(Msg.VERIFIABLE_GET, {
             "key": key, "prove_since_tx": prove_since_tx, "at_tx": at_tx, "since_tx": since_tx,
             "at_revision": at_revision})
-        ventry = from_wire(answer["verifiable_entry"])
-        self._check_signed_target(answer, ventry.verifiable_tx)
+        with _proof_checks():
+            ventry = from_wire(answer["verifiable_entry"])
+            self._check_signed_target(answer, ventry.verifiable_tx)
         return ventry
 
     async def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int):
         answer = await self.call(Msg.VERIFIABLE_TX_BY_ID, {"tx_id": tx_id,
                                                            "prove_since_tx": prove_since_tx})
-        vtx = from_wire(answer["verifiable_tx"])
-        self._check_signed_target(answer, vtx)
+        with _proof_checks():
+            vtx = from_wire(answer["verifiable_tx"])
+            self._check_signed_target(answer, vtx)
         return vtx
 
     async def export_tx(self, tx_id: int) -> bytes:
@@ -532,7 +578,9 @@ class AsyncClient:
     async def export_stream(self, first_tx_id: int, count: int) -> AsyncIterator[dict]:
         """Committed txs from ``first_tx_id`` (``count`` of them, or up to the node's last
         committed when it starts) as a server stream: yields ``{"blobs", "last_alh"}`` chunks
-        (the Alh of each chunk's last tx, for ``replicate_txs(..., last_alh=)``)."""
+        (the Alh of each chunk's last tx, for ``replicate_txs(..., last_alh=)``). While the
+        caller is a few chunks behind the client stops reading, unless other calls wait on
+        this connection: give a bulk stream a client of its own."""
         async for chunk in self.stream(Msg.EXPORT_TXS_STREAM, {"first_tx_id": first_tx_id,
                                                                "count": count}):
             yield chunk

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import pytest
 
+from immucore import client as client_module
 from immucore.client import AsyncClient, StateStore, default_state_path
 from immucore.database import open_database
 from immucore.errors import ImmucoreError, VerificationError
@@ -153,6 +155,7 @@ def test_by_default_the_trusted_state_is_kept_in_a_file_a_new_client_reads(db):
     asyncio.run(client.verified_tx_by_id(5))
     path = default_state_path()
     assert StateStore(path).get(client._server_id(), "defaultdb").tx_id == 5   # as after a restart
+    client_module._DEFAULT_STORES.clear()                # as in a program started again
     again = _client(db, state_store=None)
     assert _trusted(again).tx_id == 5                   # a new client starts from it
     asyncio.run(again.verified_tx_by_id(7))
@@ -168,6 +171,35 @@ def test_clients_sharing_the_file_keep_each_others_states_and_only_move_forward(
     on_disk = StateStore(path)
     assert on_disk.get("a:1", "defaultdb").tx_id == 7
     assert on_disk.get("b:2", "defaultdb").tx_id == 3
+    with pytest.raises(VerificationError, match="two different histories"):
+        second.put("a:1", State("defaultdb", 7, b"\x08" * 32))  # tx 7 with another hash
+    assert StateStore(path).get("a:1", "defaultdb").tx_hash == b"\x07" * 32
+
+
+def test_an_entry_removed_from_the_file_stays_removed(tmp_path):
+    """The README's advice for a node rebuilt on the same address: remove its entry. A
+    running client's next change must not write it back."""
+    path = tmp_path / "states.json"
+    store = StateStore(str(path))
+    store.put("rebuilt:1", State("defaultdb", 9, b"\x09" * 32))
+    store.put("other:2", State("defaultdb", 2, b"\x02" * 32))
+    states = json.loads(path.read_text())
+    del states["rebuilt:1/defaultdb"]
+    path.write_text(json.dumps(states))
+    store.put("other:2", State("defaultdb", 3, b"\x03" * 32))
+    assert set(json.loads(path.read_text())) == {"other:2/defaultdb"}
+
+
+def test_a_change_waits_for_the_lock_another_client_holds(tmp_path, monkeypatch):
+    import fcntl
+    monkeypatch.setattr(client_module, "STATE_FILE_LOCK_WAIT_SECONDS", 0.3)
+    path = str(tmp_path / "states.json")
+    with open(path + ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ImmucoreError, match="stayed locked"):
+            StateStore(path).put("a:1", State("defaultdb", 1, b"\x01" * 32))
+    StateStore(path).put("a:1", State("defaultdb", 1, b"\x01" * 32))       # free again
+    assert StateStore(path).get("a:1", "defaultdb").tx_id == 1
 
 
 def test_a_client_that_never_verifies_never_reads_the_file(db, monkeypatch, tmp_path):
@@ -177,3 +209,19 @@ def test_a_client_that_never_verifies_never_reads_the_file(db, monkeypatch, tmp_
     client = _client(db, state_store=None)              # constructing it reads nothing
     with pytest.raises(ImmucoreError, match="unreadable"):
         asyncio.run(client.verified_tx_by_id(2))
+
+
+@pytest.mark.parametrize("field, wire", [
+    ("verifiable_tx", 5), ("verifiable_tx", {"_t": "State"}), ("verifiable_tx", {}),
+    ("nothing", None)], ids=["an int", "another type", "an empty map", "missing"])
+def test_an_answer_that_is_no_proof_at_all_fails_verification(field, wire):
+    """What the node sends in place of a proof is decoded inside the checks too."""
+    client = AsyncClient("127.0.0.1", 1, state_store=StateStore())
+    client.database = "defaultdb"
+
+    async def call(msg, body=None):
+        return {field: wire}
+
+    client.call = call
+    with pytest.raises(VerificationError, match="malformed proof"):
+        asyncio.run(client.verified_tx_by_id(1))

@@ -126,3 +126,22 @@ def test_streams_abandoned_midway_end_and_leave_the_node_serving(tmp_path):
                 client.login("immudb", "immudb")
                 assert client.get(b"a1").value == b"v"
         assert "Traceback" not in node.log()
+
+
+def test_other_calls_on_the_streams_connection_are_answered_while_its_caller_is_behind(node):
+    """The client pauses reading for a caller behind on a stream only when nothing else
+    waits on the connection: a get made meanwhile is answered, not left behind the pause."""
+    async def run():
+        client = AsyncClient(node.host, node.port, timeout=5)
+        await client.login("immudb", "immudb")
+        values = []
+        try:
+            async for _chunk in client.export_stream(1, 10**9):
+                await asyncio.sleep(0.05)          # behind: the chunks pile up
+                values.append((await client.get(b"k7")).value)
+        finally:
+            await client.close()
+        return values
+
+    values = asyncio.run(run())
+    assert len(values) >= 13 and set(values) == {b"v7"}
