@@ -99,6 +99,9 @@ CONNECTIONS_MAX_DEFAULT = 4096
 PREAUTH_CONNECTIONS_MAX = 1024
 SESSION_INACTIVITY_SECONDS = 180         # immudb max-session-inactivity-time (3 min)
 TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry-time 1440 min)
+# A user's CLI tokens: one login more ends its oldest. --max-sessions counts tokens with the
+# connections' sessions, and a token lasts a day: without this one user could hold them all.
+TOKEN_SESSIONS_PER_USER_MAX = 8
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut

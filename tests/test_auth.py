@@ -646,6 +646,23 @@ def test_managers_that_share_a_limit_count_their_sessions_together():
     assert tokens.open(alice, "db1") and len(tokens) == 3 and len(connections) == 0
 
 
+def test_a_users_login_past_its_per_user_cap_ends_its_oldest_session():
+    """CLI tokens count against --max-sessions and last a day: one user may hold only
+    TOKEN_SESSIONS_PER_USER_MAX of them, so it cannot lock everyone else out."""
+    clock = FakeClock()
+    tokens = SessionManager(10, inactivity_timeout_seconds=100, clock=clock, per_user_max=2)
+    alice, bob = (make_user(n, {"db1": PERMISSION_READ}) for n in ("alice", "bob"))
+    first = tokens.open(alice, "db1")
+    clock.now += 1
+    second = tokens.open(alice, "db1")
+    clock.now += 1
+    third = tokens.open(alice, "db1")
+    with pytest.raises(SessionNotFoundError):
+        tokens.get(first.id)
+    assert tokens.get(second.id) and tokens.get(third.id)
+    assert tokens.open(bob, "db1") and len(tokens) == 3
+
+
 def test_sessions_are_thread_safe():
     sessions = SessionManager(10_000)
     alice = make_user("alice", {"db1": PERMISSION_READ})

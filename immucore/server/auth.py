@@ -536,7 +536,9 @@ class SessionManager:
     def __init__(self, max_sessions: int = SESSIONS_MAX_DEFAULT,
                  inactivity_timeout_seconds: float = SESSION_INACTIVITY_SECONDS,
                  max_age_seconds: Optional[float] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 per_user_max: Optional[int] = None):
+        """``per_user_max``: a user's sessions here; one more ends the user's oldest."""
         if max_sessions < 1:
             raise IllegalArgumentsError("max_sessions must be at least 1")
         if inactivity_timeout_seconds <= 0:
@@ -546,6 +548,7 @@ class SessionManager:
         self.max_sessions = max_sessions
         self.inactivity_timeout_seconds = inactivity_timeout_seconds
         self.max_age_seconds = max_age_seconds
+        self.per_user_max = per_user_max
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: Dict[str, Session] = {}
@@ -583,6 +586,11 @@ class SessionManager:
                 raise UserChangedError()
             now = self._clock()
             self._expire_locked(now)
+            if self.per_user_max is not None:
+                own = sorted((s.created, sid) for sid, s in self._sessions.items()
+                             if s.username == user.username)
+                for _, sid in own[:max(0, len(own) - self.per_user_max + 1)]:
+                    del self._sessions[sid]          # the user's oldest make room
             if sum(len(m._sessions) for m in self._limit_group) >= self.max_sessions:
                 raise MaxSessionsReachedError()
             session = Session(secrets.token_hex(16), user.username, database, now, now, user)

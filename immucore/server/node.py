@@ -24,7 +24,8 @@ from typing import Dict, Optional, Tuple
 from .. import __version__
 from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
-                         SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS)
+                         SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
+                         TOKEN_SESSIONS_PER_USER_MAX)
 from ..database import Database, open_database
 from ..durable_file import replace_durably
 from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
@@ -115,7 +116,8 @@ class Node:
         self.sessions = auth.SessionManager(options.max_sessions,
                                             inactivity_timeout_seconds=SESSION_INACTIVITY_SECONDS)
         self.token_sessions = auth.SessionManager(
-            options.max_sessions, inactivity_timeout_seconds=TOKEN_SESSION_INACTIVITY_SECONDS)
+            options.max_sessions, inactivity_timeout_seconds=TOKEN_SESSION_INACTIVITY_SECONDS,
+            per_user_max=TOKEN_SESSIONS_PER_USER_MAX)
         self.sessions.share_limit(self.token_sessions)       # --max-sessions: both together
         # Any change of a user (password, permissions, deactivation) ends its sessions.
         self.users.add_listener(self.sessions.user_changed)
