@@ -115,8 +115,13 @@ def sets_in_flight(workdir: str, in_flight: int, txs: int, durable: bool = True)
             finished = state["committed"] == txs or state["error"] is not None
         if finished:
             done.set()
-        else:
+            return
+        try:
             submit()
+        except Exception as error:  # noqa: BLE001 - reported below, not lost on a writer thread
+            with lock:
+                state["error"] = state["error"] or error
+            done.set()
 
     try:
         start = time.perf_counter()

@@ -493,8 +493,10 @@ class AsyncClient:
     async def get_many(self, keys) -> list:
         """``Database.get_many`` over the wire: each key's latest Entry, or the
         KeyNotFoundError its ``get`` raised, in order. The GETs are pipelined (one write, one
-        round trip; the node serves those that arrive together from one snapshot). Any other
-        error (the connection, the session) is raised."""
+        round trip). Unlike the embedded call they are not all read from one snapshot: the
+        node serves up to 32 that arrive together from one, so a commit made meanwhile may be
+        seen by some keys and not by others. Any other error (the connection, the session) is
+        raised."""
         results = await asyncio.gather(*(self.get(key) for key in keys), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, KeyNotFoundError):

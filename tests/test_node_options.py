@@ -62,7 +62,7 @@ def test_keys_of_the_file_that_are_no_flag_are_named_and_ignored(tmp_path):
     args = node_cli.build_parser().parse_args(["--config", str(config)])
     options = node_cli.resolve(args, environ={}, warn=warnings.append)
     assert options["port"] == 4000 and options["max_sessions"] == 100
-    assert len(warnings) == 1 and "max_sesions, web_server" in warnings[0], warnings
+    assert len(warnings) == 1 and "max_sesions, web-server" in warnings[0], warnings
 
 
 @pytest.mark.parametrize("argv, expected", [

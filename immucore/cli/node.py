@@ -82,8 +82,9 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
     if config:
         import tomllib
         with open(config, "rb") as f:
-            file_values = {_key(k): v for k, v in tomllib.load(f).items()}
-    options, known = {}, {"config"}
+            written = tomllib.load(f)
+        file_values = {_key(k): v for k, v in written.items()}
+    options, known = {}, {_key("config")}
     for dest in list(_DEFAULTS) + [f"repl_{s}" for s, *_ in REPLICATION_FLAGS]:
         keys = {_key(name) for name in _flag_names(dest)}
         known |= keys
@@ -96,10 +97,9 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
         if value is None:
             value = _DEFAULTS.get(dest)
         options[dest.removeprefix("repl_")] = value
-    unknown = sorted(set(file_values) - known)
+    unknown = sorted(k for k in written if _key(k) not in known) if config else []
     if unknown:
-        warn(f"{config}: ignoring keys that are no immucore flag: "
-             + ", ".join(k.lower() for k in unknown))
+        warn(f"{config}: ignoring keys that are no immucore flag: " + ", ".join(unknown))
     return options
 
 

@@ -62,8 +62,9 @@ class NodeCollector:
                                    "replicators following their primary (not retrying, not "
                                    "stopped)", labels=["db"])
         retry_delay = GaugeMetricFamily("immudb_replication_replicators_retry_delay",
-                                        "seconds the replicator waits before its next retry "
-                                        "(0 when not retrying)", labels=["db"])
+                                        "the backoff under way, in seconds, before the "
+                                        "replicator's next retry (0 when not retrying)",
+                                        labels=["db"])
         commit_time = HistogramMetricFamily("immudb_replication_commit_time",
                                             "seconds to verify and commit one replicated batch",
                                             labels=["db"])

@@ -504,8 +504,8 @@ class Node:
 
 
 def _role(settings: dict) -> str:
-    """A database's role for the banner: `` (replica)``, `` (sync primary, 2 acks)`` or
-    nothing for a plain primary."""
+    """A database's role for the banner: `` (replica)``, `` (sync replica)``,
+    `` (sync primary, 2 acks)``, or nothing for a plain primary."""
     if settings.get("replica"):
         return " (sync replica)" if settings.get("sync_replication") else " (replica)"
     if settings.get("sync_replication"):
