@@ -52,6 +52,7 @@ class ConnectionClosedError(ImmucoreError):
 
 STATE_FILE_ENV = "IMMUCORE_STATE_FILE"
 STATE_FILE_DEFAULT = os.path.join("~", ".immucore", "client_state.json")
+STATE_FILE_LOCK_WAIT_SECONDS = 10.0      # another client holding the file's lock this long: error
 
 
 def default_state_path() -> str:
@@ -109,9 +110,6 @@ class StateStore:
 
 _DEFAULT_STORES: Dict[str, StateStore] = {}
 _DEFAULT_STORES_LOCK = threading.Lock()
-
-
-STATE_FILE_LOCK_WAIT_SECONDS = 10.0
 
 
 def _newer(saved: Optional[dict], state: State, key: str) -> dict:
@@ -340,7 +338,8 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._pending[request_id] = waiter
-        self._read_again()              # its answer may sit behind a paused stream's items
+        if self._reading_paused:        # its answer may sit behind a paused stream's items
+            self._read_again()
         self._write(_request_frame(msg, request_id, body))
         self._expire_at(loop, request_id, msg)
         try:
