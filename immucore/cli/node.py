@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -111,13 +112,20 @@ def _key(name: str) -> str:
 
 
 def _flag_names(dest: str) -> list:
-    """Every option string of ``dest`` on the command line, without dashes in front."""
-    if dest.startswith("repl_"):
-        setting = dest.removeprefix("repl_")
-        return [flags for name, flags, *_ in REPLICATION_FLAGS if name == setting][0]
-    if dest == "signing_key":
-        return ["signingKey", "signing-key"]
-    return [dest.replace("_", "-")]
+    """The names ``dest`` goes by: its long option strings, read from the parser (so a flag or
+    alias added there needs nothing here), and for the node's own flags its dest too
+    (``signing_key`` beside ``--signingKey``)."""
+    names = [s for s in _option_strings().get(dest, ()) if s.startswith("--")]
+    return names if dest.startswith("repl_") else names + [dest]
+
+
+@functools.lru_cache(maxsize=None)
+def _option_strings() -> dict:
+    """dest -> every option string the parser gives it."""
+    out: dict = {}
+    for action in build_parser()._actions:
+        out.setdefault(action.dest, []).extend(action.option_strings)
+    return out
 
 
 def _convert(dest: str, text: str):
