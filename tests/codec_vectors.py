@@ -25,8 +25,8 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     native = None
     NATIVE_IMPORT_ERROR = exc
 
-VECTORS_DIR = Path(os.environ.get("IMMUCORE_VECTORS",      # as tests/conftest.py
-                                  Path(__file__).resolve().parents[2] / "shared" / "vectors"))
+# The golden vectors live beside the tests (made for this project, accepted by immudb-py).
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 LIMITS = (TX_ENTRIES_MAX, KEY_SIZE_BYTES_MAX, VALUE_SIZE_BYTES_MAX)
 EMPTY_ALH = hashlib.sha256(b"").digest()
 

@@ -1,18 +1,14 @@
 import json
-import os
 
 import pytest
 
 from immucore.database import open_database
 
-VECTORS_DIR = os.environ.get(
-    "IMMUCORE_VECTORS",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "vectors"))
+from .codec_vectors import VECTORS_DIR
 
 
 def load_vectors(name: str) -> dict:
-    with open(os.path.join(VECTORS_DIR, name)) as f:
-        return json.load(f)
+    return json.loads((VECTORS_DIR / name).read_text())
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from immucore.types import DualProof, InclusionProof, LinearProof, TxHeader
 from immucore.verify import (verify_aht_consistency, verify_aht_inclusion, verify_dual_proof,
                              verify_inclusion, verify_last_inclusion, verify_linear_proof)
 
-VECTORS_DIR = Path(__file__).resolve().parents[2] / "shared" / "vectors"
+VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 VECTOR_FILES = ("chain-v1.json", "chain-v0.json")
 
 
