@@ -137,3 +137,20 @@ TX_EXPORT_BLOB_BYTES_MAX = (TX_VALUES_BYTES_MAX
                             + HEADER_V1_SIZE_MIN + TX_METADATA_SIZE_MAX + 64)
 _check(TX_EXPORT_BLOB_BYTES_MAX + 4096 <= FRAME_BODY_BYTES_MAX,
        "every tx a database accepts must fit one export answer")
+
+# --- immudb's gRPC API (docs/grpc.md) ------------------------------------------------------------
+# What ServerInfo and Health report: the immudb release whose API (schema.proto) this serves;
+# immudb's clients compare versions, and immucore's own 0.x would read as an ancient immudb.
+IMMUDB_COMPATIBLE_VERSION = "1.11.1"
+GRPC_REQUEST_BYTES_MAX = 32 << 20        # immudb's default max receive message size (32 MiB);
+                                         # a bigger request is refused by gRPC before decoding
+GRPC_RESPONSE_BYTES_MAX = FRAME_BODY_BYTES_MAX   # as a native answer: a 32 MiB value and its proof
+# RPCs being served at once, all connections together; one more is refused with
+# RESOURCE_EXHAUSTED instead of queueing without bound
+GRPC_CONCURRENT_RPCS_MAX = 4096
+# gRPC login tokens (Login/UseDatabase, immudb's token-expiry-time: a day): a token per SDK
+# client, so many more than a user's CLI tokens; one login more than the per-user cap ends that
+# user's oldest token, so a script logging in on every run can not crowd others out.
+GRPC_TOKENS_MAX = 4096
+GRPC_TOKENS_PER_USER_MAX = 256
+_check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dir", default=None, help="data folder (default ./data)")
     parser.add_argument("-a", "--address", default=None, help="bind address (default 0.0.0.0)")
     parser.add_argument("-p", "--port", type=int, default=None, help="port (default 3322)")
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="serve immudb's gRPC API (immudb's SDKs and tools) on this port; "
+                             "0: not served (default 0, docs/grpc.md)")
     parser.add_argument("--admin-password", default=None,
                         help="password of the immudb sysadmin user on first start "
                              "(default immudb)")
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_password": "immudb",
+_DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "grpc_port": 0,
+             "admin_password": "immudb",
              "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT,
              "max_connections": CONNECTIONS_MAX_DEFAULT, "metrics_server": True,
              "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": "",

@@ -39,6 +39,7 @@ async def run_node(options: dict, *, ready=None) -> int:
     """Run until SIGTERM/SIGINT; in-flight requests finish and every database closes cleanly."""
     node_options = NodeOptions(
         dir=options["dir"], address=options["address"], port=options["port"],
+        grpc_port=options.get("grpc_port", 0),
         admin_password=options["admin_password"], synced=options["synced"],
         max_sessions=options["max_sessions"], max_connections=options["max_connections"],
         metrics_server=options["metrics_server"],
@@ -65,15 +66,27 @@ async def run_node(options: dict, *, ready=None) -> int:
         log.error("cannot listen on %s:%s: %s", node_options.address, node_options.port, exc)
         await node.close()
         return 1
+    grpc_server = None
+    if node_options.grpc_port:
+        from ..grpc.server import start_grpc_server, stop_grpc_server
+        try:
+            grpc_server = await start_grpc_server(node, node_options.address,
+                                                  node_options.grpc_port)
+        except ImmucoreError as exc:
+            log.error("cannot start: %s", exc)
+            await node.close()
+            return 1
     if node_options.metrics_server:
         from .metrics import start_metrics_server
         start_metrics_server(node, node_options.address, node_options.metrics_server_port)
     if node_options.pidfile:
         with open(node_options.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
-    print(node.banner(), flush=True)
+    banner = node.banner() + (f"; immudb gRPC API on port {node_options.grpc_port}"
+                              if grpc_server is not None else "")
+    print(banner, flush=True)
     if node_options.logfile:         # the log then lives in a file: it starts with the banner too
-        log.info("%s", node.banner())
+        log.info("%s", banner)
     from . import auth
     if auth.using_default_password(node.users):
         log.warning("the sysadmin user 'immudb' still has the default password: change it "
@@ -83,6 +96,8 @@ async def run_node(options: dict, *, ready=None) -> int:
         ready.set()
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
+    if grpc_server is not None:
+        await stop_grpc_server(grpc_server)
     await node.close()
     if node_options.pidfile:
         try:
@@ -93,7 +108,7 @@ async def run_node(options: dict, *, ready=None) -> int:
     return 0
 
 
-_NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
+_NODE_KEYS = {"dir", "address", "port", "grpc_port", "admin_password", "synced", "max_sessions",
               "max_connections",
               "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
               "certificate", "pkey", "replication_tls_ca",

@@ -64,6 +64,7 @@ class NodeOptions:
     dir: str = "./data"
     address: str = "0.0.0.0"
     port: int = 3322
+    grpc_port: int = 0             # immudb's gRPC API on its own port (immucore/grpc); 0: off
     admin_password: str = "immudb"
     synced: bool = True
     max_sessions: int = SESSIONS_MAX_DEFAULT

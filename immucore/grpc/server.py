@@ -1,0 +1,68 @@
+"""The node's gRPC server (grpc.aio) for immudb's ImmuService, on ``--grpc-port``.
+
+It runs on the node's own event loop (uvloop or asyncio's): grpc.aio drives its completion
+queue from the running loop, and the service's handlers then await the node's machinery (the
+writer's commit bridge, sync-replication acks, waits for commits) on the loop that machinery is
+bound to, with no thread hop per call. Blocking work goes to the node's read threads, as for
+the native protocol.
+"""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ..constants import (GRPC_CONCURRENT_RPCS_MAX, GRPC_REQUEST_BYTES_MAX,
+                         GRPC_RESPONSE_BYTES_MAX)
+from ..errors import ImmucoreError
+from . import schema
+from .service import ImmuService
+
+log = logging.getLogger("immucore.grpc")
+
+
+def _handlers(service: ImmuService) -> grpc.GenericRpcHandler:
+    """Every method of our ImmuService descriptor, served by the method of the same name."""
+    methods = {}
+    for method in schema.SERVICE.methods:
+        request = schema.message_class(method.input_type.full_name)
+        response = schema.message_class(method.output_type.full_name)
+        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name), request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString)
+    return grpc.method_handlers_generic_handler(schema.SERVICE_NAME, methods)
+
+
+async def start_grpc_server(node, address: str, port: int) -> grpc.aio.Server:
+    """Listen on ``address:port`` (TLS with the node's --certificate/--pkey) and serve; an
+    address in use raises ImmucoreError naming it."""
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", GRPC_REQUEST_BYTES_MAX),
+                 ("grpc.max_send_message_length", GRPC_RESPONSE_BYTES_MAX),
+                 # gRPC's default SO_REUSEPORT would let a second node bind the same port
+                 # silently and take half of its connections
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=GRPC_CONCURRENT_RPCS_MAX)
+    server.add_generic_rpc_handlers((_handlers(ImmuService(node)),))
+    target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    try:
+        if node.options.certificate or node.options.pkey:
+            with open(node.options.pkey, "rb") as f:
+                key = f.read()
+            with open(node.options.certificate, "rb") as f:
+                chain = f.read()
+            bound = server.add_secure_port(target, grpc.ssl_server_credentials([(key, chain)]))
+        else:
+            bound = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise ImmucoreError(f"cannot listen for gRPC on {target} (--grpc-port): {exc}") from None
+    if not bound:
+        raise ImmucoreError(f"cannot listen for gRPC on {target} (--grpc-port)")
+    await server.start()
+    log.info("serving immudb's gRPC API on %s", target)
+    return server
+
+
+async def stop_grpc_server(server: grpc.aio.Server, grace_seconds: float = 5.0):
+    """Stop accepting calls; calls in flight get ``grace_seconds`` to finish."""
+    await server.stop(grace_seconds)

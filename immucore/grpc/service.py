@@ -1,0 +1,350 @@
+"""immudb's ImmuService on an immucore node: each method checks what the native protocol's
+handler checks (the session, its database, the user's permission, through the very same
+``Dispatcher`` helpers), then calls the embedded API and answers immudb's messages.
+
+Authentication as immudb's: ``Login`` gives a token (sent back as ``authorization`` metadata,
+with or without ``Bearer ``) that names no database until ``UseDatabase``; ``OpenSession``
+gives a session id (``sessionid`` metadata) bound to a database and kept alive by
+``KeepAlive``. Tokens are sessions of their own manager (a day of inactivity, as immudb's token
+expiry); session ids are the node's sessions (``--max-sessions``, 3 minutes of inactivity).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+
+from ..constants import (GRPC_TOKENS_MAX, GRPC_TOKENS_PER_USER_MAX, IMMUDB_COMPATIBLE_VERSION,
+                         TOKEN_SESSION_INACTIVITY_SECONDS)
+from ..server import auth
+from ..server.handlers import Dispatcher
+from ..server.node import DatabaseError, _folder_size, _is_loopback
+from . import convert, schema
+from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
+                     NotSupportedError, ProtectedModeError, SessionNotFoundError,
+                     grpc_status)
+
+BEARER = "Bearer "
+
+
+class GrpcCall:
+    """One call's credentials, in the shape the Dispatcher's checks take a connection."""
+
+    __slots__ = ("session", "detached", "manager", "by_session_id")
+
+    def __init__(self, session: str, manager, by_session_id: bool):
+        self.session, self.manager, self.by_session_id = session, manager, by_session_id
+        self.detached = not by_session_id
+
+    def logged_in(self, session_id: str, detached: bool):
+        self.session = session_id
+
+    def logged_out(self):
+        self.session = None
+
+
+class _Checks(Dispatcher):
+    """The native handlers' checks, with a call's session in the manager it came from."""
+
+    def _manager(self, conn):
+        return conn.manager
+
+    def _authorize(self, conn, action: str, database: str = None):
+        if database is None and self._manager(conn).touch(conn.session)[0] is None:
+            raise NoDatabaseSelectedError()
+        return super()._authorize(conn, action, database)
+
+
+def _served(method):
+    """Run a handler; an error becomes immudb's status code and text."""
+    @functools.wraps(method)
+    async def handler(self, request, context):
+        try:
+            self._check_peer(context)
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error is answered, none kills the server
+            code, text = grpc_status(exc)
+        await context.abort(code, text)
+    return handler
+
+
+def _peer_address(peer: str):
+    """``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` as (host, port); anything else (a Unix
+    socket) as None."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return (rest.rpartition(":")[0], 0)
+    if kind == "ipv6":
+        return (rest.rpartition(":")[0].strip("[]"), 0)
+    return None
+
+
+class ImmuService:
+    def __init__(self, node):
+        self.node = node
+        self.checks = _Checks(node)
+        self.tokens = auth.SessionManager(
+            GRPC_TOKENS_MAX, inactivity_timeout_seconds=TOKEN_SESSION_INACTIVITY_SECONDS,
+            per_user_max=GRPC_TOKENS_PER_USER_MAX)
+        # any change of a user (password, permissions, deactivation) ends its tokens too
+        node.users.add_listener(self.tokens.user_changed)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _check_peer(self, context):
+        """Protected mode, as for native connections: while the sysadmin password is the
+        default, only loopback peers are served."""
+        peer = _peer_address(context.peer() or "")
+        if peer is not None and _is_loopback(peer):
+            return
+        if auth.using_default_password(self.node.users):
+            raise ProtectedModeError()
+
+    def _call(self, context) -> GrpcCall:
+        """The call's credentials: a session id (``sessionid``) or a token (``authorization``)."""
+        metadata = dict(context.invocation_metadata() or ())
+        session_id = metadata.get("sessionid")
+        if session_id:
+            return GrpcCall(session_id, self.node.sessions, by_session_id=True)
+        token = metadata.get("authorization", "")
+        token = token[len(BEARER):] if token.startswith(BEARER) else token
+        if not token:
+            raise NotLoggedInError()
+        return GrpcCall(token, self.tokens, by_session_id=False)
+
+    def _session(self, call: GrpcCall):
+        try:
+            return self.checks._session(call)
+        except auth.SessionNotFoundError:
+            raise (SessionNotFoundError() if call.by_session_id else NotLoggedInError()) from None
+
+    def _db(self, context, action: str):
+        call = self._call(context)
+        self._session(call)            # an unknown token or session id: immudb's text for it
+        return self.checks._db(call, action)
+
+    async def _read(self, fn, *args, **kwargs):
+        return await self.checks._read(fn, *args, **kwargs)
+
+    async def _set(self, db, request) -> tuple:
+        """A SetRequest's tx, durable (and on a sync primary replicated) when it returns."""
+        if len(request.preconditions):
+            raise NotSupportedError("preconditions are not supported by immucore (docs/grpc.md)")
+        kvs, metadata = [], {}
+        for kv in request.KVs:
+            kvs.append((kv.key, kv.value))
+            if kv.HasField("metadata"):
+                md = convert.kv_metadata_from(kv.metadata)
+                if md is not None:
+                    metadata[kv.key] = md
+        headers = await self.checks._committed(
+            db.set_async(kvs, metadata=metadata or None, block=False))
+        await self.node.replicated(db.name, headers[0][0])
+        return headers[0]
+
+    def _signed_target(self, db, vtx) -> dict:
+        return self.checks._signed_target(db, vtx)
+
+    # --- logging in, sessions -------------------------------------------------------------------
+
+    @_served
+    async def Login(self, request, context):
+        user = await self._read(self.node.users.authenticate, request.user, request.password)
+        session = self.tokens.open(user, None)     # no database until UseDatabase, as immudb
+        warning = b""
+        if user.username == auth.SYSADMIN_USERNAME and await self._read(
+                auth.using_default_password, self.node.users):
+            warning = auth.DEFAULT_PASSWORD_WARNING.encode()
+        return schema.LoginResponse(token=session.id, warning=warning)
+
+    @_served
+    async def Logout(self, request, context):
+        call = self._call(context)
+        self._session(call)
+        call.manager.close(call.session)
+        return schema.Empty()
+
+    @_served
+    async def OpenSession(self, request, context):
+        user = await self._read(self.node.users.authenticate, request.username, request.password)
+        name = request.databaseName or "defaultdb"
+        self._database_exists(name)
+        if not user.can(name, "read"):
+            raise auth.NoDatabasePermissionError()
+        session = self.node.sessions.open(user, name)
+        return schema.OpenSessionResponse(sessionID=session.id, serverUUID=self.node.node_id)
+
+    @_served
+    async def CloseSession(self, request, context):
+        call = self._call(context)
+        if not call.by_session_id:
+            raise NotLoggedInError("no sessionID provided")     # immudb's text
+        self._session(call)
+        call.manager.close(call.session)
+        return schema.Empty()
+
+    @_served
+    async def KeepAlive(self, request, context):
+        self._session(self._call(context))
+        return schema.Empty()
+
+    def _database_exists(self, name: str):
+        if name == "systemdb":
+            return
+        try:
+            self.node.database(name)
+        except DatabaseError:
+            if name in self.node.settings:
+                raise                                     # exists, not loaded: its own text
+            raise DatabaseNotFoundError(name) from None
+
+    @_served
+    async def UseDatabase(self, request, context):
+        """The call's token (or session) now works on that database, and is the token given
+        back: immudb mints a new token and leaves the old one on its database (docs/grpc.md)."""
+        call = self._call(context)
+        _, user = self._session(call)
+        name = request.databaseName
+        self._database_exists(name)
+        if not user.can(name, "read"):
+            raise auth.NoDatabasePermissionError()
+        call.manager.use_database(call.session, name)
+        return schema.UseDatabaseReply(token=call.session)
+
+    @_served
+    async def Health(self, request, context):
+        return schema.HealthResponse(status=True, version=IMMUDB_COMPATIBLE_VERSION)
+
+    @_served
+    async def ServerInfo(self, request, context):
+        node = self.node
+        databases = list(node.databases.values())
+        size = await self._read(lambda: sum(_folder_size(f"{node.options.dir}/{d.name}")
+                                            for d in databases))
+        return schema.ServerInfoResponse(
+            version=IMMUDB_COMPATIBLE_VERSION, startedAt=int(node.started_at),
+            numTransactions=sum(d.current_state().tx_id for d in databases),
+            numDatabases=len(node.settings), databasesDiskSize=size)
+
+    @_served
+    async def CurrentState(self, request, context):
+        state = self._db(context, "read").current_state()
+        return convert.state(self.node.signed_state(state))
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    @_served
+    async def Set(self, request, context):
+        db = self._db(context, "write")
+        return convert.header(await self._set(db, request))
+
+    @_served
+    async def Get(self, request, context):
+        db = self._db(context, "read")
+        entry = await self.checks._index_read(
+            db, max(request.atTx, request.sinceTx), db.get, request.key, at_tx=request.atTx,
+            since_tx=request.sinceTx, at_revision=request.atRevision)
+        return convert.entry(entry)
+
+    @_served
+    async def Delete(self, request, context):
+        db = self._db(context, "write")
+        headers = await self.checks._committed(db.delete_async(list(request.keys), block=False))
+        await self.node.replicated(db.name, headers[0][0])
+        return convert.header(headers[0])
+
+    @_served
+    async def History(self, request, context):
+        db = self._db(context, "read")
+        found = await self.checks._index_read(db, request.sinceTx, db.history, request.key,
+                                              offset=request.offset, limit=request.limit,
+                                              desc=request.desc)
+        return convert.entries(found)
+
+    @_served
+    async def Scan(self, request, context):
+        """immudb's bounds: seekKey and endKey are left out unless inclusiveSeek/inclusiveEnd
+        (the embedded scan includes both), and ``offset`` entries are skipped first."""
+        db = self._db(context, "read")
+        wanted = request.limit
+        # the entries dropped for an exclusive bound or the offset are read too
+        extra = request.offset + (1 if request.seekKey else 0) + (1 if request.endKey else 0)
+        found = await self.checks._index_read(
+            db, request.sinceTx, db.scan, prefix=request.prefix, seek_key=request.seekKey,
+            end_key=request.endKey, desc=request.desc,
+            limit=wanted + extra if wanted else 0, since_tx=request.sinceTx)
+        if request.seekKey and not request.inclusiveSeek:
+            found = [e for e in found if e.key != request.seekKey]
+        if request.endKey and not request.inclusiveEnd:
+            found = [e for e in found if e.key != request.endKey]
+        found = found[request.offset:]
+        return convert.entries(found[:wanted] if wanted else found)
+
+    # --- transactions and proofs ------------------------------------------------------------------
+
+    @_served
+    async def TxById(self, request, context):
+        db = self._db(context, "read")
+        return convert.tx(await self._read(db.tx_by_id, request.tx))
+
+    @_served
+    async def VerifiableSet(self, request, context):
+        db = self._db(context, "write")
+        header = await self._set(db, request.setRequest)
+        vtx = await self._read(db.verifiable_tx_by_id, header[0],
+                               prove_since_tx=request.proveSinceTx)
+        return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
+
+    @_served
+    async def VerifiableGet(self, request, context):
+        db = self._db(context, "read")
+        key_request = request.keyRequest
+        ventry = await self._read(db.verifiable_get, key_request.key,
+                                  prove_since_tx=request.proveSinceTx, at_tx=key_request.atTx,
+                                  since_tx=key_request.sinceTx,
+                                  at_revision=key_request.atRevision)
+        return convert.verifiable_entry(ventry, self._signed_target(db, ventry.verifiable_tx))
+
+    @_served
+    async def VerifiableTxById(self, request, context):
+        db = self._db(context, "read")
+        vtx = await self._read(db.verifiable_tx_by_id, request.tx,
+                               prove_since_tx=request.proveSinceTx)
+        return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
+
+    # --- databases ------------------------------------------------------------------------------
+
+    @_served
+    async def CreateDatabaseV2(self, request, context):
+        call = self._call(context)
+        self._session(call)
+        user = self.checks._sysadmin(call)
+        requested = convert.settings_from(request.settings)
+        existed = request.name in self.node.settings
+        s = await self._read(self.node.manage, self.node.create_database, request.name,
+                             requested, user.username, request.ifNotExists)
+        return schema.CreateDatabaseResponse(name=request.name, settings=convert.settings(s),
+                                             alreadyExisted=existed)
+
+    @_served
+    async def DatabaseListV2(self, request, context):
+        call = self._call(context)
+        _, user = self._session(call)
+        listed = await self._read(self.node.list_databases)
+        out = schema.DatabaseListResponseV2()
+        for d in listed:
+            if not (user.sysadmin or user.can(d["name"], "read")):
+                continue
+            s = self.node.settings.get(d["name"], {})
+            out.databases.add(name=d["name"], settings=convert.settings(s), loaded=d["loaded"],
+                              diskSize=d["disk_size_bytes"], numTransactions=d["tx_count"] or 0,
+                              created_at=_unix_seconds(d["created_at"]),
+                              created_by=d["created_by"])
+        return out
+
+
+def _unix_seconds(iso: str) -> int:
+    """A database's creation moment (ISO 8601, as stored) in Unix seconds, 0 if unknown."""
+    try:
+        return int(dt.datetime.fromisoformat(iso).timestamp()) if iso else 0
+    except ValueError:
+        return 0
