@@ -266,3 +266,30 @@ def test_states_are_signed_with_the_signing_key(tmp_path):
         with pytest.raises(Exception, match="") as raised:
             stranger.verifiedGet(b"signed")
         assert "BadSignature" in type(raised.value).__name__ or "signature" in str(raised.value)
+
+
+def test_a_request_that_is_no_protobuf_is_refused_and_the_node_goes_on(node):
+    channel = grpc.insecure_channel(node.grpc_address)
+    raw_login = channel.unary_unary("/immudb.schema.ImmuService/Login",
+                                    request_serializer=None, response_deserializer=None)
+    error = rpc_error(raw_login, b"\xff\xff\xff\xff garbage")
+    # grpc.aio's own answer to a request it cannot decode: UNKNOWN, naming the message
+    assert "Error parsing message with type 'immudb.schema.LoginRequest'" in error.details()
+    channel.close()
+    assert sdk(node).set(b"after-garbage", b"v").id > 0
+
+
+def test_grpc_uses_the_nodes_tls_certificate(tmp_path):
+    from immudb.grpc import schema_pb2_grpc
+    from .test_tls import _self_signed
+    cert, key = _self_signed(tmp_path)
+    with grpc_node(tmp_path / "n", "--certificate", cert, "--pkey", key) as node:
+        with open(cert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        with grpc.secure_channel(node.grpc_address, credentials) as channel:
+            stub = schema_pb2_grpc.ImmuServiceStub(channel)
+            token = stub.Login(schema_pb2.LoginRequest(user=b"immudb", password=b"immudb")).token
+            assert token
+        plain = ImmudbClient(node.grpc_address, timeout=3)     # no TLS: no answer
+        with pytest.raises(grpc.RpcError):
+            plain.login("immudb", "immudb")
