@@ -293,3 +293,13 @@ def test_grpc_uses_the_nodes_tls_certificate(tmp_path):
         plain = ImmudbClient(node.grpc_address, timeout=3)     # no TLS: no answer
         with pytest.raises(grpc.RpcError):
             plain.login("immudb", "immudb")
+
+
+def test_the_grpc_port_is_a_node_flag_and_an_environment_variable():
+    from immucore.cli import node as node_cli
+    parser = node_cli.build_parser()
+    assert node_cli.resolve(parser.parse_args(["--grpc-port", "3323"]), environ={})["grpc_port"] \
+        == 3323
+    assert node_cli.resolve(parser.parse_args([]),
+                            environ={"IMMUCORE_GRPC_PORT": "3324"})["grpc_port"] == 3324
+    assert node_cli.resolve(parser.parse_args([]), environ={})["grpc_port"] == 0   # off
