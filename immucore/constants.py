@@ -4,7 +4,7 @@ Names end with their unit or ``_max``; the relationships between them are checke
 bad edit fails loudly instead of producing a database that cannot replicate.
 """
 
-# --- immudb format (../shared/reference/immudb-format.md §2.1) -------------------------------------
+# --- immudb format (docs/immudb-format.md §2) ------------------------------------------------------
 DIGEST_SIZE = 32
 HEADER_VERSION_MAX = 1            # tx header versions 0 and 1 exist; 1 is written by default
 HEADER_VERSION_DEFAULT = 1

@@ -1,4 +1,4 @@
-"""Process faults against real nodes (../shared/reference/reliability.md R1, R2, R5, R8, R9, R10).
+"""Process faults against real nodes (docs/reliability.md R1, R2, R5, R8, R9, R10).
 
 Each scenario starts real ``immucore`` processes (tests/nodes.py), drives writers that record
 every operation in a History (tests/history.py), injects one kind of fault — SIGKILL of a

@@ -1,4 +1,4 @@
-"""R12 (../shared/reference/reliability.md): many small databases, each with a replica, on one
+"""R12 (docs/reliability.md): many small databases, each with a replica, on one
 node. Writers hit every primary at once; every replica must converge (no replicator starves the
 others), and the node's threads, open files and worker processes must stay within a bound per
 database and not grow from one round of writes to the next.

@@ -4,7 +4,7 @@ Users live in systemdb, an immucore database like any other: key ``0x01 || usern
 user's record as JSON. Every change is one transaction that writes a whole new version of the
 record; the latest version is the truth, older ones stay in the key's history.
 
-Permissions are immudb's (../shared/reference/immudb-replication.md §3.4): ``read`` (1),
+Permissions are immudb's (docs/immudb-format.md §12.1): ``read`` (1),
 ``readwrite`` (2) and ``admin`` (254) per database, and ``sysadmin`` (255) for the built-in user
 ``immudb``. Passwords are hashed with scrypt, salted per user; the scrypt parameters are stored
 with each hash, so the cost can be raised later without breaking existing records.

@@ -1,5 +1,5 @@
 """Database settings: what ``immuadmin database create|update`` sends, merged and validated as
-immudb does (../shared/reference/immudb-replication.md §3.3), and stored in systemdb as JSON.
+immudb does (docs/immudb-format.md §12.2), and stored in systemdb as JSON.
 
 The wire/CLI form uses immudb's current names in snake_case (``replica``, ``primary_host`` …);
 the stored JSON keeps immudb's legacy field names (``masterAddress``, ``followerUsername`` …).
