@@ -431,8 +431,8 @@ class Node:
 
     def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
-        caps, or in protected mode (while the sysadmin password is the default, only loopback
-        peers). ``self.connections`` does not hold the new connection yet."""
+        caps, or in protected mode (while any active user has a well-known password, such as
+        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not hold the new connection yet."""
         if len(self.connections) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
@@ -441,13 +441,12 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if not auth.using_default_password(self.users) or _is_loopback(peer):
+        if _is_loopback(peer):
             return None
-        return ("protected_mode",
-                "immucore is in protected mode: the sysadmin password is still the default, so "
-                "only loopback connections are accepted. Change it from this machine "
-                "(immuadmin login immudb, then immuadmin user changepassword immudb); "
-                "--admin-password sets it only when a node creates its data folder")
+        exposed = self.users.users_with_well_known_password()
+        if not exposed:
+            return None
+        return ("protected_mode", protected_mode_message(exposed))
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
@@ -539,6 +538,19 @@ def _server_sync(flags: dict) -> dict:
                                  "sync_acks": flags.get("sync_acks") or 0}
     dbsettings.validate("defaultdb", s)
     return {"sync_replication": True, "sync_acks": s["sync_acks"]}
+
+
+def protected_mode_message(users) -> str:
+    """What a refused peer (and the node's log) reads: who holds a well-known password and how
+    to leave protected mode. The passwords themselves are not repeated."""
+    names = ", ".join(users)
+    how = ("immuadmin login immudb, then immuadmin user changepassword immudb"
+           if auth.SYSADMIN_USERNAME in users else
+           "immuadmin user changepassword USER, or immuadmin user deactivate USER")
+    return (f"immucore is in protected mode: user(s) {names} still have a well-known password "
+            "(a published default such as immudb's or immudb-tools' follower password), so only "
+            f"loopback connections are accepted. Change it from this machine ({how}); "
+            "--admin-password sets the sysadmin's only when a node creates its data folder")
 
 
 def _node_id(folder: str) -> str:
