@@ -285,6 +285,76 @@ def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(
         assert again.returncode == 0 and "0 database(s) created" in again.stderr
 
 
+def _replicator(main_node, rep, *args, env=None):
+    command = [sys.executable, "-m", "immucore.cli.replicator",
+               "-master-addr", main_node.host, "-master-port", str(main_node.port),
+               "-replica-addr", rep.host, "-replica-port", str(rep.port), "-once", *args]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("FOLLOWER_PASSWORD", "MASTER_PASSWORD", "REPLICA_PASSWORD")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env=environment | (env or {}))
+
+
+def test_replicator_tool_has_no_follower_password_default_and_refuses_the_published_one(tmp_path):
+    """immudb-tools' default follower password is public: with it (or with none) anyone could
+    log in to the main node as the follower, admin on every database. Nothing is created."""
+    with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
+        missing = _replicator(main_node, rep)
+        assert missing.returncode == 2 and "-follower-pass (or FOLLOWER_PASSWORD) is required" \
+            in missing.stderr
+        published = _replicator(main_node, rep, env={"FOLLOWER_PASSWORD": "zyQQurat.0"})
+        assert published.returncode == 2 and "published default" in published.stderr
+        assert "-allow-well-known-follower-pass" in published.stderr
+        with _login(main_node) as m, _login(rep) as r:
+            assert [u["user"] for u in m.list_users()] == ["immudb"]
+            assert "defaultdbbak" not in {d["name"] for d in r.list_databases()}
+        accepted = _replicator(main_node, rep, "-follower-pass", "zyQQurat.0",
+                               "-allow-well-known-follower-pass")
+        assert accepted.returncode == 0, accepted.stderr
+        with _login(rep) as r:
+            assert "defaultdbbak" in {d["name"] for d in r.list_databases()}
+
+
+def test_replicator_tool_checks_the_follower_login_before_creating_a_replica(tmp_path):
+    """A follower that already exists with another password: the tool says the main node
+    refused it, and creates no replica that would retry for ever."""
+    with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
+        with _login(main_node) as m:
+            m.create_user("follower", "Other1!pass", "read", "defaultdb")
+        done = _replicator(main_node, rep, "-follower-pass", "Follower1!pw")
+        assert done.returncode == 1
+        assert (f"main node {main_node.address} refused the login of follower on database "
+                "defaultdb: invalid user name or password") in done.stderr
+        assert "database(s) created" not in done.stderr
+        with _login(rep) as r:
+            assert "defaultdbbak" not in {d["name"] for d in r.list_databases()}
+        wrong_replica = _replicator(main_node, rep, "-follower-pass", "Other1!pass",
+                                    "-replica-pass", "wrong")
+        assert wrong_replica.returncode == 1
+        assert f"replica node {rep.address} refused the login of immudb" in wrong_replica.stderr
+        fixed = _replicator(main_node, rep, "-follower-pass", "Other1!pass")
+        assert fixed.returncode == 0 and "1 database(s) created" in fixed.stderr
+        with _login(main_node) as m, _login(rep, "defaultdbbak") as r:
+            header = m.set({b"k": b"v"})
+            _wait_for(lambda: r.current_state().tx_id == header.id, "the follower to copy")
+
+
+def test_replicator_tool_help_shows_the_whole_description_and_every_default(tmp_path):
+    env = {k: v for k, v in os.environ.items()} | {"MASTER_PASSWORD": "Secret1!master"}
+    shown = subprocess.run([sys.executable, "-m", "immucore.cli.replicator", "--help"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "keep a replica of every database of a main node on a replica node, after " \
+           "immudb-tools' replicator" in text
+    for default in ("main node port (default: 3322)", "(default: follower)",
+                    "(default: $MASTER_PASSWORD, else immudb)", "(default: 3600)",
+                    "(default: auto)", "(default: 100)", "(default: 10)",
+                    "$FOLLOWER_PASSWORD; required when it is not set"):
+        assert default in text
+    assert "Secret1!master" not in shown.stdout
+
+
 def test_the_guide_command_creates_a_replica_that_follows_defaultdb_on_the_same_node(tmp_path):
     with running_node(tmp_path / "n") as node:
         def admin(*args, stdin=""):
