@@ -13,7 +13,9 @@ import pytest
 
 from immucore.client import AsyncClient, Client
 from immucore.database import open_database
-from immucore.errors import CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError
+from immucore.errors import (CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError,
+                             ReplicationLoopError)
+from immucore.protocol.messages import RemoteError
 
 from .nodes import running_node
 
@@ -390,3 +392,56 @@ def test_a_replica_killed_mid_catch_up_resumes_without_gaps_or_duplicates(tmp_pa
         replica.stop()
         with open_database(os.path.join(replica.dir, "replicadb"), replica=True) as db:
             assert db.audit() == 3000                    # every tx re-verified from the log
+
+
+def test_a_replica_that_would_follow_itself_on_its_own_node_is_refused(tmp_path):
+    with running_node(tmp_path / "n") as node, _login(node) as client:
+        for host in (node.host, "localhost"):
+            with pytest.raises(ReplicationLoopError, match="'selfish' would follow itself"):
+                client.create_database("selfish", _replica_settings(node, "selfish",
+                                                                    primary_host=host))
+        client.create_database("a")
+        client.create_database("b", _replica_settings(node, "a"))
+        client.create_database("c", _replica_settings(node, "b"))
+        with pytest.raises(ReplicationLoopError, match=r"a -> c -> b -> a"):
+            client.update_database("a", _replica_settings(node, "c"))
+        names = {d["name"]: d for d in client.list_databases()}
+        assert "selfish" not in names and names["a"]["replica"] is False
+
+
+def test_a_replication_loop_across_nodes_stops_both_replicas_with_state_loop(tmp_path):
+    """A on one node follows B on another, which follows A: each sees itself in its primary's
+    chain (EXPORT_TXS says who the primary follows) and stops, instead of following for ever."""
+    with running_node(tmp_path / "one") as one, running_node(tmp_path / "two") as two:
+        with _login(one) as first, _login(two) as second:
+            first.create_database("a")
+            second.create_database("b", _replica_settings(one, "a"))
+            _wait_for(lambda: (_status(second, "b") or {}).get("state") == "following",
+                      "b to follow a")
+            first.update_database("a", _replica_settings(two, "b"))
+            for client, name in ((first, "a"), (second, "b")):
+                status = _wait_for(lambda: (_status(client, name) or {}).get("state") == "loop"
+                                   and _status(client, name), f"{name} to stop in a loop",
+                                   seconds=40)
+                assert "replication loop" in status["last_error"]
+
+
+def test_replica_settings_are_checked_when_they_are_made(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            with pytest.raises(IllegalArgumentsError, match="PrimaryDatabase"):
+                r.create_database("sneaky", _replica_settings(primary, "../systemdb"))
+            with pytest.raises(IllegalArgumentsError, match="no primary_username and no "
+                                                            "primary_password"):
+                r.create_database("anonymous", _replica_settings(
+                    primary, primary_username="", primary_password=""))
+            assert not {"sneaky", "anonymous"} & {d["name"] for d in r.list_databases()}
+            # a follower that may only read: accepted (the primary is elsewhere), and the
+            # error says what it lacks
+            p.create_user("reader", "Reader1!pw", "read", "defaultdb")
+            r.create_database("readonly", _replica_settings(
+                primary, primary_username="reader", primary_password="Reader1!pw"))
+            status = _wait_for(lambda: (_status(r, "readonly") or {}).get("last_error") and
+                               _status(r, "readonly"), "the permission error")
+            assert ("user reader needs admin on database defaultdb of the primary "
+                    f"{primary.host}:{primary.port}") in status["last_error"]
