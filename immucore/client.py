@@ -587,8 +587,9 @@ class AsyncClient:
             yield chunk
 
     async def export_batch(self, first_tx_id: int, count: int, *, wait_ms: int = 0) -> dict:
-        """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx) and
-        ``acked_tx_id`` (its last tx acknowledged to clients: never discarded by a replica)."""
+        """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx),
+        ``acked_tx_id`` (its last tx acknowledged to clients: never discarded by a replica) and
+        the database's ``role``, ``primary`` and ``chain`` (docs/wire-protocol.md)."""
         return await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id, "count": count,
                                                 "wait_ms": wait_ms})
 

@@ -123,6 +123,10 @@ REPLICATION_BACKOFF_SECONDS_MAX = 30.0
 REPLICATION_QUEUE_BATCHES = 2            # received batches waiting for the apply (one more is
 REPLICATION_QUEUE_BYTES_MAX = 64 << 20   # being applied and one fetched): bounds replica memory
 REPLICA_ID_CHARS_MAX = 256              # a replica's name in its acknowledgements
+# The database ids an EXPORT_TXS answer names (the database, then the primaries it follows,
+# nearest first): enough for any real chain of replicas, and a bound on an answer a loop or a
+# hostile primary could otherwise grow; a loop is found within this many hops.
+REPLICATION_CHAIN_IDS_MAX = 32
 REPLICAS_TRACKED_MAX = 64                # replicas whose acks a sync primary remembers per db
 REPLICATION_SYNC_TIMEOUT_SECONDS = 10.0  # a sync commit not held by enough replicas by then fails
 

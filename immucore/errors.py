@@ -61,6 +61,10 @@ class ReplicaDivergedError(ImmucoreError):
     """The replica already holds a transaction with this id but a different Alh."""
 
 
+class ReplicationLoopError(ImmucoreError):
+    """A replica would follow itself, directly or through other replicas."""
+
+
 class VerificationError(ImmucoreError):
     """A proof or a hash did not verify."""
 

@@ -13,7 +13,9 @@ import pytest
 
 from immucore.client import AsyncClient, Client
 from immucore.database import open_database
-from immucore.errors import CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError
+from immucore.errors import (CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError,
+                             ReplicationLoopError)
+from immucore.protocol.messages import RemoteError
 
 from .nodes import running_node
 
@@ -285,6 +287,76 @@ def test_replicator_tool_creates_a_follower_for_every_database_of_the_main_node(
         assert again.returncode == 0 and "0 database(s) created" in again.stderr
 
 
+def _replicator(main_node, rep, *args, env=None):
+    command = [sys.executable, "-m", "immucore.cli.replicator",
+               "-master-addr", main_node.host, "-master-port", str(main_node.port),
+               "-replica-addr", rep.host, "-replica-port", str(rep.port), "-once", *args]
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("FOLLOWER_PASSWORD", "MASTER_PASSWORD", "REPLICA_PASSWORD")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env=environment | (env or {}))
+
+
+def test_replicator_tool_has_no_follower_password_default_and_refuses_the_published_one(tmp_path):
+    """immudb-tools' default follower password is public: with it (or with none) anyone could
+    log in to the main node as the follower, admin on every database. Nothing is created."""
+    with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
+        missing = _replicator(main_node, rep)
+        assert missing.returncode == 2 and "-follower-pass (or FOLLOWER_PASSWORD) is required" \
+            in missing.stderr
+        published = _replicator(main_node, rep, env={"FOLLOWER_PASSWORD": "zyQQurat.0"})
+        assert published.returncode == 2 and "published default" in published.stderr
+        assert "-allow-well-known-follower-pass" in published.stderr
+        with _login(main_node) as m, _login(rep) as r:
+            assert [u["user"] for u in m.list_users()] == ["immudb"]
+            assert "defaultdbbak" not in {d["name"] for d in r.list_databases()}
+        accepted = _replicator(main_node, rep, "-follower-pass", "zyQQurat.0",
+                               "-allow-well-known-follower-pass")
+        assert accepted.returncode == 0, accepted.stderr
+        with _login(rep) as r:
+            assert "defaultdbbak" in {d["name"] for d in r.list_databases()}
+
+
+def test_replicator_tool_checks_the_follower_login_before_creating_a_replica(tmp_path):
+    """A follower that already exists with another password: the tool says the main node
+    refused it, and creates no replica that would retry for ever."""
+    with running_node(tmp_path / "main") as main_node, running_node(tmp_path / "rep") as rep:
+        with _login(main_node) as m:
+            m.create_user("follower", "Other1!pass", "read", "defaultdb")
+        done = _replicator(main_node, rep, "-follower-pass", "Follower1!pw")
+        assert done.returncode == 1
+        assert (f"main node {main_node.address} refused the login of follower on database "
+                "defaultdb: invalid user name or password") in done.stderr
+        assert "database(s) created" not in done.stderr
+        with _login(rep) as r:
+            assert "defaultdbbak" not in {d["name"] for d in r.list_databases()}
+        wrong_replica = _replicator(main_node, rep, "-follower-pass", "Other1!pass",
+                                    "-replica-pass", "wrong")
+        assert wrong_replica.returncode == 1
+        assert f"replica node {rep.address} refused the login of immudb" in wrong_replica.stderr
+        fixed = _replicator(main_node, rep, "-follower-pass", "Other1!pass")
+        assert fixed.returncode == 0 and "1 database(s) created" in fixed.stderr
+        with _login(main_node) as m, _login(rep, "defaultdbbak") as r:
+            header = m.set({b"k": b"v"})
+            _wait_for(lambda: r.current_state().tx_id == header.id, "the follower to copy")
+
+
+def test_replicator_tool_help_shows_the_whole_description_and_every_default(tmp_path):
+    env = {k: v for k, v in os.environ.items()} | {"MASTER_PASSWORD": "Secret1!master"}
+    shown = subprocess.run([sys.executable, "-m", "immucore.cli.replicator", "--help"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "keep a replica of every database of a main node on a replica node, after " \
+           "immudb-tools' replicator" in text
+    for default in ("main node port (default: 3322)", "(default: follower)",
+                    "(default: $MASTER_PASSWORD, else immudb)", "(default: 3600)",
+                    "(default: auto)", "(default: 100)", "(default: 10)",
+                    "$FOLLOWER_PASSWORD; required when it is not set"):
+        assert default in text
+    assert "Secret1!master" not in shown.stdout
+
+
 def test_the_guide_command_creates_a_replica_that_follows_defaultdb_on_the_same_node(tmp_path):
     with running_node(tmp_path / "n") as node:
         def admin(*args, stdin=""):
@@ -320,3 +392,56 @@ def test_a_replica_killed_mid_catch_up_resumes_without_gaps_or_duplicates(tmp_pa
         replica.stop()
         with open_database(os.path.join(replica.dir, "replicadb"), replica=True) as db:
             assert db.audit() == 3000                    # every tx re-verified from the log
+
+
+def test_a_replica_that_would_follow_itself_on_its_own_node_is_refused(tmp_path):
+    with running_node(tmp_path / "n") as node, _login(node) as client:
+        for host in (node.host, "localhost"):
+            with pytest.raises(ReplicationLoopError, match="'selfish' would follow itself"):
+                client.create_database("selfish", _replica_settings(node, "selfish",
+                                                                    primary_host=host))
+        client.create_database("a")
+        client.create_database("b", _replica_settings(node, "a"))
+        client.create_database("c", _replica_settings(node, "b"))
+        with pytest.raises(ReplicationLoopError, match=r"a -> c -> b -> a"):
+            client.update_database("a", _replica_settings(node, "c"))
+        names = {d["name"]: d for d in client.list_databases()}
+        assert "selfish" not in names and names["a"]["replica"] is False
+
+
+def test_a_replication_loop_across_nodes_stops_both_replicas_with_state_loop(tmp_path):
+    """A on one node follows B on another, which follows A: each sees itself in its primary's
+    chain (EXPORT_TXS says who the primary follows) and stops, instead of following for ever."""
+    with running_node(tmp_path / "one") as one, running_node(tmp_path / "two") as two:
+        with _login(one) as first, _login(two) as second:
+            first.create_database("a")
+            second.create_database("b", _replica_settings(one, "a"))
+            _wait_for(lambda: (_status(second, "b") or {}).get("state") == "following",
+                      "b to follow a")
+            first.update_database("a", _replica_settings(two, "b"))
+            for client, name in ((first, "a"), (second, "b")):
+                status = _wait_for(lambda: (_status(client, name) or {}).get("state") == "loop"
+                                   and _status(client, name), f"{name} to stop in a loop",
+                                   seconds=40)
+                assert "replication loop" in status["last_error"]
+
+
+def test_replica_settings_are_checked_when_they_are_made(tmp_path):
+    with running_node(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            with pytest.raises(IllegalArgumentsError, match="PrimaryDatabase"):
+                r.create_database("sneaky", _replica_settings(primary, "../systemdb"))
+            with pytest.raises(IllegalArgumentsError, match="no primary_username and no "
+                                                            "primary_password"):
+                r.create_database("anonymous", _replica_settings(
+                    primary, primary_username="", primary_password=""))
+            assert not {"sneaky", "anonymous"} & {d["name"] for d in r.list_databases()}
+            # a follower that may only read: accepted (the primary is elsewhere), and the
+            # error says what it lacks
+            p.create_user("reader", "Reader1!pw", "read", "defaultdb")
+            r.create_database("readonly", _replica_settings(
+                primary, primary_username="reader", primary_password="Reader1!pw"))
+            status = _wait_for(lambda: (_status(r, "readonly") or {}).get("last_error") and
+                               _status(r, "readonly"), "the permission error")
+            assert ("user reader needs admin on database defaultdb of the primary "
+                    f"{primary.host}:{primary.port}") in status["last_error"]

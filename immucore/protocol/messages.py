@@ -178,6 +178,7 @@ ERROR_CODES = {
     errors.ReadOnlyReplicaError: "read_only_replica",
     errors.NotReplicaError: "not_replica",
     errors.ReplicaDivergedError: "replica_diverged",
+    errors.ReplicationLoopError: "replication_loop",
     errors.CorruptedDataError: "corrupted_data",
     errors.VerificationError: "verification_failed",
     errors.IndexTimeoutError: "index_timeout",

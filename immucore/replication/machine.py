@@ -81,6 +81,11 @@ class Stop:
     reason: str
 
 
+# states a replica never leaves by itself (a settings update starts a new replicator):
+# diverged logs, a replication loop, a stopped replicator
+TERMINAL_STATES = ("diverged", "loop", "stopped")
+
+
 @dataclass
 class _Batch:
     first_tx_id: int
@@ -132,7 +137,7 @@ class ReplicaMachine:
 
     def connected(self) -> list:
         """A new connection to the primary is logged in."""
-        if self.state in ("diverged", "stopped"):
+        if self.state in TERMINAL_STATES:
             return []
         self.epoch += 1
         self._fetching = False
@@ -223,7 +228,7 @@ class ReplicaMachine:
         """The connection or a request failed; in-flight answers become stale."""
         if diverged:
             return self._stop(error)
-        if self.state in ("diverged", "stopped"):
+        if self.state in TERMINAL_STATES:
             return []
         self.epoch += 1
         self._fetching = False
@@ -236,8 +241,14 @@ class ReplicaMachine:
         delay = min(low * 2 ** min(self.failures_in_a_row - 1, 62), high)
         return [Backoff(delay * self._rng.uniform(0.9, 1.0))]
 
+    def loop_detected(self, reason: str) -> list:
+        """The primary is (through replicas) a follower of this database: stop for good."""
+        if self.state in TERMINAL_STATES:
+            return []
+        return self._stop(reason, state="loop")
+
     def stopped(self) -> None:
-        if self.state != "diverged":
+        if self.state not in ("diverged", "loop"):
             self.state = "stopped"
 
     # --- internals ---------------------------------------------------------------------------
@@ -266,9 +277,9 @@ class ReplicaMachine:
             out.append(Fetch(self.epoch, self._next_fetch_tx_id, self._batch_txs))
         return out
 
-    def _stop(self, reason: str) -> list:
+    def _stop(self, reason: str, state: str = "diverged") -> list:
         self.epoch += 1
         self._fetching = False
         self._queue.clear()
-        self.state, self.last_error = "diverged", reason
+        self.state, self.last_error = state, reason
         return [Stop(reason)]

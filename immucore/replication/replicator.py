@@ -22,7 +22,8 @@ from typing import Optional
 
 from ..client import AsyncClient
 from ..constants import (REPLICATION_BACKOFF_SECONDS_MAX, REPLICATION_BACKOFF_SECONDS_MIN,
-                         REPLICATION_BATCH_TXS, REPLICATION_GRACE_SECONDS,
+                         REPLICATION_BATCH_TXS, REPLICATION_CHAIN_IDS_MAX,
+                         REPLICATION_GRACE_SECONDS,
                          REPLICATION_QUEUE_BATCHES,
                          REPLICATION_QUEUE_BYTES_MAX, REPLICATION_WAIT_MS)
 from ..errors import ReplicaDivergedError
@@ -79,6 +80,10 @@ class Replicator:
         self._events: Optional[asyncio.Queue] = None
         self._tasks: set = set()            # fetch/ack/check tasks of the current connection
         self._apply_task: Optional[asyncio.Task] = None
+        # the chain of the primary's last EXPORT_TXS answer (its id first): what this database
+        # reports above itself to its own replicas, so that a loop of replicas is seen
+        self.upstream_chain: list = []
+        self._answered_on_connection = False   # the first fetch of a connection does not wait
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -179,7 +184,17 @@ class Replicator:
 
     def _fail(self, exc: BaseException, diverged_is_terminal: bool = True):
         diverged = diverged_is_terminal and isinstance(exc, ReplicaDivergedError)
-        self._post("failed", f"{type(exc).__name__}: {exc}", diverged)
+        self._post("failed", self._explained(exc), diverged)
+
+    def _explained(self, exc: BaseException) -> str:
+        """The error as the status shows it; a permission refusal says what is needed."""
+        text = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "code", None) in ("permission_denied", "no_database_permission"):
+            s = self._settings
+            text += (f" (user {s['primary_username']} needs admin on database "
+                     f"{s['primary_database']} of the primary {s['primary_host']}:"
+                     f"{s['primary_port']})")
+        return text
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -201,6 +216,7 @@ class Replicator:
             self._fail(exc)
             return
         self._client = client
+        self._answered_on_connection = False
         self._post("connected")
 
     async def _backoff(self, seconds: float) -> list:
@@ -241,13 +257,27 @@ class Replicator:
 
     async def _fetch(self, command: m.Fetch):
         try:
-            answer = await self._client.export_batch(command.first_tx_id, command.count,
-                                                     wait_ms=REPLICATION_WAIT_MS)
+            # the first answer of a connection comes at once, without waiting for a commit:
+            # it tells who the primary follows (a loop is seen now, not after a long poll)
+            answer = await self._client.export_batch(
+                command.first_tx_id, command.count,
+                wait_ms=REPLICATION_WAIT_MS if self._answered_on_connection else 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             return
+        self._answered_on_connection = True
+        chain = answer.get("chain")       # a primary that does not say: no loop can be seen
+        if isinstance(chain, list):
+            self.upstream_chain = [c for c in chain if isinstance(c, str)][
+                :REPLICATION_CHAIN_IDS_MAX]
+            if self._replica_id in self.upstream_chain:
+                self._post("loop_detected",
+                           f"replication loop: the primary {self.primary} follows this "
+                           f"database ({self.database.name}), "
+                           f"{self.upstream_chain.index(self._replica_id)} hop(s) up")
+                return
         blobs = answer["blobs"]
         last = int.from_bytes(blobs[-1][4:12], "big") if blobs else command.first_tx_id - 1
         self._post("received", command.epoch, command.first_tx_id, blobs, last,

@@ -75,10 +75,12 @@ async def run_node(options: dict, *, ready=None) -> int:
     if node_options.logfile:         # the log then lives in a file: it starts with the banner too
         log.info("%s", node.banner())
     from . import auth
-    if auth.using_default_password(node.users):
-        log.warning("the sysadmin user 'immudb' still has the default password: change it "
-                    "(immuadmin user changepassword immudb); until then only loopback "
-                    "connections are accepted")
+    # computed once now (hashing records not written by this process), then kept up to date
+    exposed = await asyncio.get_running_loop().run_in_executor(
+        None, node.users.users_with_well_known_password)
+    if exposed:
+        from .node import protected_mode_message
+        log.warning("%s", protected_mode_message(exposed))
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -400,7 +400,7 @@ class Dispatcher:
         # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
         blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
         answer = {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
-                  "acked_tx_id": self.node.acked_tx_id(db)}
+                  "acked_tx_id": self.node.acked_tx_id(db), **self.node.replication_role(db)}
         if blobs:       # the replica checks the last tx against it (no later prevAlh does)
             answer["last_alh"] = await self._read(db.alh_of, first + len(blobs) - 1)
         return answer

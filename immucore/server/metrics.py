@@ -47,7 +47,7 @@ class NodeCollector:
         retries = CounterMetricFamily("immudb_replication_replicators_retries",
                                       "replication failures retried", labels=["db"])
         state = GaugeMetricFamily("immucore_replication_state", "1 for the replicator's current "
-                                  "state (following, checking, retrying, discarding, diverged)",
+                                  "state (following, checking, retrying, discarding, diverged, loop)",
                                   labels=["db", "state"])
         lag_seconds = GaugeMetricFamily("immucore_replication_lag_seconds", "0 when caught up, "
                                         "else seconds since the replica last was", labels=["db"])

@@ -25,10 +25,11 @@ from .. import __version__
 from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
-                         TOKEN_SESSIONS_PER_USER_MAX)
+                         TOKEN_SESSIONS_PER_USER_MAX, REPLICATION_CHAIN_IDS_MAX)
 from ..database import Database, open_database
 from ..durable_file import replace_durably
-from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
+from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
+                      ReplicationLoopError)
 from . import auth, settings as dbsettings
 from ..replication.acks import SyncAcks
 from ..replication.replicator import Replicator
@@ -276,6 +277,7 @@ class Node:
             raise DatabaseError("database already exists")
         s = self._local_primary(dbsettings.merge(None, requested, creating=True))
         dbsettings.validate(name, s)
+        self._check_no_local_loop(name, s)
         s["created_by"] = by_user
         s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self._persist(name, s, by_user)
@@ -293,6 +295,35 @@ class Node:
             s = dict(s, primary_host="127.0.0.1", primary_port=s["primary_port"] or self.options.port)
         return s
 
+    def _is_this_node(self, host: str, port: int) -> bool:
+        """Does ``host:port`` name this node? (loopback, or the address it listens on; a name
+        that resolves elsewhere, or another interface of this machine, is caught at run time.)"""
+        if port != self.options.port:
+            return False
+        if host in ("localhost", self.options.address):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def _check_no_local_loop(self, name: str, s: dict):
+        """Refuse settings that make ``name`` follow itself through replicas of this node (a
+        loop through other nodes is found at run time: docs/replication.md)."""
+        path, current = [name], s
+        while dbsettings.replicator_required(current) and self._is_this_node(
+                current["primary_host"], current["primary_port"]):
+            followed = current["primary_database"]
+            if followed in path:
+                raise ReplicationLoopError(
+                    f"replication loop: database '{name}' would follow itself "
+                    f"({' -> '.join(path + [followed])}, all on this node "
+                    f"{self.options.address}:{self.options.port})")
+            path.append(followed)
+            current = self.settings.get(followed)
+            if current is None:
+                return
+
     def update_database(self, name: str, requested: dict, by_user: str) -> dict:
         dbsettings.check_database_name(name)
         if name in dbsettings.RESERVED_DATABASES:
@@ -302,6 +333,7 @@ class Node:
             raise DatabaseError(f"database {name} does not exist")
         s = self._local_primary(dbsettings.merge(current, requested, creating=False))
         dbsettings.validate(name, s)
+        self._check_no_local_loop(name, s)
         self._replication_changed(name, stop_first=True)   # as immudb: stop, apply, restart
         self._persist(name, s, by_user)
         self.settings[name] = s
@@ -379,9 +411,25 @@ class Node:
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
             replicator = Replicator(database, s, tls=self.replication_tls(),
-                                    replica_id=f"{self.node_id}/{name}")
+                                    replica_id=self.database_id(name))
             self.replicators[name] = replicator
             replicator.start()
+
+    def database_id(self, name: str) -> str:
+        """This database among all nodes: the node's id and the name (what replicas ack under)."""
+        return f"{self.node_id}/{name}"
+
+    def replication_role(self, database) -> dict:
+        """What EXPORT_TXS tells a replica about the database it follows: its role, its own
+        primary (a replica with a replicator) and its chain — its id, then the ids of the
+        primaries above it as its replicator last heard them, nearest first."""
+        replicator = self.replicators.get(database.name) if database.is_replica else None
+        chain = [self.database_id(database.name)]
+        if replicator is not None:
+            chain += replicator.upstream_chain[:REPLICATION_CHAIN_IDS_MAX - 1]
+        return {"role": "replica" if database.is_replica else "primary",
+                "primary": replicator.primary if replicator is not None else "",
+                "chain": chain}
 
     def replication_status(self, name: str) -> Optional[dict]:
         replicator = self.replicators.get(name)
@@ -431,8 +479,8 @@ class Node:
 
     def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
-        caps, or in protected mode (while the sysadmin password is the default, only loopback
-        peers). ``self.connections`` does not hold the new connection yet."""
+        caps, or in protected mode (while any active user has a well-known password, such as
+        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not hold the new connection yet."""
         if len(self.connections) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
@@ -441,13 +489,12 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if not auth.using_default_password(self.users) or _is_loopback(peer):
+        if _is_loopback(peer):
             return None
-        return ("protected_mode",
-                "immucore is in protected mode: the sysadmin password is still the default, so "
-                "only loopback connections are accepted. Change it from this machine "
-                "(immuadmin login immudb, then immuadmin user changepassword immudb); "
-                "--admin-password sets it only when a node creates its data folder")
+        exposed = self.users.users_with_well_known_password()
+        if not exposed:
+            return None
+        return ("protected_mode", protected_mode_message(exposed))
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
@@ -539,6 +586,19 @@ def _server_sync(flags: dict) -> dict:
                                  "sync_acks": flags.get("sync_acks") or 0}
     dbsettings.validate("defaultdb", s)
     return {"sync_replication": True, "sync_acks": s["sync_acks"]}
+
+
+def protected_mode_message(users) -> str:
+    """What a refused peer (and the node's log) reads: who holds a well-known password and how
+    to leave protected mode. The passwords themselves are not repeated."""
+    names = ", ".join(users)
+    how = ("immuadmin login immudb, then immuadmin user changepassword immudb"
+           if auth.SYSADMIN_USERNAME in users else
+           "immuadmin user changepassword USER, or immuadmin user deactivate USER")
+    return (f"immucore is in protected mode: user(s) {names} still have a well-known password "
+            "(a published default such as immudb's or immudb-tools' follower password), so only "
+            f"loopback connections are accepted. Change it from this machine ({how}); "
+            "--admin-password sets the sysadmin's only when a node creates its data folder")
 
 
 def _node_id(folder: str) -> str:
