@@ -58,6 +58,13 @@ INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up af
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
+# One process per data folder (and per database folder): a node that finds its folder's lock
+# held waits this long for the holder to end (a restart overlapping the old process's graceful
+# stop: it closes every database and index worker first, seconds at most), then refuses to
+# start, naming the folder and the holder's pid. Two processes on one set of LMDB files would
+# each run their own writer and index: a stale state, every write failing.
+FOLDER_LOCK_WAIT_SECONDS = 10.0
+FOLDER_LOCK_POLL_SECONDS = 0.1       # how often the waiting start tries the lock again
 
 
 

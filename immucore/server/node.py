@@ -2,8 +2,10 @@
 defaultdb and user databases — over the framed protocol.
 
 Folder layout under ``--dir``: ``systemdb/``, ``defaultdb/`` and one folder per user database,
-each an immucore database (docs/storage.md). Database settings live in systemdb under
-``0x02 || name`` (JSON, immudb's field names), so they persist and are restored on restart.
+each an immucore database (docs/storage.md), and ``immucore.lock``: the node holds it for its
+life, so a second node on the folder is refused (``store/folder_lock.py``). Database settings
+live in systemdb under ``0x02 || name`` (JSON, immudb's field names), so they persist and are
+restored on restart.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, FOLDER_LOCK_WAIT_SECONDS,
+                         PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
                          TOKEN_SESSIONS_PER_USER_MAX)
 from ..database import Database, open_database
 from ..durable_file import replace_durably
 from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
+from ..store.folder_lock import FolderLock
 from . import auth, settings as dbsettings
 from ..replication.acks import SyncAcks
 from ..replication.replicator import Replicator
@@ -103,6 +107,22 @@ class Node:
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
+        # One node per data folder, locked before anything in it is read or written: a start
+        # overlapping the old process's stop waits for it, a second node is refused.
+        self.folder_lock = FolderLock(options.dir, "data folder").acquire(
+            FOLDER_LOCK_WAIT_SECONDS, on_wait=log.warning)
+        self.systemdb = None
+        try:
+            self._open_all(options)
+        except BaseException:
+            for database in [*self.databases.values(), self.systemdb]:
+                if database is not None:
+                    database.close()
+            self.folder_lock.release()
+            self.read_pool.shutdown(wait=False)
+            raise
+
+    def _open_all(self, options: NodeOptions):
         self.node_id = _node_id(options.dir)
         self.sync_acks: Dict[str, SyncAcks] = {}
         # Server-level replication (immudb's --replication-is-replica flags): systemdb and
@@ -492,6 +512,7 @@ class Node:
             database.close()
         self.databases.clear()
         self.systemdb.close()
+        self.folder_lock.release()
 
     def banner(self) -> str:
         roles = ", ".join(name + _role(self.settings.get(name, {})) for name in self.databases)
