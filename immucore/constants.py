@@ -110,6 +110,10 @@ TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry
 # connections' sessions, and a token lasts a day: without this one user could hold them all.
 TOKEN_SESSIONS_PER_USER_MAX = 8
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+# A long poll (EXPORT_TXS with wait_ms) is answered up to wait_ms later by design: its deadline
+# is the client's timeout or the wait plus this, whichever is later (a 30 s timeout and a 30 s
+# poll must not always time out; a replicator's 15 s timeout on its 10 s poll stays 15 s).
+CLIENT_LONG_POLL_GRACE_SECONDS = 5.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
 # at half a frame), every chunk read and its permission checked as the one before leaves.
