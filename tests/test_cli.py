@@ -202,6 +202,32 @@ def test_database_list_load_unload_delete(admin):
     assert (gone.returncode, gone.stderr) == (1, "immuadmin: database lifedb does not exist\n")
     reserved = admin.admin("database", "unload", "defaultdb")
     assert (reserved.returncode, reserved.stderr) == (1, "immuadmin: database is reserved\n")
+    for action in ("unload", "load"):
+        missing = admin.admin("database", action, "nosuchdb")
+        assert (missing.returncode, missing.stderr) == (
+            1, "immuadmin: database nosuchdb does not exist\n")
+
+
+def test_updates_promotions_and_deletions_leave_a_line_in_the_nodes_log(node, admin):
+    admin.ok("immuadmin", "database", "create", "--replication-enabled=true", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--autoload=false", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--replication-enabled=false", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--replication-enabled=true",
+             "--replication-primary-host=127.0.0.1", f"--replication-primary-port={node.port}",
+             "--replication-primary-database=defaultdb", "--replication-primary-username=immudb",
+             "--replication-primary-password=immudb", "loggeddb")
+    admin.ok("immuadmin", "database", "unload", "loggeddb")
+    admin.ok("immuadmin", "database", "delete", "--yes-i-know-what-i-am-doing", "loggeddb")
+    lines = [line.split(": ", 1)[1] for line in node.log().splitlines()
+             if "immucore.node: database loggeddb" in line]
+    assert lines[0] == "database loggeddb created by immudb (replica: True)"
+    assert lines[1] == "database loggeddb updated by immudb (autoload=False)"
+    assert lines[2].startswith("database loggeddb promoted to primary by immudb (") \
+        and "replica=False" in lines[2]
+    assert lines[3].startswith(f"database loggeddb demoted to a replica of 127.0.0.1:"
+                               f"{node.port}/defaultdb by immudb (")
+    assert "primary_password='********'" in lines[3]            # never the password itself
+    assert lines[4:] == ["database loggeddb unloaded", "database loggeddb deleted by immudb"]
 
 
 # --- users ------------------------------------------------------------------------------------

@@ -328,6 +328,7 @@ class Node:
         if name in self.databases:
             self.databases[name].set_replica(bool(s["replica"]))
         self._replication_changed(name)
+        _log_update(name, current, s, by_user)
         acks = self.sync_acks.get(name)
         if acks is not None and self.loop is not None:
             if s["replica"]:
@@ -347,15 +348,19 @@ class Node:
             raise DatabaseError(f"database {name} is already loaded")
         self._open(name, self.settings[name])
         self._replication_changed(name)
+        log.info("database %s loaded", name)
 
     def unload_database(self, name: str):
         if name in dbsettings.RESERVED_DATABASES:
             raise DatabaseError("database is reserved")
+        if name not in self.settings:
+            raise DatabaseError(f"database {name} does not exist")
         if name not in self.databases:
             raise DatabaseError(f"database {name} is not loaded")
         self._replication_changed(name, stop_first=True)
         self._fail_sync_waiters(name)
         self.databases.pop(name).close()
+        log.info("database %s unloaded", name)
 
     def _fail_sync_waiters(self, name: str):
         acks = self.sync_acks.pop(name, None)
@@ -374,6 +379,7 @@ class Node:
         self.systemdb.delete([SETTINGS_PREFIX + name.encode()])
         del self.settings[name]
         shutil.rmtree(os.path.join(self.options.dir, name), ignore_errors=True)
+        log.info("database %s deleted by %s", name, by_user)
 
     # --- replicators ------------------------------------------------------------------------
 
@@ -522,6 +528,25 @@ class Node:
             s = self.server_replication
             text += f"; systemdb and defaultdb replica of {s['primary_host']}:{s['primary_port']}"
         return text
+
+
+def _log_update(name: str, before: dict, after: dict, by_user: str):
+    """One line in the node's log for an update: what changed and, first, a change of role
+    (a promotion or demotion is what an operator looks for after a failover)."""
+    changed = sorted(key for key in after if key not in ("created_by", "created_at")
+                     and after.get(key) != before.get(key))
+    shown = ", ".join(f"{key}={'********' if 'password' in key else after[key]!r}"
+                      for key in changed) or "nothing changed"
+    if bool(before.get("replica")) == bool(after.get("replica")):
+        what = "updated"
+    elif not after.get("replica"):
+        what = "promoted to primary"
+    elif after.get("primary_host"):
+        what = (f"demoted to a replica of {after['primary_host']}:{after.get('primary_port')}/"
+                f"{after.get('primary_database') or name}")
+    else:
+        what = "demoted to a replica (fed from outside)"
+    log.info("database %s %s by %s (%s)", name, what, by_user, shown)
 
 
 def _role(settings: dict) -> str:
