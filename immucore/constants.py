@@ -58,6 +58,13 @@ INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up af
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
+# One process per data folder (and per database folder): a node that finds its folder's lock
+# held waits this long for the holder to end (a restart overlapping the old process's graceful
+# stop: it closes every database and index worker first, seconds at most), then refuses to
+# start, naming the folder and the holder's pid. Two processes on one set of LMDB files would
+# each run their own writer and index: a stale state, every write failing.
+FOLDER_LOCK_WAIT_SECONDS = 10.0
+FOLDER_LOCK_POLL_SECONDS = 0.1       # how often the waiting start tries the lock again
 
 
 
@@ -103,6 +110,10 @@ TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry
 # connections' sessions, and a token lasts a day: without this one user could hold them all.
 TOKEN_SESSIONS_PER_USER_MAX = 8
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+# A long poll (EXPORT_TXS with wait_ms) is answered up to wait_ms later by design: its deadline
+# is the client's timeout or the wait plus this, whichever is later (a 30 s timeout and a 30 s
+# poll must not always time out; a replicator's 15 s timeout on its 10 s poll stays 15 s).
+CLIENT_LONG_POLL_GRACE_SECONDS = 5.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
 # at half a frame), every chunk read and its permission checked as the one before leaves.

@@ -26,6 +26,7 @@ from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsEr
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
+from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
 from .store.indexer import Indexer
 from .store.writer import ChainState, Writer
@@ -58,6 +59,9 @@ def open_database(path: str, **options) -> "Database":
     ``max_tx_entries``, ``max_key_len``, ``max_value_len`` (immudb's defaults),
     ``index_wait_seconds`` (how long a read waits for the key index), ``map_size_bytes``,
     ``index_worker`` (index in a process of its own instead of a thread: what the node does).
+
+    The folder is locked while the database is open (``<path>/immucore.lock``): another opening
+    of it, in any process, is refused with ``FolderInUseError`` naming the folder and the pid.
     """
     return Database(path, **options)
 
@@ -81,9 +85,13 @@ class Database:
         self._index_wait_seconds = index_wait_seconds
         self._closed = False
         self._log = self._index_env = self._writer = self._indexer = None
+        self._folder_lock = None
         self._commit_listeners = []
         try:
             os.makedirs(self.path, exist_ok=True)
+            # before any environment is opened: a second opening (another process, or this
+            # one again) would run its own writer and index on the same files
+            self._folder_lock = FolderLock(self.path, "database folder").acquire()
             self._log = LmdbEnv(os.path.join(self.path, "log"), LOG_DBS,
                                 durable=durable, map_size_bytes=map_size_bytes)
             # The index is derived from the log: losing its last commit in a crash only means
@@ -113,10 +121,14 @@ class Database:
 
     def _release(self):
         """Stop the writer (it finishes what is queued), then the indexer, then close both
-        environments (each waits for its readers)."""
-        for part in (self._writer, self._indexer, self._index_env, self._log):
-            if part is not None:
-                part.close()
+        environments (each waits for its readers), and only then let the folder go."""
+        try:
+            for part in (self._writer, self._indexer, self._index_env, self._log):
+                if part is not None:
+                    part.close()
+        finally:
+            if self._folder_lock is not None:
+                self._folder_lock.release()
 
     def _on_commit(self, state: ChainState) -> None:
         self._indexer.notify()

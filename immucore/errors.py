@@ -76,3 +76,7 @@ class IndexTimeoutError(ImmucoreError, TimeoutError):
 class DatabaseClosedError(ImmucoreError):
     def __init__(self, message: str = "database is closed"):
         super().__init__(message)
+
+
+class FolderInUseError(ImmucoreError):
+    """A data or database folder another process (or another opening) holds: never shared."""

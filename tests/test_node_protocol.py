@@ -427,6 +427,18 @@ def test_admin_of_a_database_can_export_it_but_not_create_databases(node, users)
         assert info.value.code == "permission_denied"
 
 
+def test_a_long_poll_longer_than_the_clients_timeout_is_answered_not_timed_out(node):
+    """EXPORT_TXS with wait_ms is answered up to wait_ms later by design: the client must not
+    give it up after its own timeout (a 30 s client on a 30 s poll always timed out)."""
+    with node.client() as admin:
+        admin.create_database("pollingdb")
+    with Client("127.0.0.1", node.port, timeout=1.0) as client:
+        client.login(*ADMIN, database="pollingdb")
+        started = time.monotonic()
+        assert client.export_txs(1, 10, wait_ms=2500, with_state=True) == ([], 0)
+        assert time.monotonic() - started >= 2.0            # the node did hold it
+
+
 def test_connection_session_id_is_not_a_bearer_token(node, users):
     with node.client(users["reader"]) as reader:
         token = reader.session_token

@@ -69,31 +69,16 @@ def cmd_database_list(args):
 
 def cmd_replication_push(args):
     import asyncio
-    from .push import Progress, push
+    from .push import Progress, push_into_session
+    session = Session(args)
+    saved = session.saved_session()             # "please login first" before any prompt
     password = args.from_password
     if password is None:
         password = read_secrets(["Password of the primary user: "])[0]
-    saved = Session(args).load()
-    if saved is None:
-        raise CliError("please login first")
-
-    async def run():
-        from ..client import AsyncClient
-        session = Session(args)
-        address, port = session.server(saved)
-        target = AsyncClient(address, port, ssl=session.tls)
-        try:
-            await target.resume(saved["token"])
-            if args.database:
-                await target.use_database(args.database)
-            source = {"host": args.from_address, "port": args.from_port,
-                      "user": args.from_user, "password": password,
-                      "database": args.from_database}
-            return await push(source, target, follow=args.follow, progress=Progress())
-        finally:
-            await target.close()
-
-    copied = asyncio.run(run())
+    source = {"host": args.from_address, "port": args.from_port, "user": args.from_user,
+              "password": password, "database": args.from_database}
+    copied = asyncio.run(push_into_session(session, saved, args.database, source,
+                                           follow=args.follow, progress=Progress()))
     print(f"{copied} transactions replicated")
 
 
@@ -124,7 +109,9 @@ def cmd_database_unload(args):
 
 def cmd_database_delete(args):
     if not args.yes_i_know_what_i_am_doing:
-        print(f"database '{args.name}' was not deleted. Safety flag not set")
+        # immudb's text, then the flag it means
+        print(f"database '{args.name}' was not deleted. Safety flag not set "
+              f"(--yes-i-know-what-i-am-doing)")
         return 1
     with Session(args).resumed() as client:
         client.delete_database(args.name)
@@ -138,8 +125,7 @@ def cmd_user_create(args):
         raise CliError(f"permission {args.permission} needs a database: "
                        f"user create {args.user} {args.permission} <database>")
     session = Session(args)
-    if session.load() is None:
-        raise CliError("please login first")
+    session.saved_session()                     # "please login first" before any prompt
     password = new_password(args.password)      # asked before connecting: no idle connection
     with session.resumed() as client:
         client.create_user(args.user, password, args.permission, args.database)
@@ -158,9 +144,7 @@ def cmd_user_list(args):
 
 def cmd_user_changepassword(args):
     session = Session(args)
-    saved = session.load()
-    if saved is None:
-        raise CliError("please login first")
+    saved = session.saved_session()
     # Your own password needs the old one; a sysadmin (or the admin who created the user)
     # changes another user's without it.
     own = saved.get("user") == args.user
@@ -173,7 +157,7 @@ def cmd_user_changepassword(args):
         client.change_password(args.user, old, password)
     print(f"password of {args.user} changed successfully")
     if own:         # the node ends every session of a user whose password changed
-        session.remove()
+        session.ended()
         print(f"{PROG}: your session ended with the password change: please login again",
               file=sys.stderr)
 
@@ -282,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "primary database; the replica must have no replicator of its own")
     sub.add_argument("--from-address", required=True, help="primary host")
     sub.add_argument("--from-port", type=int, default=3322, help="primary port (3322)")
-    sub.add_argument("--from-user", default="immudb", help="user on the primary (admin)")
+    sub.add_argument("--from-user", default="immudb",
+                     help="user on the primary, with admin permission on --from-database "
+                          "(default immudb)")
     sub.add_argument("--from-password", default=None,
                      help="its password (asked, or read from stdin, when not given)")
     sub.add_argument("--from-database", default="defaultdb", help="primary database")

@@ -2,8 +2,10 @@
 defaultdb and user databases — over the framed protocol.
 
 Folder layout under ``--dir``: ``systemdb/``, ``defaultdb/`` and one folder per user database,
-each an immucore database (docs/storage.md). Database settings live in systemdb under
-``0x02 || name`` (JSON, immudb's field names), so they persist and are restored on restart.
+each an immucore database (docs/storage.md), and ``immucore.lock``: the node holds it for its
+life, so a second node on the folder is refused (``store/folder_lock.py``). Database settings
+live in systemdb under ``0x02 || name`` (JSON, immudb's field names), so they persist and are
+restored on restart.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, FOLDER_LOCK_WAIT_SECONDS,
+                         PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
                          TOKEN_SESSIONS_PER_USER_MAX, REPLICATION_CHAIN_IDS_MAX)
@@ -30,6 +33,7 @@ from ..database import Database, open_database
 from ..durable_file import replace_durably
 from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
                       ReplicationLoopError)
+from ..store.folder_lock import FolderLock
 from . import auth, settings as dbsettings
 from ..replication.acks import SyncAcks
 from ..replication.replicator import Replicator
@@ -104,6 +108,22 @@ class Node:
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
+        # One node per data folder, locked before anything in it is read or written: a start
+        # overlapping the old process's stop waits for it, a second node is refused.
+        self.folder_lock = FolderLock(options.dir, "data folder").acquire(
+            FOLDER_LOCK_WAIT_SECONDS, on_wait=log.warning)
+        self.systemdb = None
+        try:
+            self._open_all(options)
+        except BaseException:
+            for database in [*self.databases.values(), self.systemdb]:
+                if database is not None:
+                    database.close()
+            self.folder_lock.release()
+            self.read_pool.shutdown(wait=False)
+            raise
+
+    def _open_all(self, options: NodeOptions):
         self.node_id = _node_id(options.dir)
         self.sync_acks: Dict[str, SyncAcks] = {}
         # Server-level replication (immudb's --replication-is-replica flags): systemdb and
@@ -340,6 +360,7 @@ class Node:
         if name in self.databases:
             self.databases[name].set_replica(bool(s["replica"]))
         self._replication_changed(name)
+        _log_update(name, current, s, by_user)
         acks = self.sync_acks.get(name)
         if acks is not None and self.loop is not None:
             if s["replica"]:
@@ -359,15 +380,19 @@ class Node:
             raise DatabaseError(f"database {name} is already loaded")
         self._open(name, self.settings[name])
         self._replication_changed(name)
+        log.info("database %s loaded", name)
 
     def unload_database(self, name: str):
         if name in dbsettings.RESERVED_DATABASES:
             raise DatabaseError("database is reserved")
+        if name not in self.settings:
+            raise DatabaseError(f"database {name} does not exist")
         if name not in self.databases:
             raise DatabaseError(f"database {name} is not loaded")
         self._replication_changed(name, stop_first=True)
         self._fail_sync_waiters(name)
         self.databases.pop(name).close()
+        log.info("database %s unloaded", name)
 
     def _fail_sync_waiters(self, name: str):
         acks = self.sync_acks.pop(name, None)
@@ -386,6 +411,7 @@ class Node:
         self.systemdb.delete([SETTINGS_PREFIX + name.encode()])
         del self.settings[name]
         shutil.rmtree(os.path.join(self.options.dir, name), ignore_errors=True)
+        log.info("database %s deleted by %s", name, by_user)
 
     # --- replicators ------------------------------------------------------------------------
 
@@ -539,6 +565,7 @@ class Node:
             database.close()
         self.databases.clear()
         self.systemdb.close()
+        self.folder_lock.release()
 
     def banner(self) -> str:
         roles = ", ".join(name + _role(self.settings.get(name, {})) for name in self.databases)
@@ -548,6 +575,25 @@ class Node:
             s = self.server_replication
             text += f"; systemdb and defaultdb replica of {s['primary_host']}:{s['primary_port']}"
         return text
+
+
+def _log_update(name: str, before: dict, after: dict, by_user: str):
+    """One line in the node's log for an update: what changed and, first, a change of role
+    (a promotion or demotion is what an operator looks for after a failover)."""
+    changed = sorted(key for key in after if key not in ("created_by", "created_at")
+                     and after.get(key) != before.get(key))
+    shown = ", ".join(f"{key}={'********' if 'password' in key else after[key]!r}"
+                      for key in changed) or "nothing changed"
+    if bool(before.get("replica")) == bool(after.get("replica")):
+        what = "updated"
+    elif not after.get("replica"):
+        what = "promoted to primary"
+    elif after.get("primary_host"):
+        what = (f"demoted to a replica of {after['primary_host']}:{after.get('primary_port')}/"
+                f"{after.get('primary_database') or name}")
+    else:
+        what = "demoted to a replica (fed from outside)"
+    log.info("database %s %s by %s (%s)", name, what, by_user, shown)
 
 
 def _role(settings: dict) -> str:
