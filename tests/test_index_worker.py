@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from immucore.client import Client
 from immucore.database import open_database
 from immucore.errors import KeyNotFoundError
 from immucore.store.indexer import IndexMovedError, index_step, read_indexed_tx_id
@@ -237,3 +238,31 @@ def test_a_commit_whose_poke_found_the_pipe_full_is_still_indexed(db):
     full_pipe.let_through = True
     indexer._on_line(f"indexed {indexer.indexed_tx_id}")   # the worker's next report
     _wait_until(lambda: indexer.indexed_tx_id == 2, 5)
+
+
+def test_workers_import_the_package_the_node_runs_whatever_the_current_directory(tmp_path):
+    """A node started as a user does (the installed `immucore` script) from a folder holding
+    another `immucore` package: its index workers must not import that one (they would die on
+    it and be restarted forever, and every read of a user database time out)."""
+    decoy = tmp_path / "cwd" / "immucore"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text(
+        'raise ImportError("the decoy immucore in the current directory was imported")\n')
+    with running_node(tmp_path / "node", console_script=True, cwd=str(tmp_path / "cwd")) as node, \
+            Client(node.host, node.port, timeout=15) as client:
+        client.login("immudb", "immudb")
+        client.create_database("userdb")
+        client.create_database("userreplica", {
+            "replica": True, "primary_database": "userdb", "primary_host": node.host,
+            "primary_port": node.port, "primary_username": "immudb",
+            "primary_password": "immudb"})
+        client.use_database("userdb")
+        tx = client.set({b"key": b"value"})
+        assert client.get(b"key").value == b"value"
+        client.use_database("userreplica")
+        _wait_until(lambda: client.current_state().tx_id >= tx.id)
+        assert client.get(b"key").value == b"value"
+        client.use_database("defaultdb")
+        client.set({b"default": b"1"})
+        assert client.get(b"default").value == b"1"
+    assert "decoy" not in node.log() and "restarting it" not in node.log(), node.log()

@@ -8,6 +8,8 @@ thread (``indexer.index_step``) with its own GIL; the node only reads the index.
 
 The two ends talk over the worker's stdin and stdout:
 
+The node starts a worker with ``sys.executable`` on the very package it runs (_WORKER_BOOTSTRAP).
+
 * node -> worker, 9-byte commands (one byte, then a u64; one write each, so commands from
   several threads never interleave): ``p <tx>`` tx committed (after every commit; when the
   pipe is full it is dropped, and the latest tx id is sent again after the worker's next step),
@@ -50,7 +52,17 @@ _RETRY_SECONDS_MAX = 5.0
 _PAUSE_WAIT_SECONDS = 60.0          # a step is bounded (INDEX_BATCH_ENTRIES_MAX); this is ample
 _STOP_WAIT_SECONDS = 30.0
 _STABLE_SECONDS = 5.0               # a worker up this long before exiting was not crash-looping
+# The folder holding the immucore package this node runs (site-packages, or a source tree).
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# How a worker starts: ``python -m`` (or ``-c``) puts the current directory first on sys.path,
+# so a node started from a source checkout (no built extension there) or from any folder that
+# holds an ``immucore`` package would run its workers on that other package, which dies or
+# indexes differently. The bootstrap replaces that first entry with _PACKAGE_ROOT (argv[1]):
+# the worker imports exactly the package the node runs, whatever the current directory.
+# (With PYTHONSAFEPATH set there is no such entry: the root is only put first.)
+_WORKER_BOOTSTRAP = ("import sys; root = sys.argv.pop(1); "
+                     "sys.path[0:0 if getattr(sys.flags, 'safe_path', False) else 1] = [root]; "
+                     "from immucore.store.index_worker import main; main()")
 
 
 class WorkerIndexer:
@@ -139,15 +151,11 @@ class WorkerIndexer:
     # --- the worker process ---------------------------------------------------------------
 
     def _start_worker(self):
-        command = [sys.executable, "-m", "immucore.store.index_worker", self._path, self._name,
-                   "1" if self._durable else "0", str(self._pause),
-                   str(self._committed_tx_id()), str(self._map_size_bytes)]
-        env = dict(os.environ)
-        # the worker imports this very package, wherever the node found it
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
-                                                          env.get("PYTHONPATH"))))
+        command = [sys.executable, "-c", _WORKER_BOOTSTRAP, _PACKAGE_ROOT,
+                   os.path.abspath(self._path), self._name, "1" if self._durable else "0",
+                   str(self._pause), str(self._committed_tx_id()), str(self._map_size_bytes)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   close_fds=True, env=env)
+                                   close_fds=True)
         os.set_blocking(process.stdin.fileno(), False)
         self._process = process
         self._started_at = time.monotonic()
@@ -360,7 +368,9 @@ def work(path: str, name: str, durable: bool, pause: int, committed: int,
     return 0
 
 
-if __name__ == "__main__":
+def main():
+    """The worker process's entry (see _WORKER_BOOTSTRAP): ``<path> <name> <durable> <pause>
+    <committed> <map size>``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
     try:
@@ -368,3 +378,7 @@ if __name__ == "__main__":
                       int(sys.argv[5]), int(sys.argv[6])))
     except BrokenPipeError:          # the node is gone
         sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
