@@ -55,6 +55,14 @@ INDEX_GATHER_SECONDS = 0.01
 INDEX_GATHER_TXS_MAX = 2_000
 INDEX_THREAD_NICE = 10               # the indexer thread's nice value (Linux: per thread)
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
+# An index worker process that exits more than INDEX_WORKER_RESTARTS_MAX times within
+# INDEX_WORKER_RESTART_WINDOW_SECONDS is not started again: its database's index is put in an
+# error state (reads fail at once naming the cause; `database list`, /metrics and the log show
+# the worker's last stderr line) until the database is loaded again. Restarting for ever burns
+# CPU and leaves every read waiting INDEX_WAIT_SECONDS_DEFAULT for an index that never comes;
+# five restarts (about 3 s of backoff) ride out a passing failure such as a worker killed once.
+INDEX_WORKER_RESTARTS_MAX = 5
+INDEX_WORKER_RESTART_WINDOW_SECONDS = 60.0
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20

@@ -321,6 +321,12 @@ class Node:
         return s
 
     def load_database(self, name: str):
+        """Load ``name``; a loaded database whose index failed for good (its worker kept dying)
+        gets its index worker started again instead: the way back for defaultdb, which cannot
+        be unloaded."""
+        if name in self.databases and self.databases[name].restart_index():
+            log.info("database %s: index worker started again", name)
+            return
         if name not in self.settings:
             raise DatabaseError(f"database {name} does not exist")
         if name in self.databases:
@@ -400,6 +406,7 @@ class Node:
                 "primary": (f"{s['primary_host']}:{s['primary_port']}/{s['primary_database']}"
                             if s["replica"] and s["primary_host"] else ""),
                 "replication": self.replication_status(name),
+                "index": database.index_status() if database else None,
             })
         return out
 
