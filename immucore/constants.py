@@ -99,6 +99,12 @@ PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 # dropping what was buffered; close() would wait for the peer to read it, which may be never.
 CONNECTION_WRITE_STALL_SECONDS = 60
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
+# Databases loaded at once, systemdb aside (--max-active-databases, immudb's flag name): each costs
+# an index worker process (~20-24 MB of RSS, measured with tests/test_many_databases.py), ~3 node
+# threads and ~9 open files, so without a bound a tool creating replicas of many databases could
+# exhaust the machine's memory. 100 is ~2.4 GB of workers, what a small VM holds beside the data's
+# page cache. Past it a create or load is refused, naming the flag; nothing is closed to make room.
+DATABASES_ACTIVE_MAX_DEFAULT = 100
 # Open connections (--max-connections); a new one past it gets `too_many_connections` and is
 # closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be
 # waiting to log in: a flood of idle connections cannot take logged-in users' connections (new

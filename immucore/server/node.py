@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
+                         PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
                          TOKEN_SESSIONS_PER_USER_MAX)
@@ -55,6 +56,10 @@ class DatabaseError(ImmucoreError):
     """A database management request that cannot be done (missing, exists, reserved…)."""
 
 
+class TooManyDatabasesError(DatabaseError):
+    """A create or load past --max-active-databases (wire code ``too_many_databases``)."""
+
+
 class NotPrimaryError(ImmucoreError):
     """A sync write's database was demoted to a replica before enough replicas held it."""
 
@@ -68,6 +73,8 @@ class NodeOptions:
     synced: bool = True
     max_sessions: int = SESSIONS_MAX_DEFAULT
     max_connections: int = CONNECTIONS_MAX_DEFAULT
+    # databases loaded at once, systemdb aside (each runs an index worker process)
+    max_active_databases: int = DATABASES_ACTIVE_MAX_DEFAULT
     metrics_server: bool = True
     metrics_server_port: int = 9497
     pidfile: str = ""
@@ -95,6 +102,9 @@ class Node:
         if options.max_connections < 1:
             raise IllegalArgumentsError(
                 f"max connections must be at least 1, not {options.max_connections}")
+        if options.max_active_databases < 1:
+            raise IllegalArgumentsError("--max-active-databases must be at least 1 (defaultdb), "
+                                        f"not {options.max_active_databases}")
         self.connections = set()
         self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
@@ -136,6 +146,8 @@ class Node:
                 if stored["autoload"]:
                     try:
                         self._open(name, stored)
+                    except TooManyDatabasesError as exc:    # it names the database
+                        log.error("%s", exc)
                     except Exception as exc:  # noqa: BLE001 - one bad database must not stop it
                         log.error("database %s not loaded: %s", name, exc)
         self._server = None
@@ -160,7 +172,18 @@ class Node:
                 "created_at": record.get("createdAt", "")}
         return out
 
+    def _check_room(self, name: str, doing: str):
+        """Refuse to load one database more than --max-active-databases, before anything of it
+        is written or opened."""
+        loaded, most = len(self.databases), self.options.max_active_databases
+        if loaded >= most:
+            raise TooManyDatabasesError(
+                f"database {name} not {doing}: {loaded} databases are loaded, the most this node "
+                f"keeps active (--max-active-databases {most}, systemdb not counted); unload "
+                "one or start the node with a higher limit")
+
     def _open(self, name: str, s: dict) -> Database:
+        self._check_room(name, "loaded")
         database = open_database(os.path.join(self.options.dir, name), name=name,
                                  replica=bool(s["replica"]), durable=self.options.synced,
                                  header_version=s["write_tx_header_version"],
@@ -276,6 +299,7 @@ class Node:
             raise DatabaseError("database already exists")
         s = self._local_primary(dbsettings.merge(None, requested, creating=True))
         dbsettings.validate(name, s)
+        self._check_room(name, "created")
         s["created_by"] = by_user
         s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self._persist(name, s, by_user)
