@@ -1,8 +1,8 @@
 """immucore: a verifiable, append-only key-value database compatible with immudb."""
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,  # noqa: F401
-                     ImmucoreError, IndexTimeoutError, KeyNotFoundError, NotReplicaError,
-                     ReadOnlyReplicaError, ReplicaDivergedError, TxAlreadyCommittedError,
-                     TxNotFoundError, VerificationError)
+                     ImmucoreError, IndexFailedError, IndexTimeoutError, KeyNotFoundError,
+                     NotReplicaError, ReadOnlyReplicaError, ReplicaDivergedError,
+                     TxAlreadyCommittedError, TxNotFoundError, VerificationError)
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State,  # noqa: F401
                     Tx, TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
 

@@ -55,6 +55,14 @@ INDEX_GATHER_SECONDS = 0.01
 INDEX_GATHER_TXS_MAX = 2_000
 INDEX_THREAD_NICE = 10               # the indexer thread's nice value (Linux: per thread)
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
+# An index worker process that exits more than INDEX_WORKER_RESTARTS_MAX times within
+# INDEX_WORKER_RESTART_WINDOW_SECONDS is not started again: its database's index is put in an
+# error state (reads fail at once naming the cause; `database list`, /metrics and the log show
+# the worker's last stderr line) until the database is loaded again. Restarting for ever burns
+# CPU and leaves every read waiting INDEX_WAIT_SECONDS_DEFAULT for an index that never comes;
+# five restarts (about 3 s of backoff) ride out a passing failure such as a worker killed once.
+INDEX_WORKER_RESTARTS_MAX = 5
+INDEX_WORKER_RESTART_WINDOW_SECONDS = 60.0
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
@@ -98,6 +106,12 @@ PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 # dropping what was buffered; close() would wait for the peer to read it, which may be never.
 CONNECTION_WRITE_STALL_SECONDS = 60
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
+# Databases loaded at once, systemdb aside (--max-active-databases, immudb's flag name): each costs
+# an index worker process (~20-24 MB of RSS, measured with tests/test_many_databases.py), ~3 node
+# threads and ~9 open files, so without a bound a tool creating replicas of many databases could
+# exhaust the machine's memory. 100 is ~2.4 GB of workers, what a small VM holds beside the data's
+# page cache. Past it a create or load is refused, naming the flag; nothing is closed to make room.
+DATABASES_ACTIVE_MAX_DEFAULT = 100
 # Open connections (--max-connections); a new one past it gets `too_many_connections` and is
 # closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be
 # waiting to log in: a flood of idle connections cannot take logged-in users' connections (new

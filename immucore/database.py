@@ -22,7 +22,8 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
+                     IndexFailedError, KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError,
+                     TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
@@ -191,6 +192,18 @@ class Database:
     @property
     def header_version(self) -> int:
         return self._settings["header_version"]
+
+    def index_status(self) -> dict:
+        """The key index's worker for `database list`: ``worker_pid`` (None: a thread, or not
+        running), ``restarts`` and ``error`` (None, or why it stopped for good)."""
+        indexer = self._indexer
+        return {"worker_pid": indexer.worker_pid, "restarts": indexer.restarts,
+                "error": indexer.failed}
+
+    def restart_index(self) -> bool:
+        """Start the index worker again after it failed for good; False if it had not."""
+        self._check_open()
+        return self._indexer.restart()
 
     @property
     def indexed_tx_id(self) -> int:
@@ -588,8 +601,9 @@ class Database:
         revision)``: the node encodes an answer straight from it (building the frozen Entry
         cost a tenth of a get)."""
         keys = list(keys)
-        if self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id:
-            self._wait_index(0)        # raises if closed; waits (or BurstWouldBlock) if behind
+        if (self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id
+                or self._indexer.failed is not None):
+            self._wait_index(0)        # raises if closed or failed; waits (or BurstWouldBlock)
         with self._index_env.read(version=self._indexer.version) as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
             found = [self._locate(cursor, key) for key in keys]
@@ -699,11 +713,16 @@ class Database:
 
     def index_covers(self, since_tx: int = 0) -> bool:
         """Whether a read with ``since_tx`` would run without waiting for the index."""
-        return self._indexer.indexed_tx_id >= max(since_tx, self._writer.state.tx_id)
+        return (self._indexer.indexed_tx_id >= max(since_tx, self._writer.state.tx_id)
+                and self._indexer.failed is None)
 
     def _wait_index(self, since_tx: int):
-        """Reads see every tx committed before they started (or ``since_tx``, if later)."""
+        """Reads see every tx committed before they started (or ``since_tx``, if later).
+        None at all once the index failed for good: one read served and the next refused
+        (as soon as a write passes the index) would be worse than a clear error."""
         self._check_open()
+        if self._indexer.failed is not None:
+            raise IndexFailedError(self._indexer.failed)
         committed = self._writer.state.tx_id
         if since_tx > committed:
             raise IllegalArgumentsError(

@@ -73,6 +73,11 @@ class IndexTimeoutError(ImmucoreError, TimeoutError):
     """A read waited longer than allowed for the key index to cover the tx it needs."""
 
 
+class IndexFailedError(ImmucoreError):
+    """The database's key index stopped for good (its index worker kept dying): reads that
+    need it fail at once with the cause, until the database is loaded again."""
+
+
 class DatabaseClosedError(ImmucoreError):
     def __init__(self, message: str = "database is closed"):
         super().__init__(message)

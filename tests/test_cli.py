@@ -178,13 +178,13 @@ def test_create_and_update_send_only_the_flags_given(node, admin):
 def test_database_list_load_unload_delete(admin):
     admin.ok("immuadmin", "database", "create", "lifedb")
     row = table_row(admin.ok("immuadmin", "database", "list"), "lifedb")
-    # ... Transactions, Replication ("-" for a primary)
-    assert "immudb" in row and "LOADED" in row and "FALSE" in row and row[-2:] == ["0", "-"]
+    # ... Transactions, Replication ("-" for a primary), Index ("ok": its worker runs)
+    assert "immudb" in row and "LOADED" in row and "FALSE" in row and row[-3:] == ["0", "-", "ok"]
 
     assert admin.ok("immuadmin", "database", "unload", "lifedb") == \
         "database 'lifedb' successfully unloaded\n"
     row = table_row(admin.ok("immuadmin", "database", "list"), "lifedb")
-    assert "UNLOADED" in row and row[-2] == "-"
+    assert "UNLOADED" in row and row[-3:] == ["-", "-", "-"]
 
     unsafe = admin.admin("database", "delete", "lifedb")
     assert unsafe.returncode != 0

@@ -60,10 +60,10 @@ def cmd_database_list(args):
     rows = [(d["name"], time_text(d["created_at"]), d["created_by"] or "-",
              "LOADED" if d["loaded"] else "UNLOADED", "TRUE" if d["replica"] else "FALSE",
              size_text(d["disk_size_bytes"]), "-" if d["tx_count"] is None else d["tx_count"],
-             _replication_text(d))
+             _replication_text(d), _index_text(d))
             for d in databases]
     print_table(("Database Name", "Created At", "Created By", "Status", "Is Replica",
-                 "Disk Size", "Transactions", "Replication"), rows)
+                 "Disk Size", "Transactions", "Replication", "Index"), rows)
     print(f"{len(rows)} database(s)")
 
 
@@ -93,6 +93,15 @@ def _replication_text(database: dict) -> str:
     if status["last_error"]:
         text += f": {status['last_error']}"
     return text
+
+
+def _index_text(database: dict) -> str:
+    """``ok``, or ``ERROR: <why>`` when the index worker kept dying and was not restarted
+    (``database load`` starts it again); ``-`` for an unloaded database."""
+    status = database.get("index")
+    if status is None:
+        return "-"
+    return f"ERROR: {status['error']}" if status["error"] else "ok"
 
 
 def cmd_database_load(args):

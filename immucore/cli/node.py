@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from ..constants import (CONNECTIONS_MAX_DEFAULT, REPLICATION_SYNC_TIMEOUT_SECONDS,
-                         SESSIONS_MAX_DEFAULT)
+from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
+                         REPLICATION_SYNC_TIMEOUT_SECONDS, SESSIONS_MAX_DEFAULT)
 from .flags import (REPLICATION_FLAGS, add_bool, add_replication_flags, normalize_bool_flags,
                     parse_bool)
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="maximum open client connections; more are refused with "
                              f"too_many_connections (default {CONNECTIONS_MAX_DEFAULT})")
+    parser.add_argument("--max-active-databases", type=int, default=None,
+                        help="maximum databases loaded at once, systemdb aside (each runs an "
+                             "index worker process); a create or load past it is refused "
+                             f"(default {DATABASES_ACTIVE_MAX_DEFAULT})")
     add_bool(parser, "--metrics-server", dest="metrics_server", default=None,
              help="serve Prometheus metrics (default true)")
     parser.add_argument("--metrics-server-port", type=int, default=None,
@@ -64,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "admin_password": "immudb",
              "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT,
-             "max_connections": CONNECTIONS_MAX_DEFAULT, "metrics_server": True,
+             "max_connections": CONNECTIONS_MAX_DEFAULT,
+             "max_active_databases": DATABASES_ACTIVE_MAX_DEFAULT, "metrics_server": True,
              "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": "",
              "certificate": "", "pkey": "", "replication_tls_ca": "",
              "replication_sync_timeout": REPLICATION_SYNC_TIMEOUT_SECONDS}

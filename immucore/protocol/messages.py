@@ -182,6 +182,7 @@ ERROR_CODES = {
     errors.CorruptedDataError: "corrupted_data",
     errors.VerificationError: "verification_failed",
     errors.IndexTimeoutError: "index_timeout",
+    errors.IndexFailedError: "index_failed",
     errors.DatabaseClosedError: "database_closed",
 }
 _BY_CODE = {code: cls for cls, code in ERROR_CODES.items()}

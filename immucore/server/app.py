@@ -41,6 +41,7 @@ async def run_node(options: dict, *, ready=None) -> int:
         dir=options["dir"], address=options["address"], port=options["port"],
         admin_password=options["admin_password"], synced=options["synced"],
         max_sessions=options["max_sessions"], max_connections=options["max_connections"],
+        max_active_databases=options["max_active_databases"],
         metrics_server=options["metrics_server"],
         metrics_server_port=options["metrics_server_port"], pidfile=options["pidfile"],
         logfile=options["logfile"], signing_key=options["signing_key"],
@@ -96,6 +97,7 @@ async def run_node(options: dict, *, ready=None) -> int:
 
 
 _NODE_KEYS = {"dir", "address", "port", "admin_password", "synced", "max_sessions",
+              "max_active_databases",
               "max_connections",
               "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
               "certificate", "pkey", "replication_tls_ca",

@@ -1,5 +1,5 @@
-"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id and
-requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
+"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id, its
+index worker's restarts and error state, and requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
 replica its lag, state, its primary's committed tx id, its retries, immudb's replicator gauges
 and the time each batch took to commit; per sync primary the quorum and each replica's
 acknowledged tx. Values are read when Prometheus scrapes (a custom
@@ -34,6 +34,7 @@ class NodeCollector:
                 continue
         yield committed
         yield indexed
+        yield from self._index_workers(databases)
         requests = CounterMetricFamily("immucore_requests", "requests served per database and "
                                        "kind (read, write, admin, replica_ack)",
                                        labels=["db", "kind"])
@@ -109,6 +110,26 @@ class NodeCollector:
         connections = GaugeMetricFamily("immucore_connections", "open connections")
         connections.add_metric([], len(self.node.connections))
         yield connections
+
+
+    @staticmethod
+    def _index_workers(databases: dict):
+        """Per database: its index worker's restarts, and 1 with the error as a label once the
+        worker kept dying and is not restarted (0 and an empty error while it runs)."""
+        restarts = CounterMetricFamily("immucore_index_worker_restarts", "index worker processes "
+                                       "started again after one exited", labels=["db"])
+        failed = GaugeMetricFamily("immucore_index_worker_failed", "1 when the index worker kept "
+                                   "dying and is not restarted (reads fail; the error label holds "
+                                   "its last stderr line)", labels=["db", "error"])
+        for name, database in databases.items():
+            try:
+                status = database.index_status()
+            except Exception:  # noqa: BLE001 - a closing database is skipped, not an error
+                continue
+            restarts.add_metric([name], status["restarts"])
+            failed.add_metric([name, status["error"] or ""], 1 if status["error"] else 0)
+        yield restarts
+        yield failed
 
 
 def start_metrics_server(node, address: str, port: int):

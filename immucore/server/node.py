@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (CONNECTIONS_MAX_DEFAULT, FOLDER_LOCK_WAIT_SECONDS,
-                         PREAUTH_CONNECTIONS_MAX,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
+                         FOLDER_LOCK_WAIT_SECONDS, PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
                          TOKEN_SESSIONS_PER_USER_MAX, REPLICATION_CHAIN_IDS_MAX)
@@ -60,6 +60,10 @@ class DatabaseError(ImmucoreError):
     """A database management request that cannot be done (missing, exists, reserved…)."""
 
 
+class TooManyDatabasesError(DatabaseError):
+    """A create or load past --max-active-databases (wire code ``too_many_databases``)."""
+
+
 class NotPrimaryError(ImmucoreError):
     """A sync write's database was demoted to a replica before enough replicas held it."""
 
@@ -73,6 +77,8 @@ class NodeOptions:
     synced: bool = True
     max_sessions: int = SESSIONS_MAX_DEFAULT
     max_connections: int = CONNECTIONS_MAX_DEFAULT
+    # databases loaded at once, systemdb aside (each runs an index worker process)
+    max_active_databases: int = DATABASES_ACTIVE_MAX_DEFAULT
     metrics_server: bool = True
     metrics_server_port: int = 9497
     pidfile: str = ""
@@ -100,6 +106,9 @@ class Node:
         if options.max_connections < 1:
             raise IllegalArgumentsError(
                 f"max connections must be at least 1, not {options.max_connections}")
+        if options.max_active_databases < 1:
+            raise IllegalArgumentsError("--max-active-databases must be at least 1 (defaultdb), "
+                                        f"not {options.max_active_databases}")
         self.connections = set()
         self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
@@ -157,6 +166,8 @@ class Node:
                 if stored["autoload"]:
                     try:
                         self._open(name, stored)
+                    except TooManyDatabasesError as exc:    # it names the database
+                        log.error("%s", exc)
                     except Exception as exc:  # noqa: BLE001 - one bad database must not stop it
                         log.error("database %s not loaded: %s", name, exc)
         self._server = None
@@ -181,7 +192,18 @@ class Node:
                 "created_at": record.get("createdAt", "")}
         return out
 
+    def _check_room(self, name: str, doing: str):
+        """Refuse to load one database more than --max-active-databases, before anything of it
+        is written or opened."""
+        loaded, most = len(self.databases), self.options.max_active_databases
+        if loaded >= most:
+            raise TooManyDatabasesError(
+                f"database {name} not {doing}: {loaded} databases are loaded, the most this node "
+                f"keeps active (--max-active-databases {most}, systemdb not counted); unload "
+                "one or start the node with a higher limit")
+
     def _open(self, name: str, s: dict) -> Database:
+        self._check_room(name, "loaded")
         database = open_database(os.path.join(self.options.dir, name), name=name,
                                  replica=bool(s["replica"]), durable=self.options.synced,
                                  header_version=s["write_tx_header_version"],
@@ -298,6 +320,7 @@ class Node:
         s = self._local_primary(dbsettings.merge(None, requested, creating=True))
         dbsettings.validate(name, s)
         self._check_no_local_loop(name, s)
+        self._check_room(name, "created")
         s["created_by"] = by_user
         s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self._persist(name, s, by_user)
@@ -374,6 +397,12 @@ class Node:
         return s
 
     def load_database(self, name: str):
+        """Load ``name``; a loaded database whose index failed for good (its worker kept dying)
+        gets its index worker started again instead: the way back for defaultdb, which cannot
+        be unloaded."""
+        if name in self.databases and self.databases[name].restart_index():
+            log.info("database %s: index worker started again", name)
+            return
         if name not in self.settings:
             raise DatabaseError(f"database {name} does not exist")
         if name in self.databases:
@@ -474,6 +503,7 @@ class Node:
                 "primary": (f"{s['primary_host']}:{s['primary_port']}/{s['primary_database']}"
                             if s["replica"] and s["primary_host"] else ""),
                 "replication": self.replication_status(name),
+                "index": database.index_status() if database else None,
             })
         return out
 
