@@ -103,6 +103,10 @@ TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry
 # connections' sessions, and a token lasts a day: without this one user could hold them all.
 TOKEN_SESSIONS_PER_USER_MAX = 8
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+# A stopping node lets its in-flight requests answer (a sync write waiting for acks and a long
+# poll: database_closed) before it closes their connections, waiting at most this long for
+# them: a long stream is cut, not waited for.
+NODE_STOP_ANSWERS_SECONDS_MAX = 5.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
 # at half a frame), every chunk read and its permission checked as the one before leaves.

@@ -50,6 +50,9 @@ async def push(source: dict, target: AsyncClient, follow: bool = False,
                           timeout=REPLICATION_WAIT_MS / 1000 + 30)
     try:
         await primary.login(source["user"], source["password"], source["database"])
+        # an empty push first: the node refuses a target that follows a primary of its own
+        # (or is no replica) before anything is fetched, even when there is nothing to copy
+        await target.replicate_txs([])
         start_id = (await target.current_state()).tx_id + 1
         copied = 0
 
