@@ -128,6 +128,10 @@ CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
 # is the client's timeout or the wait plus this, whichever is later (a 30 s timeout and a 30 s
 # poll must not always time out; a replicator's 15 s timeout on its 10 s poll stays 15 s).
 CLIENT_LONG_POLL_GRACE_SECONDS = 5.0
+# A stopping node lets its in-flight requests answer (a sync write waiting for acks and a long
+# poll: database_closed) before it closes their connections, waiting at most this long for
+# them: a long stream is cut, not waited for.
+NODE_STOP_ANSWERS_SECONDS_MAX = 5.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
 # at half a frame), every chunk read and its permission checked as the one before leaves.

@@ -20,6 +20,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -32,6 +33,8 @@ from immucore.constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQ
 from immucore.errors import IllegalArgumentsError, KeyNotFoundError
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
+
+from .nodes import child_pids, running_node
 
 ADMIN = ("immudb", "immudb")
 READER = ("reader", "Reader1!pw")
@@ -540,6 +543,59 @@ def test_revoked_permission_takes_effect_at_once(node, good):
             again.login("revokee", "Revokee1!pw")
         assert info.value.code == "no_database_permission"
     assert good.get(b"by-revokee").value == b"1"
+
+
+def _index_worker_of(node, database: str) -> int:
+    """The pid of the index worker process of ``database`` on a tests/nodes.py node."""
+    for pid in child_pids(node.process.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"immucore.store.index_worker" in argv and argv[4] == database.encode():
+            return pid
+    raise AssertionError(f"no index worker of {database}")
+
+
+def test_reads_that_waited_for_the_index_across_a_change_of_their_user_answer_the_error(
+        tmp_path):
+    """GET, HISTORY, SCAN and VERIFIABLE_GET of a reader wait for the key index (its worker
+    is stopped with SIGSTOP); the reader is deactivated meanwhile. Once the index catches up,
+    each answers that the session ended, never the data."""
+    with running_node(tmp_path) as real, Client(real.host, real.port) as admin:
+        admin.login(*ADMIN)
+        admin.create_database("orders")
+        admin.create_user(*READER, "read", "orders")
+        admin.use_database("orders")
+        admin.set({b"k": b"before"})
+        worker = _index_worker_of(real, "orders")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            admin.set({b"k": b"after the change"})            # not indexed while stopped
+            reads = {"get": lambda c: c.get(b"k"), "history": lambda c: c.history(b"k"),
+                     "scan": lambda c: c.scan(prefix=b"k"),
+                     "verifiable_get": lambda c: c.verified_get(b"k")}
+            results = {}
+
+            def read(kind):
+                try:
+                    with Client(real.host, real.port) as client:
+                        client.login(*READER, "orders")
+                        results[kind] = reads[kind](client)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    results[kind] = exc
+
+            threads = [threading.Thread(target=read, args=(kind,)) for kind in reads]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            assert all(t.is_alive() for t in threads), results       # waiting for the index
+            admin.set_user_active(READER[0], False)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for thread in threads:
+            thread.join(20)
+        for kind in reads:
+            assert getattr(results.get(kind), "code", None) == "session_not_found", \
+                (kind, results.get(kind))
 
 
 def test_sessions_are_scoped_to_their_database(node, good, users):

@@ -171,6 +171,7 @@ def test_divergence_is_detected_and_stops_replication(tmp_path):
             status = _wait_for(lambda: (_status(r, "replicadb") or {}).get("state") == "diverged"
                                and _status(r, "replicadb"), "divergence")
             assert "diverged" in status["last_error"]
+            assert status["lag_txs"] is None and status["lag_seconds"] is None   # no prefix
             time.sleep(0.5)
             assert r.current_state().tx_id == 1
 
@@ -445,3 +446,85 @@ def test_replica_settings_are_checked_when_they_are_made(tmp_path):
                                _status(r, "readonly"), "the permission error")
             assert ("user reader needs admin on database defaultdb of the primary "
                     f"{primary.host}:{primary.port}") in status["last_error"]
+
+
+def test_a_replica_that_follows_a_primary_takes_no_pushes(tmp_path):
+    """REPLICATE_TX (and `immuadmin replication push --database`) into a replica with its own
+    replicator is refused: foreign txs would be served as its primary's, lag 0."""
+    with running_node(tmp_path / "n") as node:
+        with _login(node) as client:
+            client.create_database("main")                          # the primary: empty
+            client.create_database("other")
+            client.create_database("replicadb", _replica_settings(node, "main"))
+            client.use_database("other")
+            for n in range(3):
+                client.set({b"foreign%d" % n: b"x"})
+            blobs = client.export_txs(1, 10)
+            client.use_database("replicadb")
+            with pytest.raises(Exception, match="follows its primary") as refused:
+                client.replicate_txs(blobs)
+            assert getattr(refused.value, "code", None) == "following_replica"
+            assert client.current_state().tx_id == 0
+        home = tmp_path / "home"
+        assert _immuadmin(node, home, "login", "immudb", stdin="immudb\n").returncode == 0
+        pushed = _immuadmin(node, home, "replication", "push", "--from-address", node.host,
+                            "--from-port", str(node.port), "--from-password", "immudb",
+                            "--from-database", "other", "--database", "replicadb")
+        assert pushed.returncode != 0 and "follows its primary" in pushed.stderr, pushed
+        with _login(node, "replicadb") as replica:
+            assert replica.current_state().tx_id == 0
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def test_the_lag_is_unknown_until_the_primary_is_reached_and_kept_while_it_is_gone(tmp_path):
+    """A replica that never reached its primary (a wrong password) has no lag: no sample in
+    the metrics, `lag unknown` in `database list` — not 0. Once followed, the lag is 0 and
+    the last contact recent; with the primary gone the last known lag stays, and the seconds
+    since the last contact grow."""
+    from .nodes import free_port
+    metrics = free_port()
+    with running_node(tmp_path / "p") as primary, \
+            running_node(tmp_path / "r", "--metrics-server=true",
+                         f"--metrics-server-port={metrics}") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            for n in range(5):
+                p.set({b"k%d" % n: b"v"})
+            r.create_database("replicadb", _replica_settings(primary, primary_password="wrong"))
+            status = _wait_for(lambda: (s := _status(r, "replicadb"))["retries"] and s,
+                               "a failed login")
+            assert status["lag_txs"] is None and status["lag_seconds"] is None
+            assert status["primary_committed_tx_id"] is None
+            assert status["seconds_since_last_contact"] is None
+            scraped = _scrape(metrics)
+            assert 'immucore_replication_state{db="replicadb",state="retrying"} 1.0' in scraped
+            for name in ("immudb_replication_lag", "immucore_replication_lag_seconds",
+                         "immudb_replication_primary_committed_tx_id",
+                         "immucore_replication_seconds_since_last_contact"):
+                assert f'{name}{{db="replicadb"}}' not in scraped, name
+            home = tmp_path / "home"
+            assert _immuadmin(replica, home, "login", "immudb", stdin="immudb\n").returncode == 0
+            listed = _immuadmin(replica, home, "database", "list")
+            assert "lag unknown" in listed.stdout and "lag 0" not in listed.stdout, listed
+            r.update_database("replicadb", {"primary_password": "immudb"})
+            _wait_for(lambda: (_status(r, "replicadb") or {}).get("lag_txs") == 0, "caught up")
+            status = _status(r, "replicadb")
+            assert status["state"] == "following" and status["primary_committed_tx_id"] == 5
+            assert status["seconds_since_last_contact"] < 15
+            scraped = _scrape(metrics)
+            assert 'immudb_replication_lag{db="replicadb"} 0.0' in scraped
+            assert 'immudb_replication_primary_committed_tx_id{db="replicadb"} 5.0' in scraped
+            assert 'immucore_replication_seconds_since_last_contact{db="replicadb"}' in scraped
+        primary.stop()
+        with _login(replica) as r:
+            status = _wait_for(lambda: (s := _status(r, "replicadb"))["state"] == "retrying"
+                               and s, "the primary gone")
+            time.sleep(1.5)
+            status = _status(r, "replicadb")
+            assert status["lag_txs"] == 0 and status["primary_committed_tx_id"] == 5
+            assert status["seconds_since_last_contact"] >= 1.5
+            listed = _immuadmin(replica, tmp_path / "home", "database", "list")
+            assert "lag 0 txs 0.0s as of" in listed.stdout, listed.stdout

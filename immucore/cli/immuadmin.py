@@ -83,13 +83,20 @@ def cmd_replication_push(args):
 
 
 def _replication_text(database: dict) -> str:
-    """``following 127.0.0.1:3322/defaultdb lag 0 txs 0.0s`` or ``retrying …: <error>``; ``-``
-    for a primary, ``external`` for a replica fed from outside."""
+    """``following 127.0.0.1:3322/defaultdb lag 0 txs 0.0s``, ``retrying … lag 3 txs 1.2s as
+    of 20s ago: <error>``, ``retrying … lag unknown: <error>`` (the primary never reached),
+    ``diverged …: <why>``; ``-`` for a primary, ``external`` for a replica fed from outside."""
     status = database.get("replication")
     if status is None:
         return "external" if database["replica"] else "-"
-    text = (f"{status['state']} {status['primary']} lag {status['lag_txs']} txs "
-            f"{status.get('lag_seconds', 0):.1f}s")
+    text = f"{status['state']} {status['primary']}"
+    if status["lag_txs"] is not None:
+        text += f" lag {status['lag_txs']} txs {status['lag_seconds']:.1f}s"
+        since = status.get("seconds_since_last_contact")
+        if status["state"] != "following" and since is not None:
+            text += f" as of {since:.0f}s ago"
+    elif status["state"] != "diverged":
+        text += " lag unknown"
     if status["last_error"]:
         text += f": {status['last_error']}"
     return text

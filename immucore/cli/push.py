@@ -60,6 +60,9 @@ async def push(source: dict, target: AsyncClient, follow: bool = False,
             await primary.login(source["user"], source["password"], source["database"])
         except OSError as exc:
             raise connect_failure(source["host"], source["port"], exc, "the primary") from None
+        # an empty push first: the node refuses a target that follows a primary of its own
+        # (or is no replica) before anything is fetched, even when there is nothing to copy
+        await target.replicate_txs([])
         start_id = (await target.current_state()).tx_id + 1
         copied = 0
 

@@ -110,6 +110,9 @@ class ReplicaMachine:
         self.state = "starting"
         self.epoch = 0                      # one per connection: older answers are stale
         self.primary_committed_tx_id = 0
+        # whether the primary ever told us its last tx (CheckPrimary, an EXPORT_TXS answer):
+        # until then the lag is unknown, not 0
+        self.primary_known = False
         self.failures_in_a_row = 0
         self.retries = 0
         self.last_error: Optional[str] = None
@@ -126,7 +129,11 @@ class ReplicaMachine:
     # --- what the status shows -------------------------------------------------------------
 
     @property
-    def lag_txs(self) -> int:
+    def lag_txs(self) -> Optional[int]:
+        """Txs the primary had (as last heard) that we lack; None while unknown: the primary
+        never reached, or the logs diverged (no prefix to count from)."""
+        if not self.primary_known or self.state == "diverged":
+            return None
         return max(self.primary_committed_tx_id - self.local_tx_id, 0)
 
     @property
@@ -157,7 +164,7 @@ class ReplicaMachine:
         are ours at the same ids."""
         if self.state != "checking" or epoch != self.epoch:
             return []
-        self.primary_committed_tx_id = primary_tx_id
+        self.primary_committed_tx_id, self.primary_known = primary_tx_id, True
         local = self.local_tx_id
         if primary_alhs.get(local) == local_alhs.get(local):
             return self._follow(ack=True)
@@ -195,6 +202,7 @@ class ReplicaMachine:
             return []                       # stale, duplicated or out of order: ignored
         self._fetching = False
         self.primary_committed_tx_id = max(self.primary_committed_tx_id, committed_tx_id)
+        self.primary_known = True
         if blobs:
             if last_tx_id != first_tx_id + len(blobs) - 1:
                 return self.failed(f"primary sent txs {first_tx_id}..{last_tx_id} as "

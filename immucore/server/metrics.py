@@ -41,17 +41,25 @@ class NodeCollector:
         for (name, kind), count in list(self.node.request_counts.items()):
             requests.add_metric([name, kind], count)
         yield requests
-        lag = GaugeMetricFamily("immudb_replication_lag", "primary committed tx id minus the "
-                                "replica's", labels=["db"])
+        # no sample while unknown (the primary never reached, or a diverged replica): an
+        # alert on the lag must not read a 0 there; seconds_since_last_contact alerts instead
+        lag = GaugeMetricFamily("immudb_replication_lag", "primary committed tx id (as last "
+                                "heard) minus the replica's; absent while unknown",
+                                labels=["db"])
         primary = GaugeMetricFamily("immudb_replication_primary_committed_tx_id",
-                                    "the primary's committed tx id as last seen", labels=["db"])
+                                    "the primary's committed tx id as last heard; absent "
+                                    "until it was", labels=["db"])
         retries = CounterMetricFamily("immudb_replication_replicators_retries",
                                       "replication failures retried", labels=["db"])
         state = GaugeMetricFamily("immucore_replication_state", "1 for the replicator's current "
                                   "state (following, checking, retrying, discarding, diverged, loop)",
                                   labels=["db", "state"])
         lag_seconds = GaugeMetricFamily("immucore_replication_lag_seconds", "0 when caught up, "
-                                        "else seconds since the replica last was", labels=["db"])
+                                        "else seconds since the replica last was (as of the "
+                                        "last contact); absent while unknown", labels=["db"])
+        since_contact = GaugeMetricFamily("immucore_replication_seconds_since_last_contact",
+                                          "seconds since the primary last answered the "
+                                          "replica; absent until it did", labels=["db"])
         since_apply = GaugeMetricFamily("immucore_replication_seconds_since_last_apply",
                                         "seconds since the replica last applied a batch",
                                         labels=["db"])
@@ -76,11 +84,14 @@ class NodeCollector:
             retry_delay.add_metric([name], status["retry_delay_seconds"])
             durations = replicator.apply_seconds
             commit_time.add_metric([name], durations.buckets(), durations.total_seconds)
-            lag.add_metric([name], status["lag_txs"])
-            primary.add_metric([name], status["primary_committed_tx_id"])
+            for family, value in ((lag, status["lag_txs"]),
+                                  (primary, status["primary_committed_tx_id"]),
+                                  (lag_seconds, status["lag_seconds"]),
+                                  (since_contact, status["seconds_since_last_contact"])):
+                if value is not None:
+                    family.add_metric([name], value)
             retries.add_metric([name], status["retries"])
             state.add_metric([name, status["state"]], 1)
-            lag_seconds.add_metric([name], status["lag_seconds"])
             if status["seconds_since_last_apply"] is not None:
                 since_apply.add_metric([name], status["seconds_since_last_apply"])
         yield lag
@@ -88,6 +99,7 @@ class NodeCollector:
         yield retries
         yield state
         yield lag_seconds
+        yield since_contact
         yield since_apply
         yield replicators
         yield active

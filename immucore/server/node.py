@@ -25,7 +25,8 @@ from typing import Dict, Optional, Tuple
 
 from .. import __version__
 from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
-                         FOLDER_LOCK_WAIT_SECONDS, PREAUTH_CONNECTIONS_MAX,
+                         FOLDER_LOCK_WAIT_SECONDS, NODE_STOP_ANSWERS_SECONDS_MAX,
+                         PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
                          TOKEN_SESSIONS_PER_USER_MAX, REPLICATION_CHAIN_IDS_MAX)
@@ -66,6 +67,10 @@ class TooManyDatabasesError(DatabaseError):
 
 class NotPrimaryError(ImmucoreError):
     """A sync write's database was demoted to a replica before enough replicas held it."""
+
+
+class FollowingReplicaError(ImmucoreError):
+    """REPLICATE_TX into a replica that follows a primary with its own replicator."""
 
 
 @dataclass
@@ -173,6 +178,7 @@ class Node:
         self._server = None
         self.loop = None
         self._commit_waiters: Dict[str, list] = {}
+        self._stopping = False          # close() began: long polls no longer wait
         self.replicators: Dict[str, Replicator] = {}
         # requests served per (database, read|write|admin): Prometheus derives the rates
         self.request_counts: Dict[tuple, int] = {}
@@ -229,10 +235,14 @@ class Node:
                 waiter.set_result(None)
 
     async def wait_for_commit(self, name: str, after_tx_id: int, timeout_seconds: float):
-        """Return once ``name`` has a tx after ``after_tx_id``, or the timeout passed."""
+        """Return once ``name`` has a tx after ``after_tx_id``, or the timeout passed; a long
+        poll of a stopping node ends with ``database_closed`` (its replica backs off, instead
+        of asking again at once while the node waits for its answers)."""
         database = self.database(name)
         if database.current_state().tx_id > after_tx_id or timeout_seconds <= 0:
             return
+        if self._stopping:
+            raise DatabaseClosedError("the node is stopping")
         waiter = self.loop.create_future()
         self._commit_waiters.setdefault(name, []).append(waiter)
         if database.current_state().tx_id > after_tx_id:     # a commit raced the registration
@@ -244,6 +254,8 @@ class Node:
             await waiter
         finally:
             timer.cancel()
+        if self._stopping and database.current_state().tx_id <= after_tx_id:
+            raise DatabaseClosedError("the node is stopping")
 
     # --- synchronous replication --------------------------------------------------------------
 
@@ -486,6 +498,21 @@ class Node:
                 "primary": replicator.primary if replicator is not None else "",
                 "chain": chain}
 
+    def check_takes_pushes(self, name: str) -> None:
+        """Only a replica without a replicator of its own takes REPLICATE_TX (the external
+        replicator's, ``immuadmin replication push``): one that follows a primary applies
+        that primary's txs alone. A primary is left to the database (``not_replica``)."""
+        if name == "systemdb":
+            s = self.server_replication
+            s = s | {"primary_database": "systemdb"} if s is not None else None
+        else:
+            s = self.settings.get(name)
+        if s is not None and dbsettings.replicator_required(s):
+            raise FollowingReplicaError(
+                f"database {name} follows its primary {s['primary_host']}:{s['primary_port']}/"
+                f"{s['primary_database']} with its own replicator and takes no pushes: only a "
+                "replica without a primary database is fed from outside")
+
     def replication_status(self, name: str) -> Optional[dict]:
         replicator = self.replicators.get(name)
         return replicator.status() if replicator is not None else None
@@ -585,8 +612,12 @@ class Node:
             await self._server.wait_closed()
         for name in list(self.replicators):
             await self._restart_replicator(name, start=False)
+        self._stopping = True
         for acks in self.sync_acks.values():       # writes waiting for replicas end now
             acks.fail_all(DatabaseClosedError())
+        for name in list(self._commit_waiters):    # long polls end (database_closed)
+            self._wake(name)
+        await self._answer_in_flight()
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
@@ -596,6 +627,16 @@ class Node:
         self.databases.clear()
         self.systemdb.close()
         self.folder_lock.release()
+
+    async def _answer_in_flight(self):
+        """Let the requests still being served send their answers (bounded by
+        NODE_STOP_ANSWERS_SECONDS_MAX): closing their connections at once would tell a sync
+        write waiting for acks ``connection closed`` instead of its ``database_closed``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + NODE_STOP_ANSWERS_SECONDS_MAX
+        while any(c.in_flight for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)          # the answers of the last step are written at its end
 
     def banner(self) -> str:
         roles = ", ".join(name + _role(self.settings.get(name, {})) for name in self.databases)
