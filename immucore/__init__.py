@@ -8,4 +8,4 @@ from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, S
 
 from .client import AsyncClient, Client, StateStore  # noqa: F401,E402  (after the types it uses)
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__  # noqa: E402  (the package metadata)

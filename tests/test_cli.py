@@ -5,11 +5,14 @@ parts scripts rely on (exit codes, the first line, the JSON objects)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -364,3 +367,38 @@ def test_saved_session_names_its_node_and_ends_with_a_restart(tmp_path):
         assert "keptdb" in shell.ok("immuadmin", "database", "list")
         shell.login("immuclient", "immudb", ADMIN_PASSWORD, "--database=keptdb")
         assert shell.json_lines("get", "k")[0]["value"] == "kept"
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+def test_every_command_prints_the_package_version(node, tmp_path):
+    """One version everywhere: the package metadata's (pyproject.toml), with or without a node."""
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    for tool, args in (("immuadmin", ("version",)), ("immuadmin", ("--version",)),
+                       ("immuclient", ("version",)), ("immuclient", ("--version",))):
+        assert shell.ok(tool, *args, port=False) == f"{tool} {version}\n"
+    for module, prog in (("immucore", "immucore"),
+                         ("immucore.cli.replicator", "immucore-replicator")):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, timeout=CLI_SECONDS_MAX)
+        assert (done.returncode, done.stdout) == (0, f"{prog} {version}\n"), done.stderr
+    with Client(node.host, node.port) as client:
+        assert client.health()["version"] == client.server_info()["version"] == version
+
+
+def test_status_shows_the_node_version_and_uptime(node, tmp_path):
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    shell.login("immuclient", "immudb", ADMIN_PASSWORD)
+    with Client(node.host, node.port) as client:
+        started = client.server_info()["started_at"]
+    for tool in ("immuadmin", "immuclient"):
+        lines = shell.ok(tool, "status").splitlines()
+        assert f"version:  {version}" in lines, lines
+        uptime = next(line for line in lines if line.startswith("uptime:"))
+        match = re.fullmatch(r"uptime:   (?:(\d+)h)?(?:(\d+)m)?(\d+)s", uptime)
+        assert match, uptime
+        hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        shown = hours * 3600 + minutes * 60 + seconds
+        assert abs(shown - (time.time() - started)) < 5, (uptime, started)

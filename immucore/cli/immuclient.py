@@ -19,6 +19,7 @@ from .. import codec
 from ..client import StateStore
 from .common import (Session, add_connection_flags, add_help_command, cmd_login, cmd_logout,
                      cmd_status, common_parent, home_path, run)
+from .version import add_version_command, add_version_flag
 
 PROG = "immuclient"
 DESCRIPTION = "Read and write an immucore node from the shell (immudb's command names)."
@@ -188,9 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION,
         epilog="'immuclient help <command>' shows the flags of a command")
     add_connection_flags(parser, TOKENFILE_DEFAULT)
+    add_version_flag(parser, PROG)
     _add_output_flags(parser)
     commands = parser.add_subparsers(metavar="command")
     add_help_command(commands, parser, parent)
+    add_version_command(commands, PROG)
 
     def command(name, run_fn, help_text, *positionals, aliases=()):
         sub = commands.add_parser(name, parents=[parent], help=help_text,

@@ -17,6 +17,7 @@ from ..constants import (CONNECTIONS_MAX_DEFAULT, REPLICATION_SYNC_TIMEOUT_SECON
                          SESSIONS_MAX_DEFAULT)
 from .flags import (REPLICATION_FLAGS, add_bool, add_replication_flags, normalize_bool_flags,
                     parse_bool)
+from .version import add_version_flag
 
 log = logging.getLogger("immucore")
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signingKey", dest="signing_key", default=None,
                         help="ECDSA P-256 private key (PEM) used to sign states")
     add_replication_flags(parser)
+    add_version_flag(parser, "immucore")
     return parser
 
 

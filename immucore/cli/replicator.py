@@ -17,6 +17,7 @@ import time
 
 from ..client import Client
 from ..errors import ImmucoreError
+from .version import add_version_flag
 
 log = logging.getLogger("immucore.replicator")
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-replication-commit-concurrency", dest="concurrency", type=int, default=10)
     p.add_argument("-replication-allow-tx-discarding", dest="discarding", action="store_true")
     p.add_argument("-once", dest="once", action="store_true", help="one pass, then exit")
+    add_version_flag(p, p.prog)
     return p
 
 
