@@ -1,6 +1,7 @@
 """immucore: a verifiable, append-only key-value database compatible with immudb."""
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,  # noqa: F401
-                     ImmucoreError, IndexTimeoutError, KeyNotFoundError, NotReplicaError,
+                     ImmucoreError, IndexTimeoutError, InvalidRevisionError, KeyNotFoundError,
+                     NotReplicaError,
                      ReadOnlyReplicaError, ReplicaDivergedError, TxAlreadyCommittedError,
                      TxNotFoundError, VerificationError)
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State,  # noqa: F401
