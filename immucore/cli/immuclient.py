@@ -24,8 +24,8 @@ import sys
 from .. import codec
 from ..client import StateStore
 from ..errors import KeyNotFoundError
-from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login, cmd_logout,
-                     cmd_status, common_parent, home_path, run)
+from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login,
+                     cmd_logout, cmd_status, common_parent, home_path, run)
 from .version import add_version_command, add_version_flag
 
 PROG = "immuclient"
