@@ -22,8 +22,8 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     IndexFailedError, KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError,
-                     TxNotFoundError)
+                     IndexFailedError, InvalidRevisionError, KeyNotFoundError, NotReplicaError,
+                     ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
@@ -383,7 +383,9 @@ class Database:
     def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0,
             at_revision: int = 0) -> Entry:
         """The key's value: latest, as of ``at_tx``, or at revision ``at_revision`` (1-based;
-        negative counts back from the latest). Deleted or expired keys read as missing."""
+        negative counts back from the latest: -1 is the one before it). Deleted or expired
+        keys read as missing (``key not found``); a revision the key does not have is
+        ``invalid key revision number``, as in immudb."""
         if at_tx or since_tx or at_revision:
             return self._get_entry(key, at_tx=at_tx, since_tx=since_tx,
                                    at_revision=at_revision)[0]
@@ -566,7 +568,7 @@ class Database:
             if at_revision:
                 revision = at_revision if at_revision > 0 else count + at_revision
                 if not 0 < revision <= count:
-                    raise KeyNotFoundError()
+                    raise InvalidRevisionError()
                 for _ in range(revision - 1):
                     cursor.next_dup()
                 location = cursor.value()

@@ -35,6 +35,13 @@ class KeyNotFoundError(ImmucoreError, KeyError):
         return self.args[0]
 
 
+class InvalidRevisionError(ImmucoreError, LookupError):
+    """A read at a revision the key does not have (past its newest, or before its first)."""
+
+    def __init__(self, message: str = "invalid key revision number"):
+        super().__init__(message)
+
+
 class TxNotFoundError(ImmucoreError, LookupError):
     def __init__(self, message: str = "tx not found"):
         super().__init__(message)

@@ -5,11 +5,14 @@ parts scripts rely on (exit codes, the first line, the JSON objects)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -437,3 +440,109 @@ def test_replication_push_reports_an_unreachable_primary_and_keeps_the_session(n
     from_user = help_text.split("--from-user FROM_USER user on the primary", 1)[1]
     from_user = from_user.split("--from-password FROM_PASSWORD", 1)[0]
     assert "with admin permission" in from_user and from_user.endswith("(default immudb) ")
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+def test_every_command_prints_the_package_version(node, tmp_path):
+    """One version everywhere: the package metadata's (pyproject.toml), with or without a node."""
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    for tool, args in (("immuadmin", ("version",)), ("immuadmin", ("--version",)),
+                       ("immuclient", ("version",)), ("immuclient", ("--version",))):
+        assert shell.ok(tool, *args, port=False) == f"{tool} {version}\n"
+    for module, prog in (("immucore", "immucore"),
+                         ("immucore.cli.replicator", "immucore-replicator")):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, timeout=CLI_SECONDS_MAX)
+        assert (done.returncode, done.stdout) == (0, f"{prog} {version}\n"), done.stderr
+    with Client(node.host, node.port) as client:
+        assert client.health()["version"] == client.server_info()["version"] == version
+
+
+def test_status_shows_the_node_version_and_uptime(node, tmp_path):
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    shell.login("immuclient", "immudb", ADMIN_PASSWORD)
+    with Client(node.host, node.port) as client:
+        started = client.server_info()["started_at"]
+    for tool in ("immuadmin", "immuclient"):
+        lines = shell.ok(tool, "status").splitlines()
+        assert f"version:  {version}" in lines, lines
+        uptime = next(line for line in lines if line.startswith("uptime:"))
+        match = re.fullmatch(r"uptime:   (?:(\d+)h)?(?:(\d+)m)?(\d+)s", uptime)
+        assert match, uptime
+        hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        shown = hours * 3600 + minutes * 60 + seconds
+        assert abs(shown - (time.time() - started)) < 5, (uptime, started)
+
+
+# --- revisions, delete, restore -----------------------------------------------------------------
+
+def test_immuclient_reads_restores_and_deletes_at_revisions(node, admin, tmp_path):
+    """immudb's revisions: N > 0 the N-th value, 0 the current, -N counted back from it; its
+    messages for a key that has no value and for a revision it does not have."""
+    admin.ok("immuadmin", "database", "create", "revisiondb")
+    shell = Shell(node, tmp_path / "client")
+    shell.login("immuclient", "immudb", ADMIN_PASSWORD, "--database", "revisiondb")
+    for value in ("v1", "v2", "v3"):
+        shell.ok("immuclient", "set", "k", value)
+
+    def value_at(text):
+        got, = shell.json_lines("get", text)
+        return got["rev"], got["value"]
+
+    assert [value_at(f"k@{n}") for n in (1, 2, 3, 0, -1, -2)] == [
+        (1, "v1"), (2, "v2"), (3, "v3"), (3, "v3"), (2, "v2"), (1, "v1")]
+    readable = shell.ok("immuclient", "get", "k@1").splitlines()
+    assert readable[:4] == ["tx:    1", "rev:   1", "key:   k", "value: v1"]
+    verified, = shell.json_lines("verifiedget", "k@-1")
+    assert (verified["rev"], verified["value"], verified["verified"]) == (2, "v2", True)
+    for text in ("k@4", "k@-3", "k@-10"):
+        done = shell.client("get", text)
+        assert (done.returncode, done.stderr) == (
+            1, "immuclient: invalid key revision number\n"), text
+    missing = shell.client("get", "nothing@1")
+    assert (missing.returncode, missing.stderr) == (1, "immuclient: key not found\n")
+    bad = shell.client("get", "k@first")
+    assert bad.returncode == 1 and "invalid revision number 'first'" in bad.stderr
+    assert "--revision-separator" in bad.stderr
+
+    # a key with the separator in its name: another separator, or none
+    shell.ok("immuclient", "set", "user@example", "mail")
+    assert shell.json_lines("--revision-separator", "", "get", "user@example")[0]["value"] \
+        == "mail"
+    assert shell.json_lines("get", "--revision-separator", "#", "user@example#1")[0]["value"] \
+        == "mail"
+
+    # delete: readable and JSON; the history stays; a key without a live value is refused
+    deleted = shell.ok("immuclient", "delete", "k").splitlines()
+    assert deleted[1:] == ["key:     k", "deleted: true"] and deleted[0].startswith("tx:")
+    gone = shell.client("get", "k")
+    assert (gone.returncode, gone.stderr) == (1, "immuclient: key not found\n")
+    again = shell.client("--json", "delete", "k")
+    assert (again.returncode, again.stderr) == (1, "immuclient: key not found\n")
+    assert shell.client("delete", "nothing").stderr == "immuclient: key not found\n"
+    assert value_at("k@-1") == (3, "v3")            # the value before the deletion
+
+    # restore: the value of a revision written again as the newest one, a deleted key included
+    restored, = shell.json_lines("restore", "k@1")
+    assert (restored["rev"], restored["value"], restored["restored_from"]) == (5, "v1", 1)
+    assert restored["hash"] == value_hash(b"v1")
+    assert value_at("k") == (5, "v1")
+    readable = shell.ok("immuclient", "restore", "k@-2").splitlines()     # rev 3: v3
+    assert readable[1:4] == ["rev:           6", "key:           k", "value:         v3"]
+    assert readable[-1] == "restored_from: 3"
+    history = [(e["rev"], e["value"], e.get("deleted", False))
+               for e in shell.json_lines("history", "k")]
+    assert history == [(1, "v1", False), (2, "v2", False), (3, "v3", False), (4, "", True),
+                       (5, "v1", False), (6, "v3", False)]
+    for text, message in (("k", "restore needs a revision: k@REV"),
+                          ("k@9", "invalid key revision number"),
+                          ("k@4", "key not found"),            # revision 4 is the deletion
+                          ("k@-2", "key not found"),           # and so is 6 - 2
+                          ("nothing@1", "key not found")):
+        done = shell.client("restore", text)
+        assert done.returncode == 1 and done.stderr.startswith(f"immuclient: {message}"), \
+            (text, done.stderr)
+    assert value_at("k") == (6, "v3")                # the refused restores wrote nothing

@@ -19,7 +19,8 @@ from immucore import codec
 from immucore.constants import INDEX_KEY_SIZE_BYTES_MAX, KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX
 from immucore.database import open_database
 from immucore.errors import (DatabaseClosedError, FolderInUseError, IllegalArgumentsError,
-                             KeyNotFoundError, ReadOnlyReplicaError, TxNotFoundError)
+                             InvalidRevisionError, KeyNotFoundError, ReadOnlyReplicaError,
+                             TxNotFoundError)
 from immucore.types import KVMetadata, TxHeader
 
 EMPTY_ALH = codec.sha256(b"")
@@ -195,12 +196,21 @@ def test_get_reads_latest_then_at_tx_and_at_revision(db):
     assert db.get(b"a", since_tx=5).value == b"v3"
 
 
-def test_get_before_the_first_version_or_past_the_revisions_is_missing(db):
+def test_get_before_the_first_version_is_missing_past_the_revisions_is_invalid(db):
+    """immudb's two messages: no version at that tx is ``key not found``; a revision the key
+    does not have (past the newest, or counted back before the first) is ``invalid key revision
+    number``; a key with no version at all is ``key not found`` at any revision."""
     db.set({b"other": b"x"})
     db.set({b"a": b"1"})
-    for kwargs in ({"at_tx": 1}, {"at_revision": 2}, {"at_revision": -1}):
-        with pytest.raises(KeyNotFoundError, match="^key not found$"):
-            db.get(b"a", **kwargs)
+    with pytest.raises(KeyNotFoundError, match="^key not found$"):
+        db.get(b"a", at_tx=1)
+    for revision in (2, -1, -5):
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$"):
+            db.get(b"a", at_revision=revision)
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$"):
+            db.verifiable_get(b"a", prove_since_tx=0, at_revision=revision)
+    with pytest.raises(KeyNotFoundError, match="^key not found$"):
+        db.get(b"never", at_revision=1)
 
 
 def test_get_of_a_missing_key_says_key_not_found(db):

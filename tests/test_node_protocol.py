@@ -30,7 +30,7 @@ from immucore.client import AsyncClient, Client, ConnectionClosedError
 from immucore.constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
                                 CONNECTION_WRITE_STALL_SECONDS, FRAME_BODY_BYTES_MAX,
                                 PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
-from immucore.errors import IllegalArgumentsError, KeyNotFoundError
+from immucore.errors import IllegalArgumentsError, InvalidRevisionError, KeyNotFoundError
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
 
@@ -451,6 +451,22 @@ def test_connection_session_id_is_not_a_bearer_token(node, users):
             with pytest.raises(RemoteError) as info:
                 other.resume(token)
             assert info.value.code == "session_not_found"
+
+
+def test_reads_at_a_revision_the_key_lacks_are_invalid_revision(node, good):
+    """immudb's revision errors over the wire, as their own code and class, for GET and
+    VERIFIABLE_GET; a key with no version at all stays key_not_found."""
+    good.set({b"revs": b"1"})
+    good.set({b"revs": b"2"})
+    assert good.get(b"revs", at_revision=-1).value == b"1"
+    for revision in (3, -2):
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$") as info:
+            good.get(b"revs", at_revision=revision)
+        assert info.value.code == "invalid_revision"
+        with pytest.raises(InvalidRevisionError):
+            good.verified_get(b"revs", at_revision=revision)
+    with pytest.raises(KeyNotFoundError):
+        good.get(b"no-such-key", at_revision=1)
 
 
 def test_token_refused_after_logout(node, users):

@@ -283,6 +283,8 @@ def show_status(session: Session):
     print(f"version:  {info.get('version', '?')}")
     if info.get("started_at"):
         print(f"up since: {time_text(info['started_at'])}")
+    if info.get("uptime_seconds") is not None:
+        print(f"uptime:   {duration_text(info['uptime_seconds'])}")
     try:
         with session.resumed() as client:
             state = client.current_state()
@@ -303,6 +305,14 @@ def time_text(value) -> str:
     if isinstance(value, str) and value:
         return value[:19].replace("T", " ")
     return "-"
+
+
+def duration_text(seconds: float) -> str:
+    """Whole seconds as Go prints a duration: ``26h3m4s``, ``3m4s``, ``4s``."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h{minutes}m{secs}s" if hours else
+            f"{minutes}m{secs}s" if minutes else f"{secs}s")
 
 
 def size_text(size_bytes: int) -> str:

@@ -15,6 +15,7 @@ from .common import (CliError, Session, add_connection_flags, add_help_command, 
                      cmd_logout, cmd_status, common_parent, new_password, print_table,
                      read_secrets, run, size_text, time_text)
 from .flags import add_bool, add_replication_flags, replication_settings
+from .version import add_version_command, add_version_flag
 
 PROG = "immuadmin"
 DESCRIPTION = "Administer an immucore node: login, databases and users (immudb's commands)."
@@ -208,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION,
         epilog="'immuadmin help <command> [<subcommand>]' shows the flags of a command")
     add_connection_flags(parser, TOKENFILE_DEFAULT)
+    add_version_flag(parser, PROG)
     commands = parser.add_subparsers(metavar="command")
     add_help_command(commands, parser, parent)
+    add_version_command(commands, PROG)
 
     def command(group, name, run_fn, help_text, **kwargs):
         sub = group.add_parser(name, parents=[parent], help=help_text, description=help_text,

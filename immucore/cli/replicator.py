@@ -22,6 +22,7 @@ import time
 from ..client import Client
 from ..errors import ImmucoreError
 from ..server.auth import is_well_known_password
+from .version import add_version_flag
 
 log = logging.getLogger("immucore.replicator")
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-replication-allow-tx-discarding", dest="discarding", action="store_true",
                    help="allow_tx_discarding on sync replicas")
     p.add_argument("-once", dest="once", action="store_true", help="one pass, then exit")
+    add_version_flag(p, p.prog)
     return p
 
 

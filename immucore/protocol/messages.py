@@ -174,6 +174,7 @@ _PLAIN = frozenset({bytes, int, str, bool, float, type(None)})
 ERROR_CODES = {
     errors.IllegalArgumentsError: "illegal_arguments",
     errors.KeyNotFoundError: "key_not_found",
+    errors.InvalidRevisionError: "invalid_revision",
     errors.TxNotFoundError: "tx_not_found",
     errors.ReadOnlyReplicaError: "read_only_replica",
     errors.NotReplicaError: "not_replica",

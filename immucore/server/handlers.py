@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 from .. import __version__
 from ..constants import (EXPORT_STREAM_CHUNK_TXS, EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX,
@@ -268,7 +269,8 @@ class Dispatcher:
         return {"status": "ok", "version": __version__}
 
     async def server_info(self, conn, body):
-        return {"version": __version__, "protocol": 1, "started_at": self.node.started_at}
+        return {"version": __version__, "protocol": 1, "started_at": self.node.started_at,
+                "uptime_seconds": time.monotonic() - self.node.started_monotonic}
 
     async def login(self, conn, body):
         """Log in with user and password, or bind this connection to a detached session (a

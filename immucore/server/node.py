@@ -108,6 +108,7 @@ class Node:
     def __init__(self, options: NodeOptions):
         self.options = options
         self.started_at = time.time()
+        self.started_monotonic = time.monotonic()   # uptime: immune to clock steps
         if options.max_connections < 1:
             raise IllegalArgumentsError(
                 f"max connections must be at least 1, not {options.max_connections}")
