@@ -222,7 +222,8 @@ def _sha256_blocks(message_bytes: int) -> int:
 
 
 def sha256_blocks_per_tx(w: Workload) -> int:
-    """SHA-256 compressions the format requires to seal ``w.tx`` (format §2.6-2.9)."""
+    """SHA-256 compressions the format requires to seal ``w.tx`` (docs/immudb-format.md
+    §6–§9)."""
     entries = len(w.tx)
     blocks = 0
     for key, value, md in w.tx:

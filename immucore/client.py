@@ -21,7 +21,8 @@ import time
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 from . import codec, verify
-from .constants import (CLIENT_STREAM_ITEMS_BUFFERED_MAX, CLIENT_TIMEOUT_SECONDS_DEFAULT,
+from .constants import (CLIENT_LONG_POLL_GRACE_SECONDS, CLIENT_STREAM_ITEMS_BUFFERED_MAX,
+                        CLIENT_TIMEOUT_SECONDS_DEFAULT, EXPORT_WAIT_MS_MAX,
                         FRAME_BODY_BYTES_MAX)
 from .durable_file import replace_durably
 from .errors import IllegalArgumentsError, ImmucoreError, KeyNotFoundError, VerificationError
@@ -341,7 +342,10 @@ class AsyncClient:
         if self._reading_paused:        # its answer may sit behind a paused stream's items
             self._read_again()
         self._write(_request_frame(msg, request_id, body))
-        self._expire_at(loop, request_id, msg)
+        timeout = self.timeout
+        if msg == Msg.EXPORT_TXS and body and body.get("wait_ms"):
+            timeout = _long_poll_timeout(timeout, body["wait_ms"])
+        self._expire_at(loop, request_id, msg, timeout)
         try:
             flags, answer = await waiter
         finally:
@@ -350,7 +354,7 @@ class AsyncClient:
             raise_error(answer)
         return answer
 
-    def _expire_at(self, loop, request_id: int, msg: Msg):
+    def _expire_at(self, loop, request_id: int, msg: Msg, timeout: float):
         """Fail request ``request_id`` if it has no answer within ``timeout``: one heap of
         deadlines and one timer per client (a timer per request cost more than the rest of a
         pipelined get). Entries hold ids, not futures, so an answered request keeps nothing
@@ -362,8 +366,8 @@ class AsyncClient:
         if len(deadlines) > 2 * len(pending) + 1024:
             deadlines[:] = [d for d in deadlines if d[1] in pending]
             heapq.heapify(deadlines)
-        when = loop.time() + self.timeout
-        heapq.heappush(deadlines, (when, request_id, msg, self.timeout))
+        when = loop.time() + timeout
+        heapq.heappush(deadlines, (when, request_id, msg, timeout))
         if self._expiry_timer is None or when < self._expiry_timer.when():
             if self._expiry_timer is not None:
                 self._expiry_timer.cancel()
@@ -587,8 +591,9 @@ class AsyncClient:
             yield chunk
 
     async def export_batch(self, first_tx_id: int, count: int, *, wait_ms: int = 0) -> dict:
-        """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx) and
-        ``acked_tx_id`` (its last tx acknowledged to clients: never discarded by a replica)."""
+        """EXPORT_TXS's whole answer: ``blobs``, ``committed_tx_id`` (the primary's last tx),
+        ``acked_tx_id`` (its last tx acknowledged to clients: never discarded by a replica) and
+        the database's ``role``, ``primary`` and ``chain`` (docs/wire-protocol.md)."""
         return await self.call(Msg.EXPORT_TXS, {"first_tx_id": first_tx_id, "count": count,
                                                 "wait_ms": wait_ms})
 
@@ -751,6 +756,16 @@ class AsyncClient:
 # the node writes them
 _HEADER_ANSWERS = frozenset({int(Msg.SET), int(Msg.DELETE)})
 _SET = int(Msg.SET)
+
+
+def _long_poll_timeout(timeout: float, wait_ms) -> float:
+    """A long poll's deadline: the node holds it up to ``wait_ms`` (at most EXPORT_WAIT_MS_MAX)
+    before answering, so the client's timeout alone would cut polls as long as itself."""
+    try:
+        wait_seconds = min(max(int(wait_ms), 0), EXPORT_WAIT_MS_MAX) / 1000
+    except (TypeError, ValueError):
+        return timeout                  # the node refuses such a body at once
+    return max(timeout, wait_seconds + CLIENT_LONG_POLL_GRACE_SECONDS)
 
 
 def _request_frame(msg: Msg, request_id: int, body: Optional[dict]) -> bytes:

@@ -4,7 +4,7 @@ Names end with their unit or ``_max``; the relationships between them are checke
 bad edit fails loudly instead of producing a database that cannot replicate.
 """
 
-# --- immudb format (../shared/reference/immudb-format.md §2.1) -------------------------------------
+# --- immudb format (docs/immudb-format.md §2) ------------------------------------------------------
 DIGEST_SIZE = 32
 HEADER_VERSION_MAX = 1            # tx header versions 0 and 1 exist; 1 is written by default
 HEADER_VERSION_DEFAULT = 1
@@ -55,9 +55,24 @@ INDEX_GATHER_SECONDS = 0.01
 INDEX_GATHER_TXS_MAX = 2_000
 INDEX_THREAD_NICE = 10               # the indexer thread's nice value (Linux: per thread)
 INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up after this long
+# An index worker process that exits more than INDEX_WORKER_RESTARTS_MAX times within
+# INDEX_WORKER_RESTART_WINDOW_SECONDS is not started again: its database's index is put in an
+# error state (reads fail at once naming the cause; `database list`, /metrics and the log show
+# the worker's last stderr line) until the database is loaded again. Restarting for ever burns
+# CPU and leaves every read waiting INDEX_WAIT_SECONDS_DEFAULT for an index that never comes;
+# five restarts (about 3 s of backoff) ride out a passing failure such as a worker killed once.
+INDEX_WORKER_RESTARTS_MAX = 5
+INDEX_WORKER_RESTART_WINDOW_SECONDS = 60.0
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
+# One process per data folder (and per database folder): a node that finds its folder's lock
+# held waits this long for the holder to end (a restart overlapping the old process's graceful
+# stop: it closes every database and index worker first, seconds at most), then refuses to
+# start, naming the folder and the holder's pid. Two processes on one set of LMDB files would
+# each run their own writer and index: a stale state, every write failing.
+FOLDER_LOCK_WAIT_SECONDS = 10.0
+FOLDER_LOCK_POLL_SECONDS = 0.1       # how often the waiting start tries the lock again
 
 
 
@@ -91,6 +106,12 @@ PREAUTH_IDLE_SECONDS = 10                # ... and before login, much sooner
 # dropping what was buffered; close() would wait for the peer to read it, which may be never.
 CONNECTION_WRITE_STALL_SECONDS = 60
 SESSIONS_MAX_DEFAULT = 100               # immudb --max-sessions
+# Databases loaded at once, systemdb aside (--max-active-databases, immudb's flag name): each costs
+# an index worker process (~20-24 MB of RSS, measured with tests/test_many_databases.py), ~3 node
+# threads and ~9 open files, so without a bound a tool creating replicas of many databases could
+# exhaust the machine's memory. 100 is ~2.4 GB of workers, what a small VM holds beside the data's
+# page cache. Past it a create or load is refused, naming the flag; nothing is closed to make room.
+DATABASES_ACTIVE_MAX_DEFAULT = 100
 # Open connections (--max-connections); a new one past it gets `too_many_connections` and is
 # closed, like Redis' maxclients. Of them, a quarter (at most PREAUTH_CONNECTIONS_MAX) may be
 # waiting to log in: a flood of idle connections cannot take logged-in users' connections (new
@@ -103,6 +124,14 @@ TOKEN_SESSION_INACTIVITY_SECONDS = 24 * 3600   # CLI logins (immudb token-expiry
 # connections' sessions, and a token lasts a day: without this one user could hold them all.
 TOKEN_SESSIONS_PER_USER_MAX = 8
 CLIENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+# A long poll (EXPORT_TXS with wait_ms) is answered up to wait_ms later by design: its deadline
+# is the client's timeout or the wait plus this, whichever is later (a 30 s timeout and a 30 s
+# poll must not always time out; a replicator's 15 s timeout on its 10 s poll stays 15 s).
+CLIENT_LONG_POLL_GRACE_SECONDS = 5.0
+# A stopping node lets its in-flight requests answer (a sync write waiting for acks and a long
+# poll: database_closed) before it closes their connections, waiting at most this long for
+# them: a long stream is cut, not waited for.
+NODE_STOP_ANSWERS_SECONDS_MAX = 5.0
 EXPORT_TXS_COUNT_MAX = 10_000            # blobs in one EXPORT_TXS answer (also cut at half a frame)
 # EXPORT_TXS_STREAM: a bulk export as a server stream, one frame per chunk of txs (each also cut
 # at half a frame), every chunk read and its permission checked as the one before leaves.
@@ -123,6 +152,10 @@ REPLICATION_BACKOFF_SECONDS_MAX = 30.0
 REPLICATION_QUEUE_BATCHES = 2            # received batches waiting for the apply (one more is
 REPLICATION_QUEUE_BYTES_MAX = 64 << 20   # being applied and one fetched): bounds replica memory
 REPLICA_ID_CHARS_MAX = 256              # a replica's name in its acknowledgements
+# The database ids an EXPORT_TXS answer names (the database, then the primaries it follows,
+# nearest first): enough for any real chain of replicas, and a bound on an answer a loop or a
+# hostile primary could otherwise grow; a loop is found within this many hops.
+REPLICATION_CHAIN_IDS_MAX = 32
 REPLICAS_TRACKED_MAX = 64                # replicas whose acks a sync primary remembers per db
 REPLICATION_SYNC_TIMEOUT_SECONDS = 10.0  # a sync commit not held by enough replicas by then fails
 

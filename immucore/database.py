@@ -22,10 +22,12 @@ from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     KeyNotFoundError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
+                     IndexFailedError, InvalidRevisionError, KeyNotFoundError, NotReplicaError,
+                     ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
+from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
 from .store.indexer import Indexer
 from .store.writer import ChainState, Writer
@@ -58,6 +60,9 @@ def open_database(path: str, **options) -> "Database":
     ``max_tx_entries``, ``max_key_len``, ``max_value_len`` (immudb's defaults),
     ``index_wait_seconds`` (how long a read waits for the key index), ``map_size_bytes``,
     ``index_worker`` (index in a process of its own instead of a thread: what the node does).
+
+    The folder is locked while the database is open (``<path>/immucore.lock``): another opening
+    of it, in any process, is refused with ``FolderInUseError`` naming the folder and the pid.
     """
     return Database(path, **options)
 
@@ -81,9 +86,13 @@ class Database:
         self._index_wait_seconds = index_wait_seconds
         self._closed = False
         self._log = self._index_env = self._writer = self._indexer = None
+        self._folder_lock = None
         self._commit_listeners = []
         try:
             os.makedirs(self.path, exist_ok=True)
+            # before any environment is opened: a second opening (another process, or this
+            # one again) would run its own writer and index on the same files
+            self._folder_lock = FolderLock(self.path, "database folder").acquire()
             self._log = LmdbEnv(os.path.join(self.path, "log"), LOG_DBS,
                                 durable=durable, map_size_bytes=map_size_bytes)
             # The index is derived from the log: losing its last commit in a crash only means
@@ -113,10 +122,14 @@ class Database:
 
     def _release(self):
         """Stop the writer (it finishes what is queued), then the indexer, then close both
-        environments (each waits for its readers)."""
-        for part in (self._writer, self._indexer, self._index_env, self._log):
-            if part is not None:
-                part.close()
+        environments (each waits for its readers), and only then let the folder go."""
+        try:
+            for part in (self._writer, self._indexer, self._index_env, self._log):
+                if part is not None:
+                    part.close()
+        finally:
+            if self._folder_lock is not None:
+                self._folder_lock.release()
 
     def _on_commit(self, state: ChainState) -> None:
         self._indexer.notify()
@@ -179,6 +192,18 @@ class Database:
     @property
     def header_version(self) -> int:
         return self._settings["header_version"]
+
+    def index_status(self) -> dict:
+        """The key index's worker for `database list`: ``worker_pid`` (None: a thread, or not
+        running), ``restarts`` and ``error`` (None, or why it stopped for good)."""
+        indexer = self._indexer
+        return {"worker_pid": indexer.worker_pid, "restarts": indexer.restarts,
+                "error": indexer.failed}
+
+    def restart_index(self) -> bool:
+        """Start the index worker again after it failed for good; False if it had not."""
+        self._check_open()
+        return self._indexer.restart()
 
     @property
     def indexed_tx_id(self) -> int:
@@ -358,7 +383,9 @@ class Database:
     def get(self, key: bytes, *, at_tx: int = 0, since_tx: int = 0,
             at_revision: int = 0) -> Entry:
         """The key's value: latest, as of ``at_tx``, or at revision ``at_revision`` (1-based;
-        negative counts back from the latest). Deleted or expired keys read as missing."""
+        negative counts back from the latest: -1 is the one before it). Deleted or expired
+        keys read as missing (``key not found``); a revision the key does not have is
+        ``invalid key revision number``, as in immudb."""
         if at_tx or since_tx or at_revision:
             return self._get_entry(key, at_tx=at_tx, since_tx=since_tx,
                                    at_revision=at_revision)[0]
@@ -541,7 +568,7 @@ class Database:
             if at_revision:
                 revision = at_revision if at_revision > 0 else count + at_revision
                 if not 0 < revision <= count:
-                    raise KeyNotFoundError()
+                    raise InvalidRevisionError()
                 for _ in range(revision - 1):
                     cursor.next_dup()
                 location = cursor.value()
@@ -576,8 +603,9 @@ class Database:
         revision)``: the node encodes an answer straight from it (building the frozen Entry
         cost a tenth of a get)."""
         keys = list(keys)
-        if self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id:
-            self._wait_index(0)        # raises if closed; waits (or BurstWouldBlock) if behind
+        if (self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id
+                or self._indexer.failed is not None):
+            self._wait_index(0)        # raises if closed or failed; waits (or BurstWouldBlock)
         with self._index_env.read(version=self._indexer.version) as itxn:
             cursor = itxn.cursor(self._index_env.dbs["keys"])
             found = [self._locate(cursor, key) for key in keys]
@@ -687,11 +715,16 @@ class Database:
 
     def index_covers(self, since_tx: int = 0) -> bool:
         """Whether a read with ``since_tx`` would run without waiting for the index."""
-        return self._indexer.indexed_tx_id >= max(since_tx, self._writer.state.tx_id)
+        return (self._indexer.indexed_tx_id >= max(since_tx, self._writer.state.tx_id)
+                and self._indexer.failed is None)
 
     def _wait_index(self, since_tx: int):
-        """Reads see every tx committed before they started (or ``since_tx``, if later)."""
+        """Reads see every tx committed before they started (or ``since_tx``, if later).
+        None at all once the index failed for good: one read served and the next refused
+        (as soon as a write passes the index) would be worse than a clear error."""
         self._check_open()
+        if self._indexer.failed is not None:
+            raise IndexFailedError(self._indexer.failed)
         committed = self._writer.state.tx_id
         if since_tx > committed:
             raise IllegalArgumentsError(

@@ -35,6 +35,13 @@ class KeyNotFoundError(ImmucoreError, KeyError):
         return self.args[0]
 
 
+class InvalidRevisionError(ImmucoreError, LookupError):
+    """A read at a revision the key does not have (past its newest, or before its first)."""
+
+    def __init__(self, message: str = "invalid key revision number"):
+        super().__init__(message)
+
+
 class TxNotFoundError(ImmucoreError, LookupError):
     def __init__(self, message: str = "tx not found"):
         super().__init__(message)
@@ -61,6 +68,10 @@ class ReplicaDivergedError(ImmucoreError):
     """The replica already holds a transaction with this id but a different Alh."""
 
 
+class ReplicationLoopError(ImmucoreError):
+    """A replica would follow itself, directly or through other replicas."""
+
+
 class VerificationError(ImmucoreError):
     """A proof or a hash did not verify."""
 
@@ -69,6 +80,15 @@ class IndexTimeoutError(ImmucoreError, TimeoutError):
     """A read waited longer than allowed for the key index to cover the tx it needs."""
 
 
+class IndexFailedError(ImmucoreError):
+    """The database's key index stopped for good (its index worker kept dying): reads that
+    need it fail at once with the cause, until the database is loaded again."""
+
+
 class DatabaseClosedError(ImmucoreError):
     def __init__(self, message: str = "database is closed"):
         super().__init__(message)
+
+
+class FolderInUseError(ImmucoreError):
+    """A data or database folder another process (or another opening) holds: never shared."""

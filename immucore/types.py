@@ -65,7 +65,7 @@ class TxHeader:
         return codec.alh(self.id, self.prev_alh, self.inner_hash())
 
     def to_bytes(self) -> bytes:
-        """immudb's ``TxHeader.Bytes`` serialization (format §2.3)."""
+        """immudb's ``TxHeader.Bytes`` serialization (docs/immudb-format.md §5)."""
         return codec.encode_header(*self.as_tuple())
 
     def as_tuple(self) -> tuple:

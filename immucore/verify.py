@@ -1,4 +1,4 @@
-"""Client-side proof verifiers, mirroring immudb's Go verifiers (format doc §2.7–2.10).
+"""Client-side proof verifiers, mirroring immudb's Go verifiers (docs/immudb-format.md §7–§10).
 
 Every function returns a bool, as immudb's do, and never raises: whatever a server sends — wrong
 sizes, wrong term counts, absurd ids, wrong types — is an unverified proof, not a crash.
@@ -101,7 +101,7 @@ def _fold_audit_path(terms, index: int, last: int, acc: bytes) -> bytes:
     return acc
 
 
-# --- the per-tx entries tree (§2.7) ----------------------------------------------------------
+# --- the per-tx entries tree (§7) ------------------------------------------------------------
 
 def verify_inclusion(proof: InclusionProof, entry_digest: bytes, eh: bytes) -> bool:
     """An entry digest is leaf ``proof.leaf`` of the tx's entries tree whose root is ``eh``.
@@ -123,7 +123,7 @@ def verify_inclusion(proof: InclusionProof, entry_digest: bytes, eh: bytes) -> b
     return _fold_audit_path(terms, leaf, width - 1, _leaf_hash(entry_digest)) == eh
 
 
-# --- the binary-linking tree, AHT (§2.9, §2.10) ----------------------------------------------
+# --- the binary-linking tree, AHT (§9, §10.1–§10.3) ------------------------------------------
 
 def verify_aht_inclusion(terms, i: int, j: int, leaf: bytes, root: bytes) -> bool:
     """``leaf`` (= H(0x00 || Alh_i)) is leaf ``i`` of the AHT of size ``j`` whose root is ``root``.
@@ -197,7 +197,7 @@ def verify_last_inclusion(terms, i: int, leaf: bytes, root: bytes) -> bool:
     return acc == root
 
 
-# --- linear and dual proofs (§2.10) ----------------------------------------------------------
+# --- linear and dual proofs (§10.4, §10.5) ---------------------------------------------------
 
 def verify_linear_proof(proof: LinearProof, source_tx_id: int, target_tx_id: int,
                         source_alh: bytes, target_alh: bytes) -> bool:

@@ -1,5 +1,5 @@
-"""A history checker for fault-injection tests (../shared/reference/reliability.md, "The history
-checker every scenario uses").
+"""A history checker for fault-injection tests (docs/reliability.md, "The history
+checker").
 
 A ``History`` records every client operation as invoke, then ok / fail / unknown, with its
 database, keys, tx id and Alh when known and monotonic timestamps. After a run, the checks

@@ -37,13 +37,17 @@ def port_accepts(host: str, port: int) -> bool:
 class NodeProcess:
     """One node: its data folder, port and process; the log is kept in ``<dir>/../node.log``."""
 
-    def __init__(self, base_dir, extra_args=()):
+    def __init__(self, base_dir, extra_args=(), *, console_script: bool = False,
+                 cwd: Optional[str] = None):
         self.base_dir = str(base_dir)
         os.makedirs(self.base_dir, exist_ok=True)
         self.dir = os.path.join(self.base_dir, "data")
         self.log_path = os.path.join(self.base_dir, "node.log")
         self.host, self.port = HOST, free_port()
         self.extra_args = list(extra_args)
+        # started as a user does (the installed `immucore` script) instead of `python -m`,
+        # from ``cwd`` (default: this process's)
+        self.console_script, self.cwd = console_script, cwd
         self.process: Optional[subprocess.Popen] = None
 
     @property
@@ -51,10 +55,13 @@ class NodeProcess:
         return f"{self.host}:{self.port}"
 
     def start(self):
-        command = [sys.executable, "-m", "immucore", "--dir", self.dir, "--address", self.host,
-                   "--port", str(self.port), "--metrics-server=false", *self.extra_args]
+        program = ([os.path.join(os.path.dirname(sys.executable), "immucore")]
+                   if self.console_script else [sys.executable, "-m", "immucore"])
+        command = [*program, "--dir", self.dir, "--address", self.host, "--port", str(self.port),
+                   "--metrics-server=false", *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=self.cwd)
         deadline = time.monotonic() + START_SECONDS_MAX
         while not port_accepts(self.host, self.port):
             if self.process.poll() is not None:
@@ -97,9 +104,10 @@ class NodeProcess:
 
 
 @contextlib.contextmanager
-def running_node(tmp_path, *extra_args) -> Iterator[NodeProcess]:
-    """A node in ``tmp_path`` (its data in ``tmp_path/data``), stopped with SIGTERM at the end."""
-    node = NodeProcess(tmp_path, extra_args)
+def running_node(tmp_path, *extra_args, **options) -> Iterator[NodeProcess]:
+    """A node in ``tmp_path`` (its data in ``tmp_path/data``), stopped with SIGTERM at the end;
+    ``options``: NodeProcess's (console_script, cwd)."""
+    node = NodeProcess(tmp_path, extra_args, **options)
     node.start()
     try:
         yield node

@@ -1,4 +1,4 @@
-"""A deterministic simulation of one replica's replication (reliability.md R13, VOPR-style).
+"""A deterministic simulation of one replica's replication (docs/reliability.md R13, VOPR-style).
 
 ``ReplicaMachine`` (immucore/replication/machine.py) is driven here the way ``Replicator`` drives
 it, but every piece of I/O is a fake owned by one seeded ``random.Random``:

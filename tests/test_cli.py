@@ -5,11 +5,14 @@ parts scripts rely on (exit codes, the first line, the JSON objects)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -178,17 +181,18 @@ def test_create_and_update_send_only_the_flags_given(node, admin):
 def test_database_list_load_unload_delete(admin):
     admin.ok("immuadmin", "database", "create", "lifedb")
     row = table_row(admin.ok("immuadmin", "database", "list"), "lifedb")
-    # ... Transactions, Replication ("-" for a primary)
-    assert "immudb" in row and "LOADED" in row and "FALSE" in row and row[-2:] == ["0", "-"]
+    # ... Transactions, Replication ("-" for a primary), Index ("ok": its worker runs)
+    assert "immudb" in row and "LOADED" in row and "FALSE" in row and row[-3:] == ["0", "-", "ok"]
 
     assert admin.ok("immuadmin", "database", "unload", "lifedb") == \
         "database 'lifedb' successfully unloaded\n"
     row = table_row(admin.ok("immuadmin", "database", "list"), "lifedb")
-    assert "UNLOADED" in row and row[-2] == "-"
+    assert "UNLOADED" in row and row[-3:] == ["-", "-", "-"]
 
     unsafe = admin.admin("database", "delete", "lifedb")
     assert unsafe.returncode != 0
-    assert unsafe.stdout == "database 'lifedb' was not deleted. Safety flag not set\n"
+    assert unsafe.stdout == ("database 'lifedb' was not deleted. Safety flag not set "
+                             "(--yes-i-know-what-i-am-doing)\n")
     assert admin.ok("immuadmin", "database", "load", "lifedb") == \
         "database 'lifedb' successfully loaded\n"
     loaded = admin.admin("database", "delete", "--yes-i-know-what-i-am-doing", "lifedb")
@@ -202,6 +206,32 @@ def test_database_list_load_unload_delete(admin):
     assert (gone.returncode, gone.stderr) == (1, "immuadmin: database lifedb does not exist\n")
     reserved = admin.admin("database", "unload", "defaultdb")
     assert (reserved.returncode, reserved.stderr) == (1, "immuadmin: database is reserved\n")
+    for action in ("unload", "load"):
+        missing = admin.admin("database", action, "nosuchdb")
+        assert (missing.returncode, missing.stderr) == (
+            1, "immuadmin: database nosuchdb does not exist\n")
+
+
+def test_updates_promotions_and_deletions_leave_a_line_in_the_nodes_log(node, admin):
+    admin.ok("immuadmin", "database", "create", "--replication-enabled=true", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--autoload=false", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--replication-enabled=false", "loggeddb")
+    admin.ok("immuadmin", "database", "update", "--replication-enabled=true",
+             "--replication-primary-host=127.0.0.1", f"--replication-primary-port={node.port}",
+             "--replication-primary-database=defaultdb", "--replication-primary-username=immudb",
+             "--replication-primary-password=immudb", "loggeddb")
+    admin.ok("immuadmin", "database", "unload", "loggeddb")
+    admin.ok("immuadmin", "database", "delete", "--yes-i-know-what-i-am-doing", "loggeddb")
+    lines = [line.split(": ", 1)[1] for line in node.log().splitlines()
+             if "immucore.node: database loggeddb" in line]
+    assert lines[0] == "database loggeddb created by immudb (replica: True)"
+    assert lines[1] == "database loggeddb updated by immudb (autoload=False)"
+    assert lines[2].startswith("database loggeddb promoted to primary by immudb (") \
+        and "replica=False" in lines[2]
+    assert lines[3].startswith(f"database loggeddb demoted to a replica of 127.0.0.1:"
+                               f"{node.port}/defaultdb by immudb (")
+    assert "primary_password='********'" in lines[3]            # never the password itself
+    assert lines[4:] == ["database loggeddb unloaded", "database loggeddb deleted by immudb"]
 
 
 # --- users ------------------------------------------------------------------------------------
@@ -228,7 +258,7 @@ def test_second_user_permissions_password_and_deactivation(node, admin, tmp_path
     admin.ok("immuadmin", "user", "permission", "grant", "alice", "read", "teamdb")
     ended = alice.client("get", "k")            # a change of the user ends its sessions
     assert (ended.returncode, ended.stderr) == (
-        1, "immuclient: no session found: please login again\n")
+        1, f"immuclient: no session found: please login again (node {node.address})\n")
     alice.login("immuclient", "alice", "Alice@123", "--database=teamdb")
     denied = alice.client("set", "k", "v2")
     assert (denied.returncode, denied.stderr) == (1, "immuclient: permission denied\n")
@@ -248,7 +278,9 @@ def test_second_user_permissions_password_and_deactivation(node, admin, tmp_path
     assert alice.ok("immuadmin", "user", "changepassword", "alice",
                     stdin="Alice@456\nAlice@789\nAlice@789\n") == \
         "password of alice changed successfully\n"
-    assert not (tmp_path / "alice" / ".immuadmin_token").exists()   # that session ended
+    # that session ended: the token is gone, the node's address is kept
+    assert json.loads((tmp_path / "alice" / ".immuadmin_token").read_text()) == {
+        "address": node.host, "port": node.port}
     alice.login("immuadmin", "alice", "Alice@789", "--database=teamdb")
     create = alice.admin("database", "create", "alicedb")
     assert create.stderr == \
@@ -330,7 +362,8 @@ def test_errors_are_one_line_with_exit_code_1(node, admin, tmp_path):
     assert not (tmp_path / "fresh" / ".immuadmin_token").exists()
     for tool, command in (("immuadmin", ("database", "list")), ("immuclient", ("get", "k"))):
         done = shell.run(tool, *command)
-        assert (done.returncode, done.stderr) == (1, f"{tool}: please login first\n")
+        assert (done.returncode, done.stderr) == (
+            1, f"{tool}: please login first (node {node.address})\n")
 
     closed_port = free_port()
     refused = shell.run("immuadmin", "-p", str(closed_port), "login", "immudb",
@@ -341,7 +374,8 @@ def test_errors_are_one_line_with_exit_code_1(node, admin, tmp_path):
 
     assert admin.ok("immuadmin", "logout") == "logged out\n"
     after = admin.admin("user", "list")
-    assert (after.returncode, after.stderr) == (1, "immuadmin: please login first\n")
+    assert (after.returncode, after.stderr) == (
+        1, f"immuadmin: please login first (node {node.address})\n")
 
 
 def test_saved_session_names_its_node_and_ends_with_a_restart(tmp_path):
@@ -358,9 +392,157 @@ def test_saved_session_names_its_node_and_ends_with_a_restart(tmp_path):
         own.restart()
         ended = shell.admin("database", "list", port=False)
         assert (ended.returncode, ended.stderr) == (
-            1, "immuadmin: no session found: please login again\n")
-        assert not (tmp_path / "home" / ".immuadmin_token").exists()
-        shell.login("immuadmin", "immudb", ADMIN_PASSWORD)
+            1, f"immuadmin: no session found: please login again (node {own.address})\n")
+        # the token is gone, the node's address stays until a login replaces it
+        token_path = tmp_path / "home" / ".immuadmin_token"
+        assert json.loads(token_path.read_text()) == {"address": own.host, "port": own.port}
+        again = shell.admin("user", "list", port=False)
+        assert (again.returncode, again.stderr) == (
+            1, f"immuadmin: the session ended: please login again (node {own.address})\n")
+        # a login without -p goes to that node, not to 127.0.0.1:3322
+        assert shell.ok("immuadmin", "login", "immudb", stdin=ADMIN_PASSWORD + "\n",
+                        port=False) == "logged in\n"
+        assert json.loads(token_path.read_text())["port"] == own.port
         assert "keptdb" in shell.ok("immuadmin", "database", "list")
         shell.login("immuclient", "immudb", ADMIN_PASSWORD, "--database=keptdb")
         assert shell.json_lines("get", "k")[0]["value"] == "kept"
+
+
+# --- replication push -------------------------------------------------------------------------
+
+def session_database(node, home) -> str:
+    """The database the node keeps the saved immuadmin session of ``home`` on."""
+    token = json.loads((home / ".immuadmin_token").read_text())["token"]
+    with Client(node.host, node.port) as client:
+        return client.resume(token)["database"]
+
+
+def test_replication_push_reports_an_unreachable_primary_and_keeps_the_session(node, admin):
+    admin.ok("immuadmin", "database", "create", "--replication-enabled=true", "pushdb")
+    with Client(node.host, node.port) as client:
+        client.login("immudb", ADMIN_PASSWORD)
+        written = [client.set({f"push{n}".encode(): b"v"}).id for n in range(3)]
+    closed_port = free_port()
+    unreachable = admin.admin("replication", "push", "--from-address", "127.0.0.1",
+                              "--from-port", str(closed_port), "--from-password",
+                              ADMIN_PASSWORD, "--database", "pushdb")
+    assert (unreachable.returncode, unreachable.stderr) == (
+        1, f"immuadmin: could not connect to the primary 127.0.0.1:{closed_port}: connection "
+           "refused (is the node running?)\n")
+    assert session_database(node, admin.home) == "defaultdb"
+
+    pushed = admin.admin("replication", "push", "--from-address", node.host, "--from-port",
+                         str(node.port), "--from-password", ADMIN_PASSWORD, "--database",
+                         "pushdb")
+    assert (pushed.returncode, pushed.stdout) == (0, f"{written[-1]} transactions replicated\n")
+    assert session_database(node, admin.home) == "defaultdb"      # not moved to pushdb
+    help_text = " ".join(admin.ok("immuadmin", "replication", "push", "--help").split())
+    from_user = help_text.split("--from-user FROM_USER user on the primary", 1)[1]
+    from_user = from_user.split("--from-password FROM_PASSWORD", 1)[0]
+    assert "with admin permission" in from_user and from_user.endswith("(default immudb) ")
+
+
+# --- versions ---------------------------------------------------------------------------------
+
+def test_every_command_prints_the_package_version(node, tmp_path):
+    """One version everywhere: the package metadata's (pyproject.toml), with or without a node."""
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    for tool, args in (("immuadmin", ("version",)), ("immuadmin", ("--version",)),
+                       ("immuclient", ("version",)), ("immuclient", ("--version",))):
+        assert shell.ok(tool, *args, port=False) == f"{tool} {version}\n"
+    for module, prog in (("immucore", "immucore"),
+                         ("immucore.cli.replicator", "immucore-replicator")):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, timeout=CLI_SECONDS_MAX)
+        assert (done.returncode, done.stdout) == (0, f"{prog} {version}\n"), done.stderr
+    with Client(node.host, node.port) as client:
+        assert client.health()["version"] == client.server_info()["version"] == version
+
+
+def test_status_shows_the_node_version_and_uptime(node, tmp_path):
+    version = importlib.metadata.version("immucore")
+    shell = Shell(node, tmp_path)
+    shell.login("immuclient", "immudb", ADMIN_PASSWORD)
+    with Client(node.host, node.port) as client:
+        started = client.server_info()["started_at"]
+    for tool in ("immuadmin", "immuclient"):
+        lines = shell.ok(tool, "status").splitlines()
+        assert f"version:  {version}" in lines, lines
+        uptime = next(line for line in lines if line.startswith("uptime:"))
+        match = re.fullmatch(r"uptime:   (?:(\d+)h)?(?:(\d+)m)?(\d+)s", uptime)
+        assert match, uptime
+        hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        shown = hours * 3600 + minutes * 60 + seconds
+        assert abs(shown - (time.time() - started)) < 5, (uptime, started)
+
+
+# --- revisions, delete, restore -----------------------------------------------------------------
+
+def test_immuclient_reads_restores_and_deletes_at_revisions(node, admin, tmp_path):
+    """immudb's revisions: N > 0 the N-th value, 0 the current, -N counted back from it; its
+    messages for a key that has no value and for a revision it does not have."""
+    admin.ok("immuadmin", "database", "create", "revisiondb")
+    shell = Shell(node, tmp_path / "client")
+    shell.login("immuclient", "immudb", ADMIN_PASSWORD, "--database", "revisiondb")
+    for value in ("v1", "v2", "v3"):
+        shell.ok("immuclient", "set", "k", value)
+
+    def value_at(text):
+        got, = shell.json_lines("get", text)
+        return got["rev"], got["value"]
+
+    assert [value_at(f"k@{n}") for n in (1, 2, 3, 0, -1, -2)] == [
+        (1, "v1"), (2, "v2"), (3, "v3"), (3, "v3"), (2, "v2"), (1, "v1")]
+    readable = shell.ok("immuclient", "get", "k@1").splitlines()
+    assert readable[:4] == ["tx:    1", "rev:   1", "key:   k", "value: v1"]
+    verified, = shell.json_lines("verifiedget", "k@-1")
+    assert (verified["rev"], verified["value"], verified["verified"]) == (2, "v2", True)
+    for text in ("k@4", "k@-3", "k@-10"):
+        done = shell.client("get", text)
+        assert (done.returncode, done.stderr) == (
+            1, "immuclient: invalid key revision number\n"), text
+    missing = shell.client("get", "nothing@1")
+    assert (missing.returncode, missing.stderr) == (1, "immuclient: key not found\n")
+    bad = shell.client("get", "k@first")
+    assert bad.returncode == 1 and "invalid revision number 'first'" in bad.stderr
+    assert "--revision-separator" in bad.stderr
+
+    # a key with the separator in its name: another separator, or none
+    shell.ok("immuclient", "set", "user@example", "mail")
+    assert shell.json_lines("--revision-separator", "", "get", "user@example")[0]["value"] \
+        == "mail"
+    assert shell.json_lines("get", "--revision-separator", "#", "user@example#1")[0]["value"] \
+        == "mail"
+
+    # delete: readable and JSON; the history stays; a key without a live value is refused
+    deleted = shell.ok("immuclient", "delete", "k").splitlines()
+    assert deleted[1:] == ["key:     k", "deleted: true"] and deleted[0].startswith("tx:")
+    gone = shell.client("get", "k")
+    assert (gone.returncode, gone.stderr) == (1, "immuclient: key not found\n")
+    again = shell.client("--json", "delete", "k")
+    assert (again.returncode, again.stderr) == (1, "immuclient: key not found\n")
+    assert shell.client("delete", "nothing").stderr == "immuclient: key not found\n"
+    assert value_at("k@-1") == (3, "v3")            # the value before the deletion
+
+    # restore: the value of a revision written again as the newest one, a deleted key included
+    restored, = shell.json_lines("restore", "k@1")
+    assert (restored["rev"], restored["value"], restored["restored_from"]) == (5, "v1", 1)
+    assert restored["hash"] == value_hash(b"v1")
+    assert value_at("k") == (5, "v1")
+    readable = shell.ok("immuclient", "restore", "k@-2").splitlines()     # rev 3: v3
+    assert readable[1:4] == ["rev:           6", "key:           k", "value:         v3"]
+    assert readable[-1] == "restored_from: 3"
+    history = [(e["rev"], e["value"], e.get("deleted", False))
+               for e in shell.json_lines("history", "k")]
+    assert history == [(1, "v1", False), (2, "v2", False), (3, "v3", False), (4, "", True),
+                       (5, "v1", False), (6, "v3", False)]
+    for text, message in (("k", "restore needs a revision: k@REV"),
+                          ("k@9", "invalid key revision number"),
+                          ("k@4", "key not found"),            # revision 4 is the deletion
+                          ("k@-2", "key not found"),           # and so is 6 - 2
+                          ("nothing@1", "key not found")):
+        done = shell.client("restore", text)
+        assert done.returncode == 1 and done.stderr.startswith(f"immuclient: {message}"), \
+            (text, done.stderr)
+    assert value_at("k") == (6, "v3")                # the refused restores wrote nothing

@@ -1018,7 +1018,7 @@ def test_hashes_and_htree_agree(data, digests, index):
 @AGREE
 @given(n=st.integers(1, 300), seed=st.integers(0, 1 << 30))
 def test_htree_inclusion_proofs_verify_against_eh(n, seed):
-    """Walks every audit path with the verifier of format §2.7: each leads to Eh."""
+    """Walks every audit path with the verifier of docs/immudb-format.md §7: each leads to Eh."""
     native = require_native()
     rnd = random.Random(seed)
     digests = [rnd.randbytes(32) for _ in range(n)]

@@ -6,6 +6,10 @@ Replication (export_tx / replicate_tx / replicate_txs) has its own file: test_re
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,8 +18,9 @@ import pytest
 from immucore import codec
 from immucore.constants import INDEX_KEY_SIZE_BYTES_MAX, KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX
 from immucore.database import open_database
-from immucore.errors import (DatabaseClosedError, IllegalArgumentsError, KeyNotFoundError,
-                             ReadOnlyReplicaError, TxNotFoundError)
+from immucore.errors import (DatabaseClosedError, FolderInUseError, IllegalArgumentsError,
+                             InvalidRevisionError, KeyNotFoundError, ReadOnlyReplicaError,
+                             TxNotFoundError)
 from immucore.types import KVMetadata, TxHeader
 
 EMPTY_ALH = codec.sha256(b"")
@@ -191,12 +196,21 @@ def test_get_reads_latest_then_at_tx_and_at_revision(db):
     assert db.get(b"a", since_tx=5).value == b"v3"
 
 
-def test_get_before_the_first_version_or_past_the_revisions_is_missing(db):
+def test_get_before_the_first_version_is_missing_past_the_revisions_is_invalid(db):
+    """immudb's two messages: no version at that tx is ``key not found``; a revision the key
+    does not have (past the newest, or counted back before the first) is ``invalid key revision
+    number``; a key with no version at all is ``key not found`` at any revision."""
     db.set({b"other": b"x"})
     db.set({b"a": b"1"})
-    for kwargs in ({"at_tx": 1}, {"at_revision": 2}, {"at_revision": -1}):
-        with pytest.raises(KeyNotFoundError, match="^key not found$"):
-            db.get(b"a", **kwargs)
+    with pytest.raises(KeyNotFoundError, match="^key not found$"):
+        db.get(b"a", at_tx=1)
+    for revision in (2, -1, -5):
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$"):
+            db.get(b"a", at_revision=revision)
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$"):
+            db.verifiable_get(b"a", prove_since_tx=0, at_revision=revision)
+    with pytest.raises(KeyNotFoundError, match="^key not found$"):
+        db.get(b"never", at_revision=1)
 
 
 def test_get_of_a_missing_key_says_key_not_found(db):
@@ -687,6 +701,52 @@ def test_a_closed_database_refuses_calls(tmp_path):
                  lambda: database.history(b"a"), lambda: database.export_tx(1)):
         with pytest.raises(DatabaseClosedError):
             call()
+
+
+_HOLDER = """
+import sys
+from immucore.database import open_database
+db = open_database(sys.argv[1])
+db.set({b"held": b"by the holder"})
+print("open", flush=True)
+sys.stdin.read()            # until the test closes it (or kills this process)
+db.close()
+"""
+
+
+@pytest.mark.parametrize("ended_by", ["close", "kill"])
+def test_a_database_another_process_holds_is_refused_until_it_ends(tmp_path, ended_by):
+    path = str(tmp_path / "held")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"open\n"
+        with pytest.raises(FolderInUseError, match=re.escape(
+                f"database folder {path} is in use by another process (pid {holder.pid})")):
+            open_database(path)
+        if ended_by == "kill":          # the kernel drops the lock of a killed holder too
+            holder.kill()
+        else:
+            holder.stdin.close()
+        holder.wait(30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    with open_database(path) as database:
+        assert database.get(b"held").value == b"by the holder"
+
+
+def test_a_second_opening_in_one_process_is_refused_and_a_closed_one_frees_the_folder(tmp_path):
+    path = str(tmp_path / "db")
+    first = open_database(path)
+    with pytest.raises(FolderInUseError, match=re.escape(
+            f"database folder {path} is in use by this process (pid {os.getpid()})")):
+        open_database(path)
+    assert first.set({b"a": b"1"}).id == 1          # the refused opening changed nothing
+    first.close()
+    with open_database(path) as again:
+        assert again.get(b"a").value == b"1"
 
 
 # --- long keys (folded in the index) -------------------------------------------------------------

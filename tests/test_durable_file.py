@@ -1,6 +1,7 @@
-"""Power loss on immucore's own small files (reliability R3a): ``durable_file.replace_durably``
-against a model file system in which a crash drops or keeps each operation not yet made durable
-by an fsync, in any combination (a torn file, a rename without its data, a lost rename).
+"""Power loss on immucore's own small files (docs/reliability.md R3a):
+``durable_file.replace_durably`` against a model file system in which a crash drops or keeps each
+operation not yet made durable by an fsync, in any combination (a torn file, a rename without its
+data, a lost rename).
 
 Whatever the crash point and whatever survives, the file holds its old content or the new one,
 whole, and once the call returned, the new one. The same steps without the fsyncs do lose data in

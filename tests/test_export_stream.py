@@ -1,19 +1,24 @@
 """EXPORT_TXS_STREAM, the server stream of a bulk export, against a real node: chunks in
 order and whole, each with its last tx's Alh, a copy applied to a replica that ends equal,
-permission checked, and a slow reader's client holding only a few chunks."""
+permission checked (again after every wait, as for the EXPORT_TXS long poll), and a slow
+reader's client holding only a few chunks."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import threading
 import time
 
 import pytest
 
 from immucore.client import AsyncClient, Client
-from immucore.constants import CLIENT_STREAM_ITEMS_BUFFERED_MAX, EXPORT_STREAM_CHUNK_TXS
+from immucore.constants import (CLIENT_STREAM_ITEMS_BUFFERED_MAX, EXPORT_STREAM_CHUNK_TXS,
+                                FRAME_BODY_BYTES_MAX)
 from immucore.database import open_database
 from immucore.errors import IllegalArgumentsError
-from immucore.protocol.messages import RemoteError
+from immucore.protocol.frames import FLAG_ERROR, FLAG_STREAM, FrameDecoder, encode_frame
+from immucore.protocol.messages import Msg, RemoteError, pack, unpack
 
 from .nodes import running_node
 
@@ -145,3 +150,108 @@ def test_other_calls_on_the_streams_connection_are_answered_while_its_caller_is_
 
     values = asyncio.run(run())
     assert len(values) >= 13 and set(values) == {b"v7"}
+
+
+# --- a change of the user while an export waits ------------------------------------------------
+
+FOLLOWER = ("follower", "Follower1!pw")
+
+
+def _change_user(admin, change: str):
+    """Deactivate ``follower``, take its admin away, or give it a new password."""
+    if change == "deactivate":
+        admin.set_user_active(FOLLOWER[0], False)
+    elif change == "revoke":
+        admin.revoke(FOLLOWER[0], "admin", "orders")
+    else:
+        admin.change_password(FOLLOWER[0], "", "Follower2!pw")
+
+
+def _orders_node_admin(node):
+    admin = Client(node.host, node.port)
+    admin.login("immudb", "immudb")
+    admin.create_database("orders")
+    admin.create_user(*FOLLOWER, "admin", "orders")
+    admin.use_database("orders")
+    return admin
+
+
+@pytest.mark.parametrize("change", ["deactivate", "revoke", "password"])
+def test_a_long_poll_that_waited_across_a_change_of_its_user_answers_the_error(tmp_path, change):
+    """An EXPORT_TXS long poll of an admin of ``orders``, standing when the user is changed:
+    the next commit must not reach it (the node checks again after the wait)."""
+    with running_node(tmp_path) as node, _orders_node_admin(node) as admin:
+        admin.set({b"before": b"1"})
+        outcome = {}
+
+        def poll():
+            async def run():
+                client = AsyncClient(node.host, node.port, timeout=30)
+                await client.login(*FOLLOWER, "orders")
+                try:
+                    outcome["answer"] = await client.export_batch(2, 1000, wait_ms=20_000)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    outcome["error"] = exc
+                finally:
+                    await client.close()
+            asyncio.run(run())
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not outcome, outcome        # it stands on the node
+        _change_user(admin, change)
+        admin.set({b"after": b"not for the follower"})
+        thread.join(15)
+        assert not thread.is_alive()
+        assert "answer" not in outcome, f"the commit reached a changed user: {outcome}"
+        assert getattr(outcome["error"], "code", None) in ("session_not_found",
+                                                           "permission_denied"), outcome
+
+
+def _raw_frames(sock, decoder):
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            return
+        for frame in decoder.feed(data):
+            yield frame
+
+
+def test_a_stream_stops_at_a_revoked_permission_before_its_next_chunk_leaves(tmp_path):
+    """A stream whose reader stopped reading: the node's send buffer (64 MiB) is full, so it
+    waits before the next chunk. The follower's admin is revoked meanwhile: once the reader
+    reads again, what was handed to the socket before arrives, then the error — never a chunk
+    made after the change (or read before it and sent after)."""
+    value = bytes(20 << 20)                   # one tx per chunk (a chunk stops at half a frame)
+    with running_node(tmp_path) as node, _orders_node_admin(node) as admin:
+        for n in range(5):
+            admin.set({b"big%d" % n: value})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)   # the node buffers it
+        sock.connect((node.host, node.port))
+        decoder = FrameDecoder(FRAME_BODY_BYTES_MAX)
+        frames = _raw_frames(sock, decoder)
+        try:
+            sock.sendall(encode_frame(int(Msg.LOGIN), 0, 1, pack(
+                {"user": FOLLOWER[0], "password": FOLLOWER[1], "database": "orders"})))
+            _, flags, _, body = next(frames)
+            assert not flags & FLAG_ERROR, unpack(body)
+            sock.sendall(encode_frame(int(Msg.EXPORT_TXS_STREAM), 0, 2,
+                                      pack({"first_tx_id": 1, "count": 5})))
+            time.sleep(3.0)                   # the node fills its send buffer and waits
+            _change_user(admin, "revoke")
+            chunks, last = 0, None
+            for _, flags, request_id, body in frames:
+                assert request_id == 2
+                if flags & FLAG_STREAM:
+                    chunks += 1
+                    continue
+                last = (flags, unpack(body))
+                break
+        finally:
+            sock.close()
+        assert last is not None and last[0] & FLAG_ERROR, \
+            f"the stream ended normally after the revocation ({chunks} chunks)"
+        assert last[1]["code"] in ("session_not_found", "permission_denied"), last
+        assert chunks < 5

@@ -1,4 +1,4 @@
-"""Network faults between a primary and its replica (../shared/reference/reliability.md R4, R6,
+"""Network faults between a primary and its replica (docs/reliability.md R4, R6,
 R7): real nodes, the replica database following the primary through a FaultProxy.
 
 What every test checks, whatever the fault: the replica's log stays a prefix of the primary's
@@ -39,7 +39,7 @@ SILENT_FAULT_SECONDS_MAX = REQUEST_TIMEOUT_SECONDS + 20
 CONVERGE_SECONDS = 2 * REQUEST_TIMEOUT_SECONDS + 10
 RSS_GROWTH_BYTES_MAX = 150 << 20
 SAMPLED_TX_IDS = 20
-BANDWIDTH_CAP_BPS = 20 << 10      # below what one writer's txs need (reliability.md: 10-100 KiB/s)
+BANDWIDTH_CAP_BPS = 20 << 10      # below what one writer's txs need (docs/reliability.md R7)
 KEY_PREFIX = b"w-"
 
 

@@ -1,4 +1,4 @@
-"""Process faults against real nodes (../shared/reference/reliability.md R1, R2, R5, R8, R9, R10).
+"""Process faults against real nodes (docs/reliability.md R1, R2, R5, R8, R9, R10).
 
 Each scenario starts real ``immucore`` processes (tests/nodes.py), drives writers that record
 every operation in a History (tests/history.py), injects one kind of fault — SIGKILL of a
@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -23,11 +24,13 @@ import urllib.request
 import pytest
 
 from immucore.client import Client
+from immucore.constants import FOLDER_LOCK_WAIT_SECONDS
 from immucore.database import open_database
+from immucore.errors import FolderInUseError
 
 from .history import History, WriterPool, check_history, check_node_storage, check_storage, \
     wait_converged
-from .nodes import NodeProcess, free_port, running_node
+from .nodes import NodeProcess, free_port, port_accepts, running_node
 from .test_replication import _immuadmin, _wait_for
 
 CLIENT_TIMEOUT_SECONDS = 10.0       # every client call; an op longer than this is a failure
@@ -587,3 +590,82 @@ def test_r9_a_skewed_clock_does_not_change_what_is_replicated(tmp_path, skewed, 
             assert r.tx_by_id(last).header.ts == p.tx_by_id(last).header.ts   # primary's ts
             print(f"R9 {skewed} {spec}: clock offset {offset:.0f}s, {summary}")
     check_node_storage(replica.dir)
+
+
+# --- one process per data folder ---------------------------------------------------------------
+
+def _node_command(data_dir: str, port: int) -> list:
+    return [sys.executable, "-m", "immucore", "--dir", data_dir, "--address", "127.0.0.1",
+            "--port", str(port), "--metrics-server=false"]
+
+
+def _wait_for_text(path, text: str, seconds: float, process: subprocess.Popen) -> str:
+    deadline = time.monotonic() + seconds
+    while True:
+        written = path.read_text(errors="replace") if path.exists() else ""
+        if text in written:
+            return written
+        assert process.poll() is None, f"exited with {process.returncode}:\n{written}"
+        assert time.monotonic() < deadline, f"no {text!r} within {seconds}s:\n{written}"
+        time.sleep(0.05)
+
+
+def test_a_second_node_on_a_data_folder_is_refused_naming_the_folder_and_the_holder(tmp_path):
+    with running_node(tmp_path / "a") as node, _login(node) as client:
+        for n in range(5):
+            client.set({f"k{n}".encode(): b"v"})
+        folder = os.path.abspath(node.dir)
+        other_port = free_port()
+        second = subprocess.Popen(_node_command(node.dir, other_port), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        try:
+            output, _ = second.communicate(timeout=FOLDER_LOCK_WAIT_SECONDS + WAIT_SECONDS)
+        finally:
+            if second.poll() is None:           # it started beside the first: a failure
+                second.kill()
+                second.wait()
+        output = output.decode(errors="replace")
+        assert second.returncode != 0, output
+        assert (f"data folder {folder} is in use by another process (pid {node.process.pid})"
+                in output), output
+        assert "listening on" not in output and not port_accepts("127.0.0.1", other_port)
+        # the first node never noticed: its state is whole and it still writes
+        assert client.current_state().tx_id == 5
+        assert client.set({b"after": b"v"}).id == 6
+        # a script opening one of its databases is refused as well, naming the node
+        with pytest.raises(FolderInUseError, match=re.escape(
+                f"database folder {folder}/defaultdb is in use by another process "
+                f"(pid {node.process.pid})")):
+            open_database(os.path.join(node.dir, "defaultdb"))
+        assert client.set({b"still": b"v"}).id == 7
+    assert check_node_storage(node.dir)["defaultdb"] == 7
+
+
+def test_a_start_overlapping_the_old_nodes_stop_waits_for_it_then_serves(tmp_path):
+    """A restart whose new process starts before the old one has let go (a supervisor that
+    does not wait): it waits for the folder, then serves everything the old one wrote."""
+    with running_node(tmp_path / "a") as node:
+        with _login(node) as client:
+            for n in range(5):
+                client.set({f"k{n}".encode(): b"v"})
+        log_path = tmp_path / "next.log"
+        with open(log_path, "wb") as log:
+            successor = subprocess.Popen(_node_command(node.dir, node.port), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        try:
+            _wait_for_text(log_path, f"data folder {os.path.abspath(node.dir)} is in use by "
+                           f"another process (pid {node.process.pid}): waiting up to",
+                           WAIT_SECONDS, successor)
+            with _login(node) as client:         # the old node is untouched meanwhile
+                assert client.set({b"during": b"v"}).id == 6
+            assert node.stop() == 0
+            written = _wait_for_text(log_path, "listening on", WAIT_SECONDS, successor)
+            assert "cannot" not in written, written
+            with _login(node) as client:          # the same port, now the successor's
+                assert client.current_state().tx_id == 6
+                assert client.get(b"during").value == b"v"
+                assert client.set({b"after": b"v"}).id == 7
+        finally:
+            successor.terminate()
+            successor.wait(WAIT_SECONDS)
+    assert check_node_storage(node.dir)["defaultdb"] == 7

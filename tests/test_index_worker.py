@@ -6,14 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 
+from immucore.client import Client
+from immucore.constants import INDEX_WORKER_RESTARTS_MAX
 from immucore.database import open_database
-from immucore.errors import KeyNotFoundError
+from immucore.errors import IndexFailedError, KeyNotFoundError
 from immucore.store.indexer import IndexMovedError, index_step, read_indexed_tx_id
 
-from .nodes import running_node
+from .nodes import free_port, running_node
+from .test_cli import Shell
 
 
 def _wait_until(predicate, seconds=20.0):
@@ -62,7 +66,7 @@ def test_a_killed_worker_is_restarted_and_indexing_goes_on(db):
     first = db._indexer._process
     os.kill(first.pid, signal.SIGKILL)
     _wait_until(lambda: db._indexer._process is not first)
-    assert "exited with code -9" in (db._indexer.last_error or "exited with code -9")
+    assert "killed by SIGKILL" in (db._indexer.last_error or "killed by SIGKILL")
     db.set({b"after": b"2"})
     assert db.get(b"after").value == b"2"
     assert db._indexer.last_error is None          # cleared by the new worker's first step
@@ -237,3 +241,130 @@ def test_a_commit_whose_poke_found_the_pipe_full_is_still_indexed(db):
     full_pipe.let_through = True
     indexer._on_line(f"indexed {indexer.indexed_tx_id}")   # the worker's next report
     _wait_until(lambda: indexer.indexed_tx_id == 2, 5)
+
+
+def test_workers_import_the_package_the_node_runs_whatever_the_current_directory(tmp_path):
+    """A node started as a user does (the installed `immucore` script) from a folder holding
+    another `immucore` package: its index workers must not import that one (they would die on
+    it and be restarted forever, and every read of a user database time out)."""
+    decoy = tmp_path / "cwd" / "immucore"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text(
+        'raise ImportError("the decoy immucore in the current directory was imported")\n')
+    with running_node(tmp_path / "node", console_script=True, cwd=str(tmp_path / "cwd")) as node, \
+            Client(node.host, node.port, timeout=15) as client:
+        client.login("immudb", "immudb")
+        client.create_database("userdb")
+        client.create_database("userreplica", {
+            "replica": True, "primary_database": "userdb", "primary_host": node.host,
+            "primary_port": node.port, "primary_username": "immudb",
+            "primary_password": "immudb"})
+        client.use_database("userdb")
+        tx = client.set({b"key": b"value"})
+        assert client.get(b"key").value == b"value"
+        client.use_database("userreplica")
+        _wait_until(lambda: client.current_state().tx_id >= tx.id)
+        assert client.get(b"key").value == b"value"
+        client.use_database("defaultdb")
+        client.set({b"default": b"1"})
+        assert client.get(b"default").value == b"1"
+    assert "decoy" not in node.log() and "restarting it" not in node.log(), node.log()
+
+
+def _maps(pid: int, path_end: str) -> bool:
+    """Whether process ``pid`` has a file ending in ``path_end`` mapped (or has ended)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(line.rstrip().endswith(path_end) for line in f)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _index_of(client, name: str) -> dict:
+    return next(d for d in client.list_databases() if d["name"] == name)["index"]
+
+
+def _crash_worker_until_it_fails(client, name: str) -> int:
+    """SIGSEGV the database's index worker (faulthandler leaves its stack on stderr) each time
+    the node starts a new one, until the node gives up on it; how many crashes that took."""
+    crashes = 0
+    while True:
+        index = _index_of(client, name)
+        if index["error"]:
+            return crashes
+        assert crashes <= INDEX_WORKER_RESTARTS_MAX, f"still restarted: {index}"
+        pid = index["worker_pid"]
+        # once it has mapped its index it runs the worker's code (faulthandler on): before,
+        # the crash would leave nothing on stderr
+        _wait_until(lambda: _maps(pid, os.path.join(name, "index", "data.mdb")))
+        os.kill(pid, signal.SIGSEGV)
+        crashes += 1
+        _wait_until(lambda: _index_of(client, name)["error"] or
+                    _index_of(client, name)["worker_pid"] not in (None, pid))
+
+
+def test_a_worker_that_keeps_dying_fails_its_database_loudly_and_only_it(tmp_path):
+    metrics_port = free_port()
+    with running_node(tmp_path / "node", "--metrics-server=true",
+                      f"--metrics-server-port={metrics_port}") as node, \
+            Client(node.host, node.port) as client:
+        client.login("immudb", "immudb")
+        for name in ("crashing", "healthy"):
+            client.create_database(name)
+            client.use_database(name)
+            client.set({b"before": name.encode()})
+        client.use_database("crashing")
+        assert client.get(b"before").value == b"crashing"
+
+        assert _crash_worker_until_it_fails(client, "crashing") == INDEX_WORKER_RESTARTS_MAX + 1
+        error = _index_of(client, "crashing")["error"]
+        assert f"exited {INDEX_WORKER_RESTARTS_MAX + 1} times" in error
+        assert "the last was killed by SIGSEGV (code -11)" in error
+        # the worker's last stderr line, as the node logged it
+        logged = [line.split("index worker of crashing: ", 1)[1] for line in
+                  node.log().splitlines() if "index worker of crashing: " in line]
+        assert logged and error.endswith(f"its last stderr line: {logged[-1].strip()}"), error
+        assert f"{error}; reads of crashing fail until it is loaded again" in node.log()
+
+        shell = Shell(node, tmp_path / "home")
+        shell.ok("immuadmin", "login", "immudb", stdin="immudb\n")
+        listed = shell.ok("immuadmin", "database", "list")
+        row = next(line for line in listed.splitlines() if line.startswith("crashing "))
+        assert row.endswith(f"ERROR: {error}"), listed
+        assert next(line for line in listed.splitlines()
+                    if line.startswith("healthy ")).endswith(" ok"), listed
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                         timeout=10).read().decode()
+        assert 'immucore_index_worker_failed{db="crashing",error="index worker of crashing ' \
+            'exited' in metrics
+        assert 'immucore_index_worker_failed{db="healthy",error=""} 0.0' in metrics
+        assert (f'immucore_index_worker_restarts_total{{db="crashing"}} '
+                f'{float(INDEX_WORKER_RESTARTS_MAX)}') in metrics
+
+        # reads fail at once naming the cause, whether the index covers them or not
+        for write_first in (False, True):
+            if write_first:
+                client.set({b"after": b"1"})
+            started = time.monotonic()
+            with pytest.raises(IndexFailedError) as failed:
+                client.get(b"before")
+            assert failed.value.code == "index_failed" and error in str(failed.value)
+            assert time.monotonic() - started < 5
+        client.use_database("healthy")
+        client.set({b"still": b"served"})
+        assert client.get(b"still").value == b"served"
+        assert client.get(b"before").value == b"healthy"
+
+        # the operator's way back: load it again (in place, as for defaultdb), or unload + load
+        shell.ok("immuadmin", "database", "load", "crashing")
+        client.use_database("crashing")
+        assert client.get(b"after").value == b"1"
+        assert _index_of(client, "crashing")["error"] is None
+        assert _crash_worker_until_it_fails(client, "crashing") == INDEX_WORKER_RESTARTS_MAX + 1
+        shell.ok("immuadmin", "database", "unload", "crashing")
+        shell.ok("immuadmin", "database", "load", "crashing")
+        client.use_database("crashing")
+        assert client.get(b"after").value == b"1"
+        assert _index_of(client, "crashing") == {
+            "worker_pid": _index_of(client, "crashing")["worker_pid"], "restarts": 0,
+            "error": None}

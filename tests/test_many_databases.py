@@ -1,4 +1,4 @@
-"""R12 (../shared/reference/reliability.md): many small databases, each with a replica, on one
+"""R12 (docs/reliability.md): many small databases, each with a replica, on one
 node. Writers hit every primary at once; every replica must converge (no replicator starves the
 others), and the node's threads, open files and worker processes must stay within a bound per
 database and not grow from one round of writes to the next.
@@ -10,7 +10,10 @@ import asyncio
 import os
 import time
 
+import pytest
+
 from immucore.client import AsyncClient, Client
+from immucore.protocol.messages import RemoteError
 
 from .nodes import child_pids, running_node
 
@@ -72,8 +75,9 @@ def _wait_converged(admin: Client):
 
 def test_fifty_databases_each_with_a_replica_on_one_node(tmp_path):
     # every replicator holds a session on its primary, as in immudb: 50 of them, 50 writers and
-    # this admin pass the default of 100 sessions
-    with running_node(tmp_path / "node", "--max-sessions=200") as node, \
+    # this admin pass the default of 100 sessions; 101 databases pass the default of 100 active
+    with running_node(tmp_path / "node", "--max-sessions=200",
+                      f"--max-active-databases={2 * PRIMARIES + 1}") as node, \
             Client(node.host, node.port) as admin:
         admin.login("immudb", "immudb")
         for index in range(PRIMARIES):
@@ -102,3 +106,40 @@ def test_fifty_databases_each_with_a_replica_on_one_node(tmp_path):
             status = next(d for d in admin.list_databases()
                           if d["name"] == f"replica{index}")["replication"]
             assert status["state"] == "following" and status["lag_txs"] == 0
+
+
+def test_databases_past_the_active_limit_are_refused_naming_the_flag(tmp_path):
+    """--max-active-databases bounds the databases loaded at once (each runs an index worker):
+    a create or load past it is refused before anything is written, a start loads what fits."""
+    with running_node(tmp_path / "node", "--max-active-databases=3") as node, \
+            Client(node.host, node.port) as admin:
+        admin.login("immudb", "immudb")
+        admin.create_database("first")
+        admin.create_database("second")             # with defaultdb: 3
+        workers = len(child_pids(node.process.pid))
+        with pytest.raises(RemoteError) as refused:
+            admin.create_database("third")
+        assert refused.value.code == "too_many_databases"
+        assert "database third not created: 3 databases are loaded" in str(refused.value)
+        assert "--max-active-databases 3" in str(refused.value)
+        listed = [d["name"] for d in admin.list_databases()]
+        assert "third" not in listed and len(child_pids(node.process.pid)) == workers
+        admin.unload_database("second")
+        admin.create_database("third")              # room again
+        with pytest.raises(RemoteError) as refused:
+            admin.load_database("second")
+        assert refused.value.code == "too_many_databases"
+        assert "database second not loaded" in str(refused.value)
+        admin.unload_database("third")
+        admin.load_database("second")
+        admin.use_database("second")
+        admin.set({b"key": b"value"})
+        assert admin.get(b"key").value == b"value"
+        # all three user databases load at start (autoload): the node loads what fits, says so
+        node.restart()
+        with Client(node.host, node.port) as again:
+            again.login("immudb", "immudb")
+            loaded = {d["name"]: d["loaded"] for d in again.list_databases()}
+        assert sum(loaded.values()) == 3 and not all(loaded.values()), loaded
+        left_out = next(name for name, up in loaded.items() if not up)
+        assert f"database {left_out} not loaded: 3 databases are loaded" in node.log()

@@ -1,4 +1,5 @@
 """The node's options: flags, IMMUCORE_* environment, TOML config, signed states, metrics."""
+import time
 import urllib.request
 
 import pytest
@@ -160,3 +161,96 @@ def test_the_banner_names_roles_and_goes_to_the_log_file_too(tmp_path):
         banner = next(line for line in node.log().splitlines() if "listening on" in line)
         assert "defaultdb (sync primary, 1 ack)" in banner, banner
         assert banner in logfile.read_text()
+
+
+# --- immudb's IMMUDB_* variables ----------------------------------------------------------------
+
+def test_immudb_variables_set_flags_and_immucore_ones_win():
+    """A Compose or Helm file written for immudb configures the node; where a flag is set under
+    both prefixes ours wins and the other is named as ignored (names only: values may be
+    passwords); an IMMUDB_ variable that is no flag is named too; an empty one is unset."""
+    warnings = []
+    environ = {"IMMUDB_REPLICATION_IS_REPLICA": "true", "IMMUDB_REPLICATION_PRIMARY_HOST": "db1",
+               "IMMUDB_REPLICATION_MASTER_PORT": "4000", "IMMUDB_SIGNINGKEY": "/k.pem",
+               "IMMUDB_ADMIN_PASSWORD": "theirs", "IMMUCORE_ADMIN_PASSWORD": "ours",
+               "IMMUDB_PGSQL_SERVER": "true", "IMMUDB_PIDFILE": "", "IMMUDB_PORT": ""}
+    args = node_cli.build_parser().parse_args([])
+    options = node_cli.resolve(args, environ=environ, warn=warnings.append)
+    assert options["replica"] is True and options["primary_host"] == "db1"
+    assert options["primary_port"] == 4000 and options["signing_key"] == "/k.pem"
+    assert options["admin_password"] == "ours"
+    assert options["port"] == 3322 and options["pidfile"] == ""
+    assert "ignoring IMMUDB_ADMIN_PASSWORD: IMMUCORE_ADMIN_PASSWORD is set too and wins" \
+        in warnings, warnings
+    assert not any("theirs" in text or "ours" in text for text in warnings), warnings
+    assert "ignoring environment variables that are no immucore flag: IMMUDB_PGSQL_SERVER" \
+        in warnings, warnings
+    assert len(warnings) == 2, warnings
+    # the command line still beats both
+    args = node_cli.build_parser().parse_args(["--admin-password", "flag"])
+    assert node_cli.resolve(args, environ=environ, warn=warnings.append)["admin_password"] \
+        == "flag"
+
+
+def test_a_bad_immudb_variable_names_itself(tmp_path):
+    args = node_cli.build_parser().parse_args([])
+    with pytest.raises(ValueError, match="IMMUDB_MAX_SESSIONS"):
+        node_cli.resolve(args, environ={"IMMUDB_MAX_SESSIONS": "many"})
+    with pytest.raises(ValueError, match="IMMUDB_SYNCED"):
+        node_cli.resolve(args, environ={"IMMUDB_SYNCED": "perhaps"})
+
+
+def test_immudb_config_variable_names_the_file(tmp_path):
+    config = tmp_path / "immudb.toml"
+    config.write_text("max-sessions = 7\n")
+    args = node_cli.build_parser().parse_args([])
+    assert node_cli.resolve(args, environ={"IMMUDB_CONFIG": str(config)})["max_sessions"] == 7
+
+
+def test_a_node_takes_immudb_variables_and_logs_the_ignored_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMMUDB_ADMIN_PASSWORD", "Theirs1!pw")
+    monkeypatch.setenv("IMMUDB_MAX_SESSIONS", "1")
+    with running_node(tmp_path / "immudb-only") as node:
+        with Client(node.host, node.port) as client:
+            assert client.login("immudb", "Theirs1!pw")["warning"] == ""
+            with Client(node.host, node.port) as second:       # --max-sessions 1 took effect
+                with pytest.raises(RemoteError) as refused:
+                    second.login("immudb", "Theirs1!pw")
+                assert refused.value.code == "max_sessions_reached"
+    monkeypatch.setenv("IMMUCORE_ADMIN_PASSWORD", "Ours1!pw")
+    logfile = tmp_path / "both.log"
+    with running_node(tmp_path / "both", f"--logfile={logfile}") as node:
+        with Client(node.host, node.port) as client:
+            with pytest.raises(RemoteError, match="invalid user name or password"):
+                client.login("immudb", "Theirs1!pw")
+        with Client(node.host, node.port) as client:
+            client.login("immudb", "Ours1!pw")
+        expected = "ignoring IMMUDB_ADMIN_PASSWORD: IMMUCORE_ADMIN_PASSWORD is set too and wins"
+        assert expected in logfile.read_text()
+
+
+def test_a_replica_configured_only_by_immudb_variables_follows_its_primary(tmp_path,
+                                                                          monkeypatch):
+    """The issue's Compose example: IMMUDB_REPLICATION_* make systemdb and defaultdb replicas."""
+    with running_node(tmp_path / "primary") as primary:
+        with Client(primary.host, primary.port) as p:
+            p.login("immudb", "immudb")
+            header = p.set({b"from": b"the primary"})
+        for name, value in (("IS_REPLICA", "true"), ("PRIMARY_HOST", primary.host),
+                            ("PRIMARY_PORT", str(primary.port)), ("PRIMARY_USERNAME", "immudb"),
+                            ("PRIMARY_PASSWORD", "immudb")):
+            monkeypatch.setenv(f"IMMUDB_REPLICATION_{name}", value)
+        with running_node(tmp_path / "replica") as replica:
+            assert f"replica of {primary.host}:{primary.port}" in replica.log()
+            deadline = time.monotonic() + 30
+            while True:        # users come from the primary: no login before systemdb arrives
+                with Client(replica.host, replica.port) as r:
+                    try:
+                        r.login("immudb", "immudb")
+                        if r.current_state().tx_id >= header.id:
+                            assert r.get(b"from").value == b"the primary"
+                            break
+                    except RemoteError:
+                        pass
+                assert time.monotonic() < deadline, replica.log()
+                time.sleep(0.1)

@@ -20,6 +20,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -29,9 +30,11 @@ from immucore.client import AsyncClient, Client, ConnectionClosedError
 from immucore.constants import (CONNECTION_IDLE_SECONDS, CONNECTION_INFLIGHT_REQUESTS_MAX,
                                 CONNECTION_WRITE_STALL_SECONDS, FRAME_BODY_BYTES_MAX,
                                 PREAUTH_FRAME_BODY_BYTES_MAX, PREAUTH_IDLE_SECONDS)
-from immucore.errors import IllegalArgumentsError, KeyNotFoundError
+from immucore.errors import IllegalArgumentsError, InvalidRevisionError, KeyNotFoundError
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
+
+from .nodes import child_pids, running_node
 
 ADMIN = ("immudb", "immudb")
 READER = ("reader", "Reader1!pw")
@@ -427,6 +430,18 @@ def test_admin_of_a_database_can_export_it_but_not_create_databases(node, users)
         assert info.value.code == "permission_denied"
 
 
+def test_a_long_poll_longer_than_the_clients_timeout_is_answered_not_timed_out(node):
+    """EXPORT_TXS with wait_ms is answered up to wait_ms later by design: the client must not
+    give it up after its own timeout (a 30 s client on a 30 s poll always timed out)."""
+    with node.client() as admin:
+        admin.create_database("pollingdb")
+    with Client("127.0.0.1", node.port, timeout=1.0) as client:
+        client.login(*ADMIN, database="pollingdb")
+        started = time.monotonic()
+        assert client.export_txs(1, 10, wait_ms=2500, with_state=True) == ([], 0)
+        assert time.monotonic() - started >= 2.0            # the node did hold it
+
+
 def test_connection_session_id_is_not_a_bearer_token(node, users):
     with node.client(users["reader"]) as reader:
         token = reader.session_token
@@ -436,6 +451,22 @@ def test_connection_session_id_is_not_a_bearer_token(node, users):
             with pytest.raises(RemoteError) as info:
                 other.resume(token)
             assert info.value.code == "session_not_found"
+
+
+def test_reads_at_a_revision_the_key_lacks_are_invalid_revision(node, good):
+    """immudb's revision errors over the wire, as their own code and class, for GET and
+    VERIFIABLE_GET; a key with no version at all stays key_not_found."""
+    good.set({b"revs": b"1"})
+    good.set({b"revs": b"2"})
+    assert good.get(b"revs", at_revision=-1).value == b"1"
+    for revision in (3, -2):
+        with pytest.raises(InvalidRevisionError, match="^invalid key revision number$") as info:
+            good.get(b"revs", at_revision=revision)
+        assert info.value.code == "invalid_revision"
+        with pytest.raises(InvalidRevisionError):
+            good.verified_get(b"revs", at_revision=revision)
+    with pytest.raises(KeyNotFoundError):
+        good.get(b"no-such-key", at_revision=1)
 
 
 def test_token_refused_after_logout(node, users):
@@ -528,6 +559,59 @@ def test_revoked_permission_takes_effect_at_once(node, good):
             again.login("revokee", "Revokee1!pw")
         assert info.value.code == "no_database_permission"
     assert good.get(b"by-revokee").value == b"1"
+
+
+def _index_worker_of(node, database: str) -> int:
+    """The pid of the index worker process of ``database`` on a tests/nodes.py node."""
+    for pid in child_pids(node.process.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"immucore.store.index_worker" in argv and argv[4] == database.encode():
+            return pid
+    raise AssertionError(f"no index worker of {database}")
+
+
+def test_reads_that_waited_for_the_index_across_a_change_of_their_user_answer_the_error(
+        tmp_path):
+    """GET, HISTORY, SCAN and VERIFIABLE_GET of a reader wait for the key index (its worker
+    is stopped with SIGSTOP); the reader is deactivated meanwhile. Once the index catches up,
+    each answers that the session ended, never the data."""
+    with running_node(tmp_path) as real, Client(real.host, real.port) as admin:
+        admin.login(*ADMIN)
+        admin.create_database("orders")
+        admin.create_user(*READER, "read", "orders")
+        admin.use_database("orders")
+        admin.set({b"k": b"before"})
+        worker = _index_worker_of(real, "orders")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            admin.set({b"k": b"after the change"})            # not indexed while stopped
+            reads = {"get": lambda c: c.get(b"k"), "history": lambda c: c.history(b"k"),
+                     "scan": lambda c: c.scan(prefix=b"k"),
+                     "verifiable_get": lambda c: c.verified_get(b"k")}
+            results = {}
+
+            def read(kind):
+                try:
+                    with Client(real.host, real.port) as client:
+                        client.login(*READER, "orders")
+                        results[kind] = reads[kind](client)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    results[kind] = exc
+
+            threads = [threading.Thread(target=read, args=(kind,)) for kind in reads]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.0)
+            assert all(t.is_alive() for t in threads), results       # waiting for the index
+            admin.set_user_active(READER[0], False)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for thread in threads:
+            thread.join(20)
+        for kind in reads:
+            assert getattr(results.get(kind), "code", None) == "session_not_found", \
+                (kind, results.get(kind))
 
 
 def test_sessions_are_scoped_to_their_database(node, good, users):

@@ -1,5 +1,5 @@
 """The replica's replication rules (immucore/replication/machine.py), one test per rule, then the
-seeded simulation of tests/sim.py (reliability.md R13) and a hypothesis state machine over it.
+seeded simulation of tests/sim.py (docs/reliability.md R13) and a hypothesis state machine over it.
 
 Seeds: ``IMMUCORE_SIM_SEEDS=5000`` runs more of them; ``IMMUCORE_SIM_SEED=1234`` replays one (a
 failing seed's message shows its last steps); ``IMMUCORE_SIM_HYPOTHESIS_EXAMPLES`` sets how many

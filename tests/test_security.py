@@ -103,3 +103,44 @@ def test_protected_mode_refuses_remote_peers_until_the_default_password_changes(
     (("not an address", 1), False), ((), False), (None, False)])
 def test_only_loopback_peers_pass_protected_mode(peer, loopback):
     assert _is_loopback(peer) is loopback
+
+
+def test_protected_mode_covers_every_user_with_a_well_known_password(tmp_path):
+    """immudb-tools' follower password is published like immudb's: while an active user holds
+    it, remote peers are refused (naming that user); changing it, or deactivating the user,
+    opens the node again."""
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    with running_node(tmp_path, "--address", "0.0.0.0") as node:
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "immudb")
+            local.change_password("immudb", "immudb", "Changed1!pw")
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "Changed1!pw")
+            local.create_user("follower", "zyQQurat.0", "admin", "defaultdb")
+        with Client(address, node.port) as remote:
+            with pytest.raises(ConnectionClosedError, match="protected mode") as refused:
+                remote.login("immudb", "Changed1!pw")
+        assert "follower" in str(refused.value) and "zyQQurat.0" not in str(refused.value)
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "Changed1!pw")
+            local.set_user_active("follower", False)
+        with Client(address, node.port) as remote:
+            remote.login("immudb", "Changed1!pw")
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "Changed1!pw")
+            local.set_user_active("follower", True)
+        with Client(address, node.port) as remote:
+            with pytest.raises(ConnectionClosedError, match="protected mode"):
+                remote.login("immudb", "Changed1!pw")
+        node.restart()          # records written before: found again by hashing them
+        with Client(address, node.port) as remote:
+            with pytest.raises(ConnectionClosedError, match="follower"):
+                remote.login("immudb", "Changed1!pw")
+        with Client("127.0.0.1", node.port) as local:
+            local.login("immudb", "Changed1!pw")
+            local.change_password("follower", "", "Other1!pass")
+        with Client(address, node.port) as remote:
+            remote.login("immudb", "Changed1!pw")
+            assert remote.health()

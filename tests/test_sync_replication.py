@@ -206,3 +206,56 @@ def test_replica_acks_are_checked_before_they_count(tmp_path):
             with pytest.raises(RemoteError, match="only 0 of 1"):
                 admin.set({b"b": b"2"})
             assert admin.replica_ack("node/db", 2, admin.current_state().tx_hash) == 2
+
+
+def test_sync_writes_that_waited_across_a_change_of_their_user_answer_the_error(tmp_path):
+    """SET, DELETE and VERIFIABLE_SET of a user deactivated while they wait for their sync
+    replicas: once released (sync turned off), each answers that the session ended (its tx
+    durable all the same), not its header or proof."""
+    with running_node(tmp_path / "p", "--replication-sync-timeout=30") as node:
+        with _login(node) as admin:
+            admin.create_database("syncdb")
+            admin.create_user("writer", "Writer1!pw", "readwrite", "syncdb")
+            admin.use_database("syncdb")
+            admin.set({b"gone": b"soon"})
+            admin.update_database("syncdb", _sync_db(1))
+            writes = {"set": lambda c: c.set({b"k": b"v"}),
+                      "delete": lambda c: c.delete([b"gone"]),
+                      "verifiable_set": lambda c: c.verifiable_set({b"p": b"v"},
+                                                                   prove_since_tx=0)}
+            results = {}
+
+            def write(kind):
+                try:
+                    with Client(node.host, node.port) as client:
+                        client.login("writer", "Writer1!pw", "syncdb")
+                        results[kind] = writes[kind](client)
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    results[kind] = exc
+
+            threads = [threading.Thread(target=write, args=(kind,)) for kind in writes]
+            for thread in threads:
+                thread.start()
+            _wait_for(lambda: admin.current_state().tx_id == 4, "the three writes committed")
+            time.sleep(0.3)
+            assert all(t.is_alive() for t in threads), results       # waiting for acks
+            admin.set_user_active("writer", False)
+            admin.update_database("syncdb", {"sync_replication": False, "sync_acks": 0})
+            for thread in threads:
+                thread.join(10)
+            for kind in writes:
+                error = results.get(kind)
+                assert getattr(error, "code", None) == "session_not_found", (kind, error)
+                assert "durable" in str(error), (kind, error)
+
+
+def test_a_sync_write_waiting_while_the_node_stops_gets_database_closed(tmp_path):
+    """As documented: stopping the node fails a write waiting for its acks with
+    ``database_closed``, not a connection closed under it."""
+    with running_node(tmp_path / "p", *SYNC_FLAGS[:2], "--replication-sync-timeout=60") as node:
+        thread, result = _write_in_background(node, "defaultdb", {b"never": b"acked"})
+        time.sleep(0.5)
+        assert thread.is_alive()
+        assert node.stop() == 0
+        thread.join(10)
+        assert getattr(result.get("error"), "code", None) == "database_closed", result

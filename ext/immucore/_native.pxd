@@ -90,9 +90,9 @@ cdef extern from *:
     void imc_sha256(const uchar* p, size_t n, uchar* out) nogil
 
 
-# A transaction header (format §2.3). Byte fields point into memory someone else owns (a blob, a
-# record, a caller's bytes); their lengths are 32 except when a caller passes odd values to
-# encode_header/inner_hash or build_txs, which accept whatever the pure codec accepts.
+# A transaction header (docs/immudb-format.md §5). Byte fields point into memory someone else
+# owns (a blob, a record, a caller's bytes); their lengths are 32 except when a caller passes odd
+# values to encode_header/inner_hash or build_txs, which accept whatever the pure codec accepts.
 ctypedef struct Header:
     uint64_t id
     const uchar* prev_alh

@@ -7,7 +7,7 @@ Every function here has the same arguments, results and exceptions as its twin i
 reference the tests compare against; the per-byte and per-entry work (parsing export blobs,
 writing records, SHA-256 via OpenSSL's libcrypto, the entry hash tree, Alh, the AHT, XXH64 and
 frames) is C. Python objects appear only at the API boundary. Formats:
-../shared/reference/immudb-format.md (the § numbers in the .pxi files).
+docs/immudb-format.md (the § numbers in the .pxi files).
 
 Where the pure codec lets Python raise ``struct.error`` (an integer that does not fit its field),
 this module calls the same ``struct.Struct`` on the error path so the exception and its message
@@ -68,7 +68,8 @@ __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata",
            "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer",
            "encode_header_answer", "decode_header_answer", "encode_flat_set_request")
 
-# The format's sizes (format §2.1), as C constants; checked against immucore.constants below.
+# The format's sizes (docs/immudb-format.md §2), as C constants; checked against
+# immucore.constants below.
 cdef enum:
     DIGEST = 32
     KV_MD_MAX = 11                  # KV_METADATA_SIZE_MAX

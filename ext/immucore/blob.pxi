@@ -1,4 +1,4 @@
-# Export blobs (§2.4): parsing with every length checked, verification, building and replicating.
+# Export blobs (§11): parsing with every length checked, verification, building and replicating.
 
 cdef int check_entry(Py_ssize_t key_len, Py_ssize_t value_len, Py_ssize_t md_len,
                      Limits lim) except -1:

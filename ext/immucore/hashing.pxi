@@ -1,4 +1,4 @@
-# SHA-256, entry digests, the per-tx entry hash tree (format §2.6, §2.7) and the AHT (§2.9).
+# SHA-256, entry digests, the per-tx entry hash tree (format §6, §7) and the AHT (§9).
 
 # --- SHA-256 -------------------------------------------------------------------------------------
 
@@ -82,7 +82,7 @@ cdef void node_hash(const uchar* left, size_t left_len, const uchar* right, size
 cdef void entry_digest_into(bint v0, const uchar* key, size_t key_len, const uchar* md,
                             size_t md_len, const uchar* hvalue, size_t hvalue_len,
                             uchar* out) noexcept nogil:
-    """v0: H(key || hValue); v1: H(u16 len(md) || md || u16 len(key) || key || hValue) (§2.6).
+    """v0: H(key || hValue); v1: H(u16 len(md) || md || u16 len(key) || key || hValue) (§6).
 
     The caller has checked that both lengths fit their u16 fields.
     """
@@ -234,7 +234,7 @@ cdef int stack_store(PeakStack* s, object peaks) except -1:
 
 cdef void stack_root(const PeakStack* s, uchar* acc, const uchar** root,
                      Py_ssize_t* root_len) noexcept nogil:
-    """The AHT root over the stack (§2.9): zeros when empty, the only peak, or the fold of
+    """The AHT root over the stack (§9): zeros when empty, the only peak, or the fold of
     H(0x01 || peak || acc) from the smallest peak up. ``acc`` is 32 bytes of scratch."""
     cdef Py_ssize_t i, n = s.count
     if n == 0:

@@ -1,4 +1,4 @@
-# KV metadata (§2.2), the tx header (§2.3), inner hash and Alh (§2.8).
+# KV metadata (§4), the tx header (§5), inner hash and Alh (§8).
 
 # --- KV metadata ---------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ cdef uchar* put_header(const Header* h, uchar* p) noexcept nogil:
 
 
 cdef int decode_header_into(const uchar* p, Py_ssize_t n, Header* h) except -1:
-    """Parse exactly one serialized header (all of p[:n]) with the parse rules of §2.3."""
+    """Parse exactly one serialized header (all of p[:n]) with the parse rules of §5."""
     cdef Py_ssize_t pos
     if n < 50:
         raise IllegalArgumentsError("tx header too short")

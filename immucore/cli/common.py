@@ -3,6 +3,9 @@ password input, tables and the one-line error report.
 
 A login opens a *detached* session on the node; its token is saved (mode 0600) with the server's
 address and port, and every later command binds a new connection to it (``Client.resume``).
+When the session ends on the node (a restart, a change of the user), the file keeps the node's
+address without the token: later commands still go to that node (and say so) until a login
+replaces it, instead of falling back to the default address.
 ``IMMUCORE_CLI_HOME``, when set, replaces the home directory for the token and state files.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import sys
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from ..client import Client
+from ..client import Client, ConnectionClosedError
 from ..durable_file import replace_durably
 from ..errors import ImmucoreError
 from .flags import normalize_bool_flags
@@ -120,8 +123,21 @@ class Session:
             return None
         except (OSError, ValueError) as exc:
             raise CliError(f"unreadable token file {self.path}: {exc}") from None
-        if not isinstance(saved, dict) or not {"address", "port", "token"} <= saved.keys():
+        if not isinstance(saved, dict) or not {"address", "port"} <= saved.keys():
             raise CliError(f"malformed token file {self.path}: please login again")
+        return saved
+
+    def saved_session(self) -> dict:
+        """The saved session, for the node the flags name; else why not, naming the node."""
+        saved = self.load()
+        address, port = self.server(saved)
+        if saved is None:
+            raise CliError(f"please login first (node {address}:{port})")
+        if (address, port) != (saved["address"], saved["port"]):
+            raise CliError(f"please login first (the saved session is for "
+                           f"{saved['address']}:{saved['port']})")
+        if not saved.get("token"):
+            raise CliError(f"the session ended: please login again (node {address}:{port})")
         return saved
 
     def save(self, address: str, port: int, answer: dict):
@@ -133,6 +149,17 @@ class Session:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
+    def ended(self):
+        """The session ended on the node: forget its token, keep its node's address."""
+        try:
+            saved = self.load()
+        except CliError:
+            saved = None
+        if saved is None:
+            return
+        record = {"address": saved["address"], "port": saved["port"]}
+        replace_durably(self.path, json.dumps(record).encode(), 0o600)
+
     def server(self, saved: Optional[dict] = None):
         """The node to talk to: the flags, else the saved session's node, else the defaults."""
         saved = saved or {}
@@ -142,20 +169,16 @@ class Session:
     @contextlib.contextmanager
     def resumed(self, **client_options) -> Iterator[Client]:
         """A client bound to the saved session (``please login first`` without one)."""
-        saved = self.load()
-        if saved is None:
-            raise CliError("please login first")
+        saved = self.saved_session()
         address, port = self.server(saved)
-        if (address, port) != (saved["address"], saved["port"]):
-            raise CliError(f"please login first (the saved session is for "
-                           f"{saved['address']}:{saved['port']})")
         with connected(address, port, ssl=self.tls, **client_options) as client:
             try:
                 answer = client.resume(saved["token"])
             except ImmucoreError as exc:
                 if getattr(exc, "code", None) in SESSION_GONE_CODES:
-                    self.remove()
-                    raise CliError(f"{exc}: please login again") from None
+                    self.ended()
+                    raise CliError(f"{exc}: please login again (node {address}:{port})") \
+                        from None
                 raise
             self.user, self.database = answer["user"], answer["database"]
             yield client
@@ -167,12 +190,12 @@ class Session:
             previous = self.load()
         except CliError:               # a damaged token file is simply replaced
             previous = None
-        address, port = self.server()
+        address, port = self.server(previous)    # the flags, else the last session's node
         with connected(address, port, ssl=self.tls) as client:
             answer = client.login(user, password, database, detached=True)
             self.save(address, port, answer)
             if previous and (previous["address"], previous["port"]) == (address, port) \
-                    and previous["token"] != answer["token"]:
+                    and previous.get("token") and previous["token"] != answer["token"]:
                 with contextlib.suppress(ImmucoreError):
                     client.resume(previous["token"])
                     client.logout()
@@ -180,6 +203,9 @@ class Session:
 
     def logout(self):
         try:
+            saved = self.load()
+            if saved is not None and not saved.get("token"):
+                return                 # the session ended already: only its node is forgotten
             with self.resumed() as client:
                 client.logout()
         finally:
@@ -194,20 +220,29 @@ def tls_context(ca_file: Optional[str]):
     return ssl.create_default_context(cafile=ca_file)
 
 
+def connect_failure(address: str, port: int, exc: OSError, what: str = "") -> CliError:
+    """The one-line report of a connection that could not be made to ``address:port``
+    (``what`` names the node's role: "the primary")."""
+    node = f"{what} {address}:{port}" if what else f"{address}:{port}"
+    if isinstance(exc, ConnectionRefusedError):
+        return CliError(f"could not connect to {node}: connection refused "
+                        "(is the node running?)")
+    if isinstance(exc, TimeoutError):
+        return CliError(f"could not connect to {node}: timed out")
+    return CliError(f"could not connect to {node}: "
+                    f"{getattr(exc, 'strerror', None) or str(exc) or type(exc).__name__}")
+
+
 @contextlib.contextmanager
 def connected(address: str, port: int, **client_options) -> Iterator[Client]:
     try:
         client = Client(address, port, **client_options)
-    except ConnectionRefusedError:
-        raise CliError(f"could not connect to {address}:{port}: connection refused "
-                       "(is the node running?)") from None
-    except TimeoutError:
-        raise CliError(f"could not connect to {address}:{port}: timed out") from None
     except OSError as exc:
-        raise CliError(f"could not connect to {address}:{port}: "
-                       f"{getattr(exc, 'strerror', None) or str(exc) or type(exc).__name__}") from None
+        raise connect_failure(address, port, exc) from None
     try:
         yield client
+    except (TimeoutError, ConnectionClosedError) as exc:    # unanswered: say which node
+        raise CliError(f"{exc or type(exc).__name__} (node {address}:{port})") from None
     finally:
         client.close()
 
@@ -248,6 +283,8 @@ def show_status(session: Session):
     print(f"version:  {info.get('version', '?')}")
     if info.get("started_at"):
         print(f"up since: {time_text(info['started_at'])}")
+    if info.get("uptime_seconds") is not None:
+        print(f"uptime:   {duration_text(info['uptime_seconds'])}")
     try:
         with session.resumed() as client:
             state = client.current_state()
@@ -268,6 +305,14 @@ def time_text(value) -> str:
     if isinstance(value, str) and value:
         return value[:19].replace("T", " ")
     return "-"
+
+
+def duration_text(seconds: float) -> str:
+    """Whole seconds as Go prints a duration: ``26h3m4s``, ``3m4s``, ``4s``."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}h{minutes}m{secs}s" if hours else
+            f"{minutes}m{secs}s" if minutes else f"{secs}s")
 
 
 def size_text(size_bytes: int) -> str:

@@ -15,6 +15,7 @@ from .common import (CliError, Session, add_connection_flags, add_help_command, 
                      cmd_logout, cmd_status, common_parent, new_password, print_table,
                      read_secrets, run, size_text, time_text)
 from .flags import add_bool, add_replication_flags, replication_settings
+from .version import add_version_command, add_version_flag
 
 PROG = "immuadmin"
 DESCRIPTION = "Administer an immucore node: login, databases and users (immudb's commands)."
@@ -60,54 +61,55 @@ def cmd_database_list(args):
     rows = [(d["name"], time_text(d["created_at"]), d["created_by"] or "-",
              "LOADED" if d["loaded"] else "UNLOADED", "TRUE" if d["replica"] else "FALSE",
              size_text(d["disk_size_bytes"]), "-" if d["tx_count"] is None else d["tx_count"],
-             _replication_text(d))
+             _replication_text(d), _index_text(d))
             for d in databases]
     print_table(("Database Name", "Created At", "Created By", "Status", "Is Replica",
-                 "Disk Size", "Transactions", "Replication"), rows)
+                 "Disk Size", "Transactions", "Replication", "Index"), rows)
     print(f"{len(rows)} database(s)")
 
 
 def cmd_replication_push(args):
     import asyncio
-    from .push import Progress, push
+    from .push import Progress, push_into_session
+    session = Session(args)
+    saved = session.saved_session()             # "please login first" before any prompt
     password = args.from_password
     if password is None:
         password = read_secrets(["Password of the primary user: "])[0]
-    saved = Session(args).load()
-    if saved is None:
-        raise CliError("please login first")
-
-    async def run():
-        from ..client import AsyncClient
-        session = Session(args)
-        address, port = session.server(saved)
-        target = AsyncClient(address, port, ssl=session.tls)
-        try:
-            await target.resume(saved["token"])
-            if args.database:
-                await target.use_database(args.database)
-            source = {"host": args.from_address, "port": args.from_port,
-                      "user": args.from_user, "password": password,
-                      "database": args.from_database}
-            return await push(source, target, follow=args.follow, progress=Progress())
-        finally:
-            await target.close()
-
-    copied = asyncio.run(run())
+    source = {"host": args.from_address, "port": args.from_port, "user": args.from_user,
+              "password": password, "database": args.from_database}
+    copied = asyncio.run(push_into_session(session, saved, args.database, source,
+                                           follow=args.follow, progress=Progress()))
     print(f"{copied} transactions replicated")
 
 
 def _replication_text(database: dict) -> str:
-    """``following 127.0.0.1:3322/defaultdb lag 0 txs 0.0s`` or ``retrying …: <error>``; ``-``
-    for a primary, ``external`` for a replica fed from outside."""
+    """``following 127.0.0.1:3322/defaultdb lag 0 txs 0.0s``, ``retrying … lag 3 txs 1.2s as
+    of 20s ago: <error>``, ``retrying … lag unknown: <error>`` (the primary never reached),
+    ``diverged …: <why>``; ``-`` for a primary, ``external`` for a replica fed from outside."""
     status = database.get("replication")
     if status is None:
         return "external" if database["replica"] else "-"
-    text = (f"{status['state']} {status['primary']} lag {status['lag_txs']} txs "
-            f"{status.get('lag_seconds', 0):.1f}s")
+    text = f"{status['state']} {status['primary']}"
+    if status["lag_txs"] is not None:
+        text += f" lag {status['lag_txs']} txs {status['lag_seconds']:.1f}s"
+        since = status.get("seconds_since_last_contact")
+        if status["state"] != "following" and since is not None:
+            text += f" as of {since:.0f}s ago"
+    elif status["state"] != "diverged":
+        text += " lag unknown"
     if status["last_error"]:
         text += f": {status['last_error']}"
     return text
+
+
+def _index_text(database: dict) -> str:
+    """``ok``, or ``ERROR: <why>`` when the index worker kept dying and was not restarted
+    (``database load`` starts it again); ``-`` for an unloaded database."""
+    status = database.get("index")
+    if status is None:
+        return "-"
+    return f"ERROR: {status['error']}" if status["error"] else "ok"
 
 
 def cmd_database_load(args):
@@ -124,7 +126,9 @@ def cmd_database_unload(args):
 
 def cmd_database_delete(args):
     if not args.yes_i_know_what_i_am_doing:
-        print(f"database '{args.name}' was not deleted. Safety flag not set")
+        # immudb's text, then the flag it means
+        print(f"database '{args.name}' was not deleted. Safety flag not set "
+              f"(--yes-i-know-what-i-am-doing)")
         return 1
     with Session(args).resumed() as client:
         client.delete_database(args.name)
@@ -138,8 +142,7 @@ def cmd_user_create(args):
         raise CliError(f"permission {args.permission} needs a database: "
                        f"user create {args.user} {args.permission} <database>")
     session = Session(args)
-    if session.load() is None:
-        raise CliError("please login first")
+    session.saved_session()                     # "please login first" before any prompt
     password = new_password(args.password)      # asked before connecting: no idle connection
     with session.resumed() as client:
         client.create_user(args.user, password, args.permission, args.database)
@@ -158,9 +161,7 @@ def cmd_user_list(args):
 
 def cmd_user_changepassword(args):
     session = Session(args)
-    saved = session.load()
-    if saved is None:
-        raise CliError("please login first")
+    saved = session.saved_session()
     # Your own password needs the old one; a sysadmin (or the admin who created the user)
     # changes another user's without it.
     own = saved.get("user") == args.user
@@ -173,7 +174,7 @@ def cmd_user_changepassword(args):
         client.change_password(args.user, old, password)
     print(f"password of {args.user} changed successfully")
     if own:         # the node ends every session of a user whose password changed
-        session.remove()
+        session.ended()
         print(f"{PROG}: your session ended with the password change: please login again",
               file=sys.stderr)
 
@@ -208,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION,
         epilog="'immuadmin help <command> [<subcommand>]' shows the flags of a command")
     add_connection_flags(parser, TOKENFILE_DEFAULT)
+    add_version_flag(parser, PROG)
     commands = parser.add_subparsers(metavar="command")
     add_help_command(commands, parser, parent)
+    add_version_command(commands, PROG)
 
     def command(group, name, run_fn, help_text, **kwargs):
         sub = group.add_parser(name, parents=[parent], help=help_text, description=help_text,
@@ -282,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "primary database; the replica must have no replicator of its own")
     sub.add_argument("--from-address", required=True, help="primary host")
     sub.add_argument("--from-port", type=int, default=3322, help="primary port (3322)")
-    sub.add_argument("--from-user", default="immudb", help="user on the primary (admin)")
+    sub.add_argument("--from-user", default="immudb",
+                     help="user on the primary, with admin permission on --from-database "
+                          "(default immudb)")
     sub.add_argument("--from-password", default=None,
                      help="its password (asked, or read from stdin, when not given)")
     sub.add_argument("--from-database", default="defaultdb", help="primary database")

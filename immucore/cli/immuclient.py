@@ -3,7 +3,13 @@
     immuclient login immudb
     immuclient set mykey myvalue
     immuclient verifiedget mykey           # proven against the locally kept trusted state
+    immuclient get mykey@1                 # its first value; mykey@-1: the one before the current
+    immuclient restore mykey@-1            # write that value again, as a new revision
     immuclient --json history mykey        # one JSON object per line
+
+Revisions are immudb's: N > 0 is the key's N-th value (1 = the first), 0 the current one, a
+negative N counts back from the current one. ``--revision-separator`` (default ``@``; ``""``
+for none) is what separates the key from its revision.
 
 Verified calls keep the last trusted state per server and database in
 ``~/.immuclient_state.json``. With ``--json``, byte strings are UTF-8 text when they decode,
@@ -17,18 +23,36 @@ import sys
 
 from .. import codec
 from ..client import StateStore
-from .common import (Session, add_connection_flags, add_help_command, cmd_login, cmd_logout,
-                     cmd_status, common_parent, home_path, run)
+from ..errors import KeyNotFoundError
+from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login,
+                     cmd_logout, cmd_status, common_parent, home_path, run)
+from .version import add_version_command, add_version_flag
 
 PROG = "immuclient"
 DESCRIPTION = "Read and write an immucore node from the shell (immudb's command names)."
 TOKENFILE_DEFAULT = ".immuclient_token"
 STATE_FILE = ".immuclient_state.json"
+REVISION_SEPARATOR_DEFAULT = "@"          # immudb's
 
 
 def _arg_bytes(text: str) -> bytes:
     """A command-line argument as the bytes the user typed (any bytes survive the round trip)."""
     return text.encode("utf-8", "surrogateescape")
+
+
+def key_and_revision(args, text: str):
+    """``KEY@REV`` as (key bytes, revision), or (key bytes, None) without a revision: the last
+    separator splits, as in immudb; an empty separator turns revisions off."""
+    separator = args.revision_separator
+    if not separator or separator not in text:
+        return _arg_bytes(text), None
+    key, _, revision = text.rpartition(separator)
+    try:
+        return _arg_bytes(key), int(revision)
+    except ValueError:
+        raise CliError(f"invalid revision number {revision!r} in {text!r} (to read a key with "
+                       f"{separator!r} in its name, set --revision-separator to another text, "
+                       f"or to \"\" for none)") from None
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -133,15 +157,55 @@ def cmd_verifiedset(args):
 
 
 def cmd_get(args):
+    key, revision = key_and_revision(args, args.key)
     with resumed(args) as client:
-        entry = client.get(_arg_bytes(args.key))
+        entry = client.get(key, at_revision=revision or 0)
     emit(args, [entry_record(entry)])
 
 
 def cmd_verifiedget(args):
+    key, revision = key_and_revision(args, args.key)
     with resumed(args) as client:
-        entry = client.verified_get(_arg_bytes(args.key))
+        entry = client.verified_get(key, at_revision=revision or 0)
     emit(args, [{**entry_record(entry), "verified": True}])
+
+
+def cmd_delete(args):
+    """immudb's delete: a key with no live value is ``key not found`` (not a second
+    tombstone)."""
+    key = _arg_bytes(args.key)
+    with resumed(args) as client:
+        client.get(key)                     # raises KeyNotFoundError: missing, deleted, expired
+        header = client.delete([key])
+    emit(args, [{"tx": header.id, "key": key, "deleted": True}])
+
+
+def cmd_restore(args):
+    """Write the value ``KEY@REV`` had as the key's new revision (a deleted key comes back).
+
+    Two requests, a read then a write: a write by someone else in between is not refused (immudb
+    guards it with a precondition, which immucore has not), but it is told on stderr, with the
+    revision the restored value got."""
+    key, revision = key_and_revision(args, args.key)
+    if revision is None:
+        if not args.revision_separator:
+            raise CliError("restore needs a revision, and --revision-separator is empty")
+        raise CliError(f"restore needs a revision: {args.key}{args.revision_separator}REV "
+                       "(-1 is the value before the current one)")
+    with resumed(args) as client:
+        old = client.get(key, at_revision=revision)
+        newest = client.history(key, limit=1, desc=True)      # counts a deleted newest too
+        header = client.set({key: old.value})
+        try:
+            restored = client.get(key, at_tx=header.id)
+        except KeyNotFoundError:        # deleted again, or expired, right after the write
+            restored = None
+    if restored is None or restored.revision != newest[0].revision + 1:
+        print(f"{PROG}: {args.key}: written by another client too while restoring "
+              f"(the restored value is tx {header.id})", file=sys.stderr)
+    record = entry_record(restored) if restored is not None else \
+        header_record(header, key, old.value)
+    emit(args, [{**record, "restored_from": old.revision}])
 
 
 def cmd_history(args):
@@ -180,6 +244,11 @@ def _add_output_flags(parser, *, subcommand=False):
     parser.add_argument("--json", action="store_true",
                         default=argparse.SUPPRESS if subcommand else False,
                         help="one JSON object per result, for scripts")
+    parser.add_argument("--revision-separator", dest="revision_separator",
+                        default=argparse.SUPPRESS if subcommand else REVISION_SEPARATOR_DEFAULT,
+                        help="separates a key from its revision in KEY@REV (default "
+                             f"{REVISION_SEPARATOR_DEFAULT!r}; \"\" reads the whole argument as "
+                             "the key)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=DESCRIPTION,
         epilog="'immuclient help <command>' shows the flags of a command")
     add_connection_flags(parser, TOKENFILE_DEFAULT)
+    add_version_flag(parser, PROG)
     _add_output_flags(parser)
     commands = parser.add_subparsers(metavar="command")
     add_help_command(commands, parser, parent)
+    add_version_command(commands, PROG)
 
     def command(name, run_fn, help_text, *positionals, aliases=()):
         sub = commands.add_parser(name, parents=[parent], help=help_text,
@@ -213,9 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     command("set", cmd_set, "set a value", key, value)
     command("verifiedset", cmd_verifiedset, "set a value and verify the tx's proofs",
             key, value, aliases=("safeset",))
-    command("get", cmd_get, "get a key's current value", key)
-    command("verifiedget", cmd_verifiedget, "get a value and verify its proofs", key,
-            aliases=("safeget",))
+    key_at = ("key", {"metavar": "key[@revision]"})
+    command("get", cmd_get, "get a key's current value, or its value at a revision "
+            "(key@1: the first; key@-1: the one before the current)", key_at)
+    command("verifiedget", cmd_verifiedget, "get a value (at a revision: key@N) and verify its "
+            "proofs", key_at, aliases=("safeget",))
+    command("delete", cmd_delete, "delete a key (it reads as missing; its history stays)", key)
+    command("restore", cmd_restore, "write the value a key had at a revision as its new "
+            "revision (key@-1: undo the last change)", ("key", {"metavar": "key@revision"}))
     for name, run_fn, help_text, positional in (
             ("history", cmd_history, "every value a key had", key),
             ("scan", cmd_scan, "keys with a prefix, in key order",

@@ -1,7 +1,10 @@
 """``immucore``: run a node (flags follow immudb's server flags).
 
 Each flag can also be set by an environment variable ``IMMUCORE_<FLAG>`` (upper case, dashes
-as underscores: ``IMMUCORE_MAX_SESSIONS``, ``IMMUCORE_SIGNINGKEY``) or a key of a TOML file
+as underscores: ``IMMUCORE_MAX_SESSIONS``, ``IMMUCORE_SIGNINGKEY``), or by immudb's own
+``IMMUDB_<FLAG>`` (``IMMUDB_REPLICATION_IS_REPLICA``: Compose and Helm files written for immudb
+work as they are; where both are set the ``IMMUCORE_`` one wins and the node logs the other as
+ignored; an empty variable counts as unset, as in immudb), or a key of a TOML file
 (``--config``; the flag's name: ``max-sessions``, ``signingKey``). Precedence: command line,
 then environment, then the file, then defaults."""
 from __future__ import annotations
@@ -13,10 +16,11 @@ import logging
 import os
 import sys
 
-from ..constants import (CONNECTIONS_MAX_DEFAULT, REPLICATION_SYNC_TIMEOUT_SECONDS,
-                         SESSIONS_MAX_DEFAULT)
+from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
+                         REPLICATION_SYNC_TIMEOUT_SECONDS, SESSIONS_MAX_DEFAULT)
 from .flags import (REPLICATION_FLAGS, add_bool, add_replication_flags, normalize_bool_flags,
                     parse_bool)
+from .version import add_version_flag
 
 log = logging.getLogger("immucore")
 
@@ -41,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="maximum open client connections; more are refused with "
                              f"too_many_connections (default {CONNECTIONS_MAX_DEFAULT})")
+    parser.add_argument("--max-active-databases", type=int, default=None,
+                        help="maximum databases loaded at once, systemdb aside (each runs an "
+                             "index worker process); a create or load past it is refused "
+                             f"(default {DATABASES_ACTIVE_MAX_DEFAULT})")
     add_bool(parser, "--metrics-server", dest="metrics_server", default=None,
              help="serve Prometheus metrics (default true)")
     parser.add_argument("--metrics-server-port", type=int, default=None,
@@ -62,28 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signingKey", dest="signing_key", default=None,
                         help="ECDSA P-256 private key (PEM) used to sign states")
     add_replication_flags(parser)
+    add_version_flag(parser, "immucore")
     return parser
 
 
 _DEFAULTS = {"dir": "./data", "address": "0.0.0.0", "port": 3322, "grpc_port": 0,
              "admin_password": "immudb",
              "synced": True, "max_sessions": SESSIONS_MAX_DEFAULT,
-             "max_connections": CONNECTIONS_MAX_DEFAULT, "metrics_server": True,
+             "max_connections": CONNECTIONS_MAX_DEFAULT,
+             "max_active_databases": DATABASES_ACTIVE_MAX_DEFAULT, "metrics_server": True,
              "metrics_server_port": 9497, "pidfile": "", "logfile": "", "signing_key": "",
              "certificate": "", "pkey": "", "replication_tls_ca": "",
              "replication_sync_timeout": REPLICATION_SYNC_TIMEOUT_SECONDS}
 
 
+# Environment prefixes, the first winning where a flag is set under both: ours, then immudb's.
+ENV_PREFIXES = ("IMMUCORE_", "IMMUDB_")
+
+
 def resolve(args, environ=os.environ, warn=None) -> dict:
-    """Merge command line, IMMUCORE_* environment and the TOML file into one options dict.
+    """Merge command line, IMMUCORE_*/IMMUDB_* environment and the TOML file into one options
+    dict.
 
     Every spelling of a flag works in all three: ``--signingKey`` is ``IMMUCORE_SIGNINGKEY``
-    (or ``IMMUCORE_SIGNING_KEY``) and ``signingKey`` (or ``signing_key``) in the file, and a
-    replication flag's seed-guide name works as well as immudb's current one. A key of the
-    file that is no flag is reported through ``warn`` (stderr by default) and ignored, as
-    immudb ignores keys it does not know: a config file written for immudb still starts."""
+    (or ``IMMUCORE_SIGNING_KEY``, ``IMMUDB_SIGNINGKEY``) and ``signingKey`` (or
+    ``signing_key``) in the file, and a replication flag's seed-guide name works as well as
+    immudb's current one. Reported through ``warn`` (stderr by default) and ignored: a key of
+    the file that is no flag, an ``IMMUDB_`` variable that is no flag (immudb ignores what it
+    does not know: a config written for immudb still starts), and every variable of a flag
+    beside the one that won (``IMMUDB_PORT`` when ``IMMUCORE_PORT`` is set too)."""
     warn = warn or (lambda text: print(f"immucore: {text}", file=sys.stderr))
-    file_values, config = {}, args.config or environ.get("IMMUCORE_CONFIG")
+    file_values, config = {}, args.config or _environment(
+        environ, {_key("config")}, lambda text: text, warn)
     if config:
         import tomllib
         with open(config, "rb") as f:
@@ -95,8 +113,7 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
         known |= keys
         value = getattr(args, dest, None)
         if value is None:
-            value = next((_convert(dest, environ[f"IMMUCORE_{k}"]) for k in sorted(keys)
-                          if f"IMMUCORE_{k}" in environ), None)
+            value = _environment(environ, keys, functools.partial(_convert, dest), warn)
         if value is None:
             value = next((file_values[k] for k in sorted(keys) if k in file_values), None)
         if value is None:
@@ -105,7 +122,31 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
     unknown = sorted(k for k in written if _key(k) not in known) if config else []
     if unknown:
         warn(f"{config}: ignoring keys that are no immucore flag: " + ", ".join(unknown))
+    known_variables = {prefix + k for prefix in ENV_PREFIXES for k in known}
+    strangers = sorted(name for name in environ if name.startswith("IMMUDB_")
+                       and name not in known_variables)
+    if strangers:
+        warn("ignoring environment variables that are no immucore flag: "
+             + ", ".join(strangers))
     return options
+
+
+def _environment(environ, keys, convert, warn):
+    """The value of the first variable set (not empty) among ``keys`` under each prefix in
+    ``ENV_PREFIXES`` order, converted; every other one that is set is reported as ignored.
+    A value that does not convert names its variable."""
+    names = [prefix + k for prefix in ENV_PREFIXES for k in sorted(keys)
+             if environ.get(prefix + k, "") != ""]
+    if not names:
+        return None
+    chosen = names[0]
+    for other in names[1:]:
+        # names only: a value may be a password (IMMUDB_ADMIN_PASSWORD)
+        warn(f"ignoring {other}: {chosen} is set too and wins")
+    try:
+        return convert(environ[chosen])
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(f"environment variable {chosen}: {exc}") from None
 
 
 def _key(name: str) -> str:
@@ -145,13 +186,18 @@ def _convert(dest: str, text: str):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(normalize_bool_flags(sys.argv[1:] if argv is None else argv))
+    warnings = []                      # logged once the log (maybe --logfile) is set up
     try:
-        options = resolve(args)
+        options = resolve(args, warn=warnings.append)
     except (OSError, ValueError, argparse.ArgumentTypeError) as exc:
+        for text in warnings:
+            print(f"immucore: {text}", file=sys.stderr)
         print(f"immucore: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, filename=options["logfile"] or None,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for text in warnings:
+        log.warning(text)
     from ..server.app import run_node
     try:
         import uvloop

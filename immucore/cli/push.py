@@ -5,15 +5,22 @@ connections: EXPORT_TXS batches from the primary (``--from-*`` flags) and REPLIC
 into the replica of the logged-in session (the target must be a replica without a replicator).
 Each batch is verified by the replica before it is applied; the next batch is fetched while the
 previous one is applied. ``--follow`` keeps going as new commits arrive (long poll).
+
+``--database X`` pushes into X through the saved session, which the node keeps on one database
+for all its connections: the push switches it to X and back to the session's own database when
+it ends (also on Ctrl-C), so the next command still runs where the login put it.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 
-from ..client import AsyncClient
+from ..client import AsyncClient, ConnectionClosedError
 from ..constants import REPLICATION_BATCH_TXS, REPLICATION_WAIT_MS
+from ..errors import ImmucoreError
+from .common import SESSION_GONE_CODES, CliError, connect_failure
 
 
 class Progress:
@@ -49,7 +56,13 @@ async def push(source: dict, target: AsyncClient, follow: bool = False,
     primary = AsyncClient(source["host"], source["port"],
                           timeout=REPLICATION_WAIT_MS / 1000 + 30)
     try:
-        await primary.login(source["user"], source["password"], source["database"])
+        try:
+            await primary.login(source["user"], source["password"], source["database"])
+        except OSError as exc:
+            raise connect_failure(source["host"], source["port"], exc, "the primary") from None
+        # an empty push first: the node refuses a target that follows a primary of its own
+        # (or is no replica) before anything is fetched, even when there is nothing to copy
+        await target.replicate_txs([])
         start_id = (await target.current_state()).tx_id + 1
         copied = 0
 
@@ -81,3 +94,34 @@ async def push(source: dict, target: AsyncClient, follow: bool = False,
         return copied
     finally:
         await primary.close()
+
+
+async def push_into_session(session, saved: dict, database, source: dict, *, follow: bool,
+                            progress: Progress = None) -> int:
+    """``push`` into the replica of the saved CLI session (``database``: another one of the
+    node), leaving the session on the database it had."""
+    address, port = session.server(saved)
+    target = AsyncClient(address, port, ssl=session.tls)
+    try:
+        try:
+            own = (await target.resume(saved["token"]))["database"]
+        except OSError as exc:
+            raise connect_failure(address, port, exc) from None
+        except ImmucoreError as exc:
+            if getattr(exc, "code", None) not in SESSION_GONE_CODES:
+                raise
+            session.ended()
+            raise CliError(f"{exc}: please login again (node {address}:{port})") from None
+        try:
+            if database and database != own:
+                await target.use_database(database)
+            return await push(source, target, follow=follow, progress=progress)
+        finally:
+            if target.database != own:
+                with contextlib.suppress(ImmucoreError, OSError, asyncio.TimeoutError):
+                    await target.use_database(own)
+    except (TimeoutError, ConnectionClosedError) as exc:
+        raise CliError(f"{exc or type(exc).__name__} (pushing into {address}:{port}, from "
+                       f"{source['host']}:{source['port']})") from None
+    finally:
+        await target.close()

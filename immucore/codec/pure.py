@@ -1,7 +1,7 @@
 """The pure-Python reference codec: immudb's encodings and hashes, written for clarity.
 
 It is the oracle the native codec (``ext/immucore/_native.pyx``) is tested against and has the
-same API, function for function. Formats: ../shared/reference/immudb-format.md (§ numbers below).
+same API, function for function. Formats: docs/immudb-format.md (its § numbers below).
 
 Shapes used across the API:
   header tuple  (id, prev_alh, ts, version, metadata, nentries, eh, bl_tx_id, bl_root)
@@ -25,7 +25,7 @@ _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
-_KV_PREFIX = b"\x00"            # database-layer prefix of plain keys and values (§2.11)
+_KV_PREFIX = b"\x00"            # database-layer prefix of plain keys and values (§3)
 _TRAILER_VALUES_PRESENT = b"\x00\x01\x00"
 _TRAILER_VALUES_TRUNCATED = b"\x00\x01\x01"
 _U16 = struct.Struct(">H")
@@ -37,7 +37,7 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-# --- KV metadata (§2.2) -----------------------------------------------------------------------
+# --- KV metadata (§4) -------------------------------------------------------------------------
 
 def kv_metadata_bytes(deleted: bool, expires_at, non_indexable: bool) -> bytes:
     out = b""
@@ -76,7 +76,7 @@ def parse_kv_metadata(raw: bytes):
     return deleted, expires_at, non_indexable
 
 
-# --- headers, inner hash and Alh (§2.3, §2.8) -------------------------------------------------
+# --- headers, inner hash and Alh (§5, §8) -----------------------------------------------------
 
 def _counts_bytes(version: int, metadata: bytes, nentries: int) -> bytes:
     if version == 0:
@@ -139,7 +139,7 @@ def alh(id: int, prev_alh: bytes, inner: bytes) -> bytes:
     return sha256(_U64.pack(id) + prev_alh + inner)
 
 
-# --- entries and the per-tx hash tree (§2.6, §2.7) --------------------------------------------
+# --- entries and the per-tx hash tree (§6, §7) ------------------------------------------------
 
 def entry_digest(version: int, key: bytes, metadata: bytes, hvalue: bytes) -> bytes:
     if version == 0:
@@ -180,7 +180,7 @@ def htree_inclusion_proof(digests, index: int) -> list:
     return terms
 
 
-# --- the append-only hash tree (§2.9) ---------------------------------------------------------
+# --- the append-only hash tree (§9) -----------------------------------------------------------
 
 def aht_root(peaks) -> bytes:
     """Root over every leaf appended so far; 32 zero bytes for an empty tree (blRoot of tx 1)."""
@@ -205,7 +205,7 @@ def aht_append(peaks: list, leaf_count: int, alh_value: bytes) -> bytes:
     return b"".join(nodes)
 
 
-# --- building, exporting and replicating transactions (§2.4) ----------------------------------
+# --- building, exporting and replicating transactions (§11) -----------------------------------
 
 def _check_entry(key: bytes, value_len: int, metadata: bytes, limits) -> None:
     entries_max, key_max, value_max = limits

@@ -174,13 +174,16 @@ _PLAIN = frozenset({bytes, int, str, bool, float, type(None)})
 ERROR_CODES = {
     errors.IllegalArgumentsError: "illegal_arguments",
     errors.KeyNotFoundError: "key_not_found",
+    errors.InvalidRevisionError: "invalid_revision",
     errors.TxNotFoundError: "tx_not_found",
     errors.ReadOnlyReplicaError: "read_only_replica",
     errors.NotReplicaError: "not_replica",
     errors.ReplicaDivergedError: "replica_diverged",
+    errors.ReplicationLoopError: "replication_loop",
     errors.CorruptedDataError: "corrupted_data",
     errors.VerificationError: "verification_failed",
     errors.IndexTimeoutError: "index_timeout",
+    errors.IndexFailedError: "index_failed",
     errors.DatabaseClosedError: "database_closed",
 }
 _BY_CODE = {code: cls for cls, code in ERROR_CODES.items()}

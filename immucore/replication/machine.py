@@ -81,6 +81,11 @@ class Stop:
     reason: str
 
 
+# states a replica never leaves by itself (a settings update starts a new replicator):
+# diverged logs, a replication loop, a stopped replicator
+TERMINAL_STATES = ("diverged", "loop", "stopped")
+
+
 @dataclass
 class _Batch:
     first_tx_id: int
@@ -105,6 +110,9 @@ class ReplicaMachine:
         self.state = "starting"
         self.epoch = 0                      # one per connection: older answers are stale
         self.primary_committed_tx_id = 0
+        # whether the primary ever told us its last tx (CheckPrimary, an EXPORT_TXS answer):
+        # until then the lag is unknown, not 0
+        self.primary_known = False
         self.failures_in_a_row = 0
         self.retries = 0
         self.last_error: Optional[str] = None
@@ -121,7 +129,11 @@ class ReplicaMachine:
     # --- what the status shows -------------------------------------------------------------
 
     @property
-    def lag_txs(self) -> int:
+    def lag_txs(self) -> Optional[int]:
+        """Txs the primary had (as last heard) that we lack; None while unknown: the primary
+        never reached, or the logs diverged (no prefix to count from)."""
+        if not self.primary_known or self.state == "diverged":
+            return None
         return max(self.primary_committed_tx_id - self.local_tx_id, 0)
 
     @property
@@ -132,7 +144,7 @@ class ReplicaMachine:
 
     def connected(self) -> list:
         """A new connection to the primary is logged in."""
-        if self.state in ("diverged", "stopped"):
+        if self.state in TERMINAL_STATES:
             return []
         self.epoch += 1
         self._fetching = False
@@ -152,7 +164,7 @@ class ReplicaMachine:
         are ours at the same ids."""
         if self.state != "checking" or epoch != self.epoch:
             return []
-        self.primary_committed_tx_id = primary_tx_id
+        self.primary_committed_tx_id, self.primary_known = primary_tx_id, True
         local = self.local_tx_id
         if primary_alhs.get(local) == local_alhs.get(local):
             return self._follow(ack=True)
@@ -190,6 +202,7 @@ class ReplicaMachine:
             return []                       # stale, duplicated or out of order: ignored
         self._fetching = False
         self.primary_committed_tx_id = max(self.primary_committed_tx_id, committed_tx_id)
+        self.primary_known = True
         if blobs:
             if last_tx_id != first_tx_id + len(blobs) - 1:
                 return self.failed(f"primary sent txs {first_tx_id}..{last_tx_id} as "
@@ -223,7 +236,7 @@ class ReplicaMachine:
         """The connection or a request failed; in-flight answers become stale."""
         if diverged:
             return self._stop(error)
-        if self.state in ("diverged", "stopped"):
+        if self.state in TERMINAL_STATES:
             return []
         self.epoch += 1
         self._fetching = False
@@ -236,8 +249,14 @@ class ReplicaMachine:
         delay = min(low * 2 ** min(self.failures_in_a_row - 1, 62), high)
         return [Backoff(delay * self._rng.uniform(0.9, 1.0))]
 
+    def loop_detected(self, reason: str) -> list:
+        """The primary is (through replicas) a follower of this database: stop for good."""
+        if self.state in TERMINAL_STATES:
+            return []
+        return self._stop(reason, state="loop")
+
     def stopped(self) -> None:
-        if self.state != "diverged":
+        if self.state not in ("diverged", "loop"):
             self.state = "stopped"
 
     # --- internals ---------------------------------------------------------------------------
@@ -266,9 +285,9 @@ class ReplicaMachine:
             out.append(Fetch(self.epoch, self._next_fetch_tx_id, self._batch_txs))
         return out
 
-    def _stop(self, reason: str) -> list:
+    def _stop(self, reason: str, state: str = "diverged") -> list:
         self.epoch += 1
         self._fetching = False
         self._queue.clear()
-        self.state, self.last_error = "diverged", reason
+        self.state, self.last_error = state, reason
         return [Stop(reason)]

@@ -22,7 +22,8 @@ from typing import Optional
 
 from ..client import AsyncClient
 from ..constants import (REPLICATION_BACKOFF_SECONDS_MAX, REPLICATION_BACKOFF_SECONDS_MIN,
-                         REPLICATION_BATCH_TXS, REPLICATION_GRACE_SECONDS,
+                         REPLICATION_BATCH_TXS, REPLICATION_CHAIN_IDS_MAX,
+                         REPLICATION_GRACE_SECONDS,
                          REPLICATION_QUEUE_BATCHES,
                          REPLICATION_QUEUE_BYTES_MAX, REPLICATION_WAIT_MS)
 from ..errors import ReplicaDivergedError
@@ -71,6 +72,8 @@ class Replicator:
             backoff_seconds_max=REPLICATION_BACKOFF_SECONDS_MAX,
             allow_discarding=bool(settings.get("allow_tx_discarding")), primary=self.primary)
         self.last_applied_at = 0.0
+        self.last_contact_at = 0.0          # time.time() of the primary's last answer
+        self._contact_monotonic = 0.0       # the same on the monotonic clock
         self.retry_delay_seconds = 0.0      # the backoff under way, 0 when not retrying
         self.apply_seconds = Durations()    # each applied batch: immudb_replication_commit_time
         self._caught_up_at = time.monotonic()   # lag_seconds: how long we have been behind
@@ -79,6 +82,10 @@ class Replicator:
         self._events: Optional[asyncio.Queue] = None
         self._tasks: set = set()            # fetch/ack/check tasks of the current connection
         self._apply_task: Optional[asyncio.Task] = None
+        # the chain of the primary's last EXPORT_TXS answer (its id first): what this database
+        # reports above itself to its own replicas, so that a loop of replicas is seen
+        self.upstream_chain: list = []
+        self._answered_on_connection = False   # the first fetch of a connection does not wait
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -95,8 +102,9 @@ class Replicator:
         return self.machine.retries
 
     @property
-    def primary_committed_tx_id(self) -> int:
-        return self.machine.primary_committed_tx_id
+    def primary_committed_tx_id(self) -> Optional[int]:
+        """The primary's last tx as last heard; None until it was."""
+        return self.machine.primary_committed_tx_id if self.machine.primary_known else None
 
     def start(self):
         self._task = asyncio.ensure_future(self._run())
@@ -109,19 +117,35 @@ class Replicator:
         self.machine.stopped()
 
     def status(self) -> dict:
-        local = self.database.current_state().tx_id
-        lag_txs = max(self.primary_committed_tx_id - local, 0)
+        """What ``database list`` and the metrics show. The lag is None (unknown) until the
+        primary's last tx was heard and once the logs diverged; while the primary is not
+        followed (retrying, checking) it is the last known one, as of the last contact."""
+        primary_tx_id = self.primary_committed_tx_id
+        lag_txs = lag_seconds = None
         now = time.monotonic()
-        if lag_txs == 0:
-            self._caught_up_at = now
-        return {"state": self.state, "primary": self.primary, "last_error": self.last_error,
-                "retries": self.retries, "primary_committed_tx_id": self.primary_committed_tx_id,
-                "lag_txs": lag_txs,
+        if primary_tx_id is not None and self.state != "diverged":
+            lag_txs = max(primary_tx_id - self.database.current_state().tx_id, 0)
+            following = self.state == "following"
+            if lag_txs == 0:
+                if following:
+                    self._caught_up_at = now
+                lag_seconds = 0.0
+            else:
                 # an upper bound: the replica held everything the primary had committed then
-                "lag_seconds": round(now - self._caught_up_at, 3),
+                lag_seconds = round((now if following else self._contact_monotonic)
+                                    - self._caught_up_at, 3)
+        return {"state": self.state, "primary": self.primary, "last_error": self.last_error,
+                "retries": self.retries, "primary_committed_tx_id": primary_tx_id,
+                "lag_txs": lag_txs, "lag_seconds": lag_seconds,
+                "seconds_since_last_contact": (round(time.time() - self.last_contact_at, 3)
+                                               if self.last_contact_at else None),
                 "seconds_since_last_apply": (round(time.time() - self.last_applied_at, 3)
                                              if self.last_applied_at else None),
                 "retry_delay_seconds": self.retry_delay_seconds}
+
+    def _contact(self):
+        """The primary answered (a login, a check, an export, an ack)."""
+        self.last_contact_at, self._contact_monotonic = time.time(), time.monotonic()
 
     # --- the event loop of the machine --------------------------------------------------
 
@@ -135,7 +159,7 @@ class Replicator:
                     commands = await self._backoff(*args)
                 else:
                     commands = getattr(self.machine, event)(*args)
-                if self.machine.lag_txs == 0:
+                if self.machine.lag_txs == 0 and self.state == "following":
                     self._caught_up_at = time.monotonic()
                 for command in commands:
                     if isinstance(command, m.Stop):
@@ -179,7 +203,17 @@ class Replicator:
 
     def _fail(self, exc: BaseException, diverged_is_terminal: bool = True):
         diverged = diverged_is_terminal and isinstance(exc, ReplicaDivergedError)
-        self._post("failed", f"{type(exc).__name__}: {exc}", diverged)
+        self._post("failed", self._explained(exc), diverged)
+
+    def _explained(self, exc: BaseException) -> str:
+        """The error as the status shows it; a permission refusal says what is needed."""
+        text = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "code", None) in ("permission_denied", "no_database_permission"):
+            s = self._settings
+            text += (f" (user {s['primary_username']} needs admin on database "
+                     f"{s['primary_database']} of the primary {s['primary_host']}:"
+                     f"{s['primary_port']})")
+        return text
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -201,6 +235,8 @@ class Replicator:
             self._fail(exc)
             return
         self._client = client
+        self._answered_on_connection = False
+        self._contact()
         self._post("connected")
 
     async def _backoff(self, seconds: float) -> list:
@@ -241,13 +277,28 @@ class Replicator:
 
     async def _fetch(self, command: m.Fetch):
         try:
-            answer = await self._client.export_batch(command.first_tx_id, command.count,
-                                                     wait_ms=REPLICATION_WAIT_MS)
+            # the first answer of a connection comes at once, without waiting for a commit:
+            # it tells who the primary follows (a loop is seen now, not after a long poll)
+            answer = await self._client.export_batch(
+                command.first_tx_id, command.count,
+                wait_ms=REPLICATION_WAIT_MS if self._answered_on_connection else 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             return
+        self._contact()
+        self._answered_on_connection = True
+        chain = answer.get("chain")       # a primary that does not say: no loop can be seen
+        if isinstance(chain, list):
+            self.upstream_chain = [c for c in chain if isinstance(c, str)][
+                :REPLICATION_CHAIN_IDS_MAX]
+            if self._replica_id in self.upstream_chain:
+                self._post("loop_detected",
+                           f"replication loop: the primary {self.primary} follows this "
+                           f"database ({self.database.name}), "
+                           f"{self.upstream_chain.index(self._replica_id)} hop(s) up")
+                return
         blobs = answer["blobs"]
         last = int.from_bytes(blobs[-1][4:12], "big") if blobs else command.first_tx_id - 1
         self._post("received", command.epoch, command.first_tx_id, blobs, last,
@@ -280,6 +331,8 @@ class Replicator:
             raise
         except Exception as exc:  # noqa: BLE001 - even "diverged": the reconnect's check decides
             self._fail(exc, diverged_is_terminal=False)
+            return
+        self._contact()
 
     async def _check_primary(self, command: m.CheckPrimary):
         try:
@@ -293,6 +346,7 @@ class Replicator:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             return
+        self._contact()
         try:
             local_alhs = {tx_id: self.database.alh_of(tx_id) for tx_id in command.tx_ids}
         except Exception as exc:  # noqa: BLE001 - e.g. the database is closing

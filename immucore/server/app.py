@@ -42,6 +42,7 @@ async def run_node(options: dict, *, ready=None) -> int:
         grpc_port=options.get("grpc_port", 0),
         admin_password=options["admin_password"], synced=options["synced"],
         max_sessions=options["max_sessions"], max_connections=options["max_connections"],
+        max_active_databases=options["max_active_databases"],
         metrics_server=options["metrics_server"],
         metrics_server_port=options["metrics_server_port"], pidfile=options["pidfile"],
         logfile=options["logfile"], signing_key=options["signing_key"],
@@ -88,10 +89,12 @@ async def run_node(options: dict, *, ready=None) -> int:
     if node_options.logfile:         # the log then lives in a file: it starts with the banner too
         log.info("%s", banner)
     from . import auth
-    if auth.using_default_password(node.users):
-        log.warning("the sysadmin user 'immudb' still has the default password: change it "
-                    "(immuadmin user changepassword immudb); until then only loopback "
-                    "connections are accepted")
+    # computed once now (hashing records not written by this process), then kept up to date
+    exposed = await asyncio.get_running_loop().run_in_executor(
+        None, node.users.users_with_well_known_password)
+    if exposed:
+        from .node import protected_mode_message
+        log.warning("%s", protected_mode_message(exposed))
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -109,6 +112,7 @@ async def run_node(options: dict, *, ready=None) -> int:
 
 
 _NODE_KEYS = {"dir", "address", "port", "grpc_port", "admin_password", "synced", "max_sessions",
+              "max_active_databases",
               "max_connections",
               "metrics_server", "metrics_server_port", "pidfile", "logfile", "signing_key",
               "certificate", "pkey", "replication_tls_ca",

@@ -4,7 +4,7 @@ Users live in systemdb, an immucore database like any other: key ``0x01 || usern
 user's record as JSON. Every change is one transaction that writes a whole new version of the
 record; the latest version is the truth, older ones stay in the key's history.
 
-Permissions are immudb's (../shared/reference/immudb-replication.md §3.4): ``read`` (1),
+Permissions are immudb's (docs/immudb-format.md §12.1): ``read`` (1),
 ``readwrite`` (2) and ``admin`` (254) per database, and ``sysadmin`` (255) for the built-in user
 ``immudb``. Passwords are hashed with scrypt, salted per user; the scrypt parameters are stored
 with each hash, so the cost can be raised later without breaking existing records.
@@ -59,6 +59,11 @@ SYSTEMDB_NAME = "systemdb"
 USER_KEY_PREFIX = b"\x01"
 DEFAULT_PASSWORD_WARNING = ("immudb user has the default password: "
                             "please change it to ensure proper security")
+# Passwords published as defaults, so anyone may try them: immudb's sysadmin password and
+# immudb-tools' replicator follower password. A node holding any active user with one of them
+# is in protected mode (loopback peers only), and immucore-replicator refuses them unless told.
+# The one list of them: add a published default here and every check sees it.
+WELL_KNOWN_PASSWORDS = (SYSADMIN_DEFAULT_PASSWORD, "zyQQurat.0")
 
 USERNAME = re.compile(r"[a-zA-Z0-9_]+")      # used with fullmatch: '$' admits a final \n
 USERNAME_SIZE_BYTES_MAX = 63
@@ -247,6 +252,12 @@ class UserStore:
         # Compared against when the user does not exist, so that case costs one hash too.
         self._dummy_hash = _hash_password(secrets.token_bytes(16), scrypt_n)
         self._default_password_cache: Tuple[int, bool] = (-1, False)
+        # stored hash (hex) -> is its password well-known: filled for free when a password is
+        # set here, by hashing the well-known ones otherwise (records written before, or
+        # replicated); rebuilt from the current records only, so it never outgrows the users
+        self._well_known_by_hash: Dict[str, bool] = {}
+        # (systemdb tx id when computed, the active users holding a well-known password)
+        self._well_known_users: Tuple[int, Tuple[str, ...]] = (-1, ())
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -317,7 +328,7 @@ class UserStore:
             _check_grant_target(value, database)
         created_by = _actor_name(created_by)
         secret = _new_password(password, check_strength)
-        hashed = _hash_password(secret, self._scrypt_n)
+        hashed = self._hash_noted(secret)
         now = self._clock()
         with self._lock:
             if self._load(name) is not None:
@@ -339,7 +350,7 @@ class UserStore:
         """
         name = _username_or_error(username)
         secret = _new_password(new_password, check_strength)
-        hashed = _hash_password(secret, self._scrypt_n)
+        hashed = self._hash_noted(secret)
         with self._lock:
             actor = self._actor(by_user)
             record, target = self._record_or_error(name)
@@ -411,11 +422,49 @@ class UserStore:
                        check_strength: bool = True) -> User:
         """Operator reset (immudb's ``--force-admin-password``): no old password, no caller."""
         name = _username_or_error(username)
-        hashed = _hash_password(_new_password(new_password, check_strength), self._scrypt_n)
+        hashed = self._hash_noted(_new_password(new_password, check_strength))
         with self._lock:
             record, _ = self._record_or_error(name)
             record["password"] = hashed
             return self._save(name, self._touched(record, ""))
+
+    # --- well-known passwords -------------------------------------------------------------
+
+    def users_with_well_known_password(self) -> Tuple[str, ...]:
+        """The active users whose password is one of WELL_KNOWN_PASSWORDS, by name.
+
+        Computed again only after systemdb changed; a password set on this node costs nothing,
+        any other record (older, or replicated from a primary) two hashes once.
+        """
+        tx_id = self.db.current_state().tx_id
+        computed_at, names = self._well_known_users
+        if computed_at == tx_id:
+            return names
+        known, found = {}, []
+        for user in self.list_users():
+            loaded = self._load(user.username)
+            if loaded is None:
+                continue
+            stored = loaded[1]
+            well_known = self._well_known_by_hash.get(stored["hash"])
+            if well_known is None:
+                well_known = any(_verify_password(p.encode(), stored)
+                                 for p in WELL_KNOWN_PASSWORDS)
+            known[stored["hash"]] = well_known
+            if well_known and loaded[0].active:
+                found.append(user.username)
+        with self._lock:
+            # a hash noted meanwhile and not stored yet is dropped: hashed again if it comes
+            self._well_known_by_hash = known
+            self._well_known_users = (tx_id, tuple(found))
+        return tuple(found)
+
+    def _hash_noted(self, secret: bytes) -> dict:
+        """A new hash of ``secret``, remembering whether it is a well-known password."""
+        hashed = _hash_password(secret, self._scrypt_n)
+        with self._lock:
+            self._well_known_by_hash[hashed["hash"]] = is_well_known_password(secret)
+        return hashed
 
     # --- internals ------------------------------------------------------------------------
 
@@ -495,6 +544,13 @@ def ensure_sysadmin(store: UserStore, password: Union[str, bytes] = SYSADMIN_DEF
     if force and not store.db.is_replica:
         return store.reset_password(SYSADMIN_USERNAME, password, check_strength=False)
     return user
+
+
+def is_well_known_password(password: Union[str, bytes]) -> bool:
+    """Is ``password`` one of WELL_KNOWN_PASSWORDS (published defaults anyone may try)?"""
+    secret = _password_bytes_or_none(password)
+    return secret is not None and any(hmac.compare_digest(secret, p.encode())
+                                      for p in WELL_KNOWN_PASSWORDS)
 
 
 def using_default_password(store: UserStore) -> bool:

@@ -225,6 +225,11 @@ class Connection(asyncio.Protocol):
         self._flush_pending = False
         self._turn_writes = None        # the loop's _TurnWrites, found at the first answer
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being served (a stopping node lets them answer)."""
+        return 0 if self._closed else self._inflight
+
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport):
@@ -405,10 +410,23 @@ class Connection(asyncio.Protocol):
             result = await rest
             if hasattr(result, "__aiter__"):         # a server stream
                 try:
-                    async for item in result:
-                        await self._send_when_writable(msg, FLAG_STREAM, request_id, item)
+                    items = result.__aiter__()
+                    while True:
+                        # the next item is asked for only once the socket takes more, and sent
+                        # in the step that made it: it is never held while its reader is slow,
+                        # and what its producer checked last (a permission) is still true
+                        await self._writable.wait()
                         if self._closed:         # its reader is gone: read nothing more
                             return
+                        try:
+                            item = await items.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        self._send(msg, FLAG_STREAM, request_id, item)
+                        if self._flush_pending:
+                            # handed to the socket now, not at the end of the turn: a full
+                            # send buffer then pauses the stream before its next item
+                            self._flush()
                 finally:
                     if hasattr(result, "aclose"):
                         await result.aclose()
@@ -526,10 +544,6 @@ class Connection(asyncio.Protocol):
             self._closed = True
             if self.transport is not None:
                 self.transport.abort()
-
-    async def _send_when_writable(self, msg, flags, request_id, body):
-        await self._writable.wait()
-        self._send(msg, flags, request_id, body)
 
     def _fail(self, code: str, message: str, request_id: int = 0, msg=Msg.HEALTH):
         """Protocol violation: answer once with an error frame, then close this connection."""

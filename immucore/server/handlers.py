@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 from .. import __version__
 from ..constants import (EXPORT_STREAM_CHUNK_TXS, EXPORT_TXS_COUNT_MAX, EXPORT_WAIT_MS_MAX,
@@ -87,6 +88,37 @@ def _kvs(body: dict) -> list:
 
 
 
+class _Permit:
+    """What a request was allowed to do as it started — its session, the user's right on its
+    database — checked again after each of its waits (a long poll, a sync write's wait for
+    acks, an index wait, a stream's next chunk), right before what it answers. Any change of
+    the user (password, permissions, deactivation) ends the user's sessions, so a request that
+    waited across the change answers the error instead: a revoked permission never outlives
+    the change. It checks the session the request started under, not the connection's current
+    one (a LOGIN pipelined meanwhile binds another)."""
+    __slots__ = ("_conn", "_session_id", "_manager", "_allowed", "_denied")
+
+    def __init__(self, conn, session_id, manager, allowed, denied: str):
+        self._conn, self._session_id, self._manager = conn, session_id, manager
+        self._allowed, self._denied = allowed, denied
+
+    def check(self) -> None:
+        """On the event loop: a session that ended also logs its connection out, as any
+        request that finds it ended does (unless the connection has another session now)."""
+        try:
+            self.check_anywhere()
+        except auth.AuthError:
+            if self._conn.session is not None and self._conn.session == self._session_id:
+                self._conn.logged_out()
+            raise
+
+    def check_anywhere(self) -> None:
+        """From any thread (under a lock a change waits for): raises, changes nothing."""
+        _, user = self._manager.touch(self._session_id)
+        if not self._allowed(user):
+            raise PermissionDeniedError(self._denied)
+
+
 class Dispatcher:
     def __init__(self, node: Node):
         self.node = node
@@ -121,11 +153,12 @@ class Dispatcher:
 
     # --- helpers --------------------------------------------------------------------------
 
-    async def _write(self, db, body: dict) -> tuple:
+    async def _write(self, db, permit, body: dict) -> tuple:
         """One SET's tx, awaited without blocking the loop (a full write queue: writer_busy),
-        and on a sync primary answered once enough replicas hold it."""
+        and on a sync primary answered once enough replicas hold it (and its permit holds)."""
         headers = await self._committed(_submit_set(db, body, None))
-        await self.node.replicated(db.name, headers[0][0])
+        if not self.node.replicated_at_once(db.name, headers[0][0]):
+            await self._replicated(permit, db.name, headers[0][0])
         return headers[0]
 
     def _committed(self, writer_future) -> asyncio.Future:
@@ -137,22 +170,35 @@ class Dispatcher:
             self._completions = Completions(asyncio.get_running_loop())
         return self._completions
 
-    def _set_answered(self, name: str, answer: LaterAnswer, headers, exc):
+    def _set_answered(self, conn, session_id, detached, name: str, answer: LaterAnswer,
+                      headers, exc):
         """A SET's commit, on the loop: its answer, or on a sync primary the wait for the
-        replicas' acks first (in a task, as ``_write`` does)."""
+        replicas' acks first (in a task, as ``_write`` does). The commit itself is answered
+        without a second check: the writer took the tx while the write was allowed."""
         if exc is not None:
             answer.fail(exc)                       # its failure is the answer
             return
         header = headers[0]
         if not self.node.replicated_at_once(name, header[0]):
-            waiting = asyncio.ensure_future(self._set_replicated(name, header))
+            permit = self._permit(conn, "write", name, (session_id, detached))
+            waiting = asyncio.ensure_future(self._set_replicated(permit, name, header))
             waiting.add_done_callback(answer.settle_from)
             return
         answer.give(HeaderAnswer(header))
 
-    async def _set_replicated(self, name: str, header: tuple) -> "HeaderAnswer":
-        await self.node.replicated(name, header[0])
+    async def _set_replicated(self, permit, name: str, header: tuple) -> "HeaderAnswer":
+        await self._replicated(permit, name, header[0])
         return HeaderAnswer(header)
+
+    async def _replicated(self, permit, name: str, tx_id: int):
+        """A sync write's wait for its replicas, then the check of its permit: a writer whose
+        session ended meanwhile gets that error, which says the tx is durable all the same."""
+        await self.node.replicated(name, tx_id)
+        try:
+            permit.check()
+        except auth.AuthError as exc:
+            raise type(exc)(f"{exc}: the session ended while tx {tx_id} waited for its sync "
+                            "replicas (the tx is durable on the primary)") from None
 
     def _manager(self, conn):
         return self.node.token_sessions if conn.detached else self.node.sessions
@@ -188,18 +234,34 @@ class Dispatcher:
         self.node.count_request(name, kind or action)
         return database
 
+    def _db_permit(self, conn, action: str, kind: str = None):
+        """``_db``, and the permit to check again after the request's waits."""
+        database = self._db(conn, action, kind)
+        return database, self._permit(conn, action, database.name)
+
+    def _permit(self, conn, action: str, name: str, started=None) -> _Permit:
+        """``started``: the connection's ``(session, detached)`` when the request came, if it
+        may have changed since (default: as they are now)."""
+        session_id, detached = started or (conn.session, conn.detached)
+        manager = self.node.token_sessions if detached else self.node.sessions
+        return _Permit(conn, session_id, manager, lambda user: user.can(name, action),
+                       "permission denied")
+
     async def _read(self, fn, *args, **kwargs):
         """Run a blocking call on the node's read threads (index waits, hashing, fsyncs)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.node.read_pool,
                                           functools.partial(fn, *args, **kwargs))
 
-    async def _index_read(self, db, needed_tx: int, fn, *args, **kwargs):
+    async def _index_read(self, db, permit, needed_tx: int, fn, *args, **kwargs):
         """A key-index read: inline when the index already covers what it needs (a few LMDB
-        lookups, cheaper than two thread hops), on a read thread when it must wait."""
+        lookups, cheaper than two thread hops), on a read thread when it must wait — and then
+        answered only if ``permit`` still holds after the wait."""
         if db.index_covers(needed_tx):
             return fn(*args, **kwargs)
-        return await self._read(fn, *args, **kwargs)
+        result = await self._read(fn, *args, **kwargs)
+        permit.check()
+        return result
 
     # --- session --------------------------------------------------------------------------
 
@@ -207,7 +269,8 @@ class Dispatcher:
         return {"status": "ok", "version": __version__}
 
     async def server_info(self, conn, body):
-        return {"version": __version__, "protocol": 1, "started_at": self.node.started_at}
+        return {"version": __version__, "protocol": 1, "started_at": self.node.started_at,
+                "uptime_seconds": time.monotonic() - self.node.started_monotonic}
 
     async def login(self, conn, body):
         """Log in with user and password, or bind this connection to a detached session (a
@@ -262,14 +325,16 @@ class Dispatcher:
         db = self._db(conn, "write")
         answer = LaterAnswer()
         _submit_set(db, body, self._bridge().on_loop(
-            functools.partial(self._set_answered, db.name, answer)))
+            functools.partial(self._set_answered, conn, conn.session, conn.detached, db.name,
+                              answer)))
         return answer
 
     async def delete(self, conn, body):
-        db = self._db(conn, "write")
+        db, permit = self._db_permit(conn, "write")
         keys = _field(body, "keys", list)
         headers = await self._committed(db.delete_async(keys, block=False))
-        await self.node.replicated(db.name, headers[0][0])
+        if not self.node.replicated_at_once(db.name, headers[0][0]):
+            await self._replicated(permit, db.name, headers[0][0])
         return {"header": header_to_wire(headers[0])}
 
     def get(self, conn, body):
@@ -278,7 +343,7 @@ class Dispatcher:
         db = self._db(conn, "read")
         if len(body) == 1 and db.index_covers(0):
             return {"entry": to_wire(db.get(_field(body, "key", bytes)))}
-        return self._get(db, body)
+        return self._get(db, self._permit(conn, "read", db.name), body)
 
     def plain_gets(self, conn, run: list) -> list:
         """A run of GETs that arrived together on ``conn`` (``(request_id, body)`` pairs),
@@ -322,25 +387,26 @@ class Dispatcher:
                 answers.append({"entry": to_wire(Entry(*row))})
         return answers
 
-    async def _get(self, db, body):
+    async def _get(self, db, permit, body):
         at_tx, since_tx = _field(body, "at_tx", int, 0), _field(body, "since_tx", int, 0)
-        entry = await self._index_read(db, max(at_tx, since_tx), db.get, _field(body, "key", bytes),
+        entry = await self._index_read(db, permit, max(at_tx, since_tx), db.get,
+                                       _field(body, "key", bytes),
                                        at_tx=at_tx, since_tx=since_tx,
                                        at_revision=_field(body, "at_revision", int, 0))
         return {"entry": to_wire(entry)}
 
     async def history(self, conn, body):
-        db = self._db(conn, "read")
-        entries = await self._index_read(db, 0, db.history, _field(body, "key", bytes),
+        db, permit = self._db_permit(conn, "read")
+        entries = await self._index_read(db, permit, 0, db.history, _field(body, "key", bytes),
                                    offset=_field(body, "offset", int, 0),
                                    limit=_field(body, "limit", int, 0),
                                    desc=bool(body.get("desc", False)))
         return {"entries": to_wire(entries)}
 
     async def scan(self, conn, body):
-        db = self._db(conn, "read")
+        db, permit = self._db_permit(conn, "read")
         since_tx = _field(body, "since_tx", int, 0)
-        entries = await self._index_read(db, since_tx, db.scan,
+        entries = await self._index_read(db, permit, since_tx, db.scan,
                                          prefix=_field(body, "prefix", bytes, b""),
                                          seek_key=_field(body, "seek_key", bytes, b""),
                                          end_key=_field(body, "end_key", bytes, b""),
@@ -363,36 +429,41 @@ class Dispatcher:
         return self.node.signed_state(State(db.name, target.id, target.alh()))
 
     async def verifiable_set(self, conn, body):
-        db = self._db(conn, "write")
+        db, permit = self._db_permit(conn, "write")
         prove_since = _field(body, "prove_since_tx", int)
-        header = await self._write(db, body)
+        header = await self._write(db, permit, body)
         vtx = await self._read(db.verifiable_tx_by_id, header[0], prove_since_tx=prove_since)
+        permit.check()                         # the proof is of the database's state now
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
     async def verifiable_get(self, conn, body):
-        db = self._db(conn, "read")
+        db, permit = self._db_permit(conn, "read")
         ventry = await self._read(db.verifiable_get, _field(body, "key", bytes),
                                   prove_since_tx=_field(body, "prove_since_tx", int),
                                   at_tx=_field(body, "at_tx", int, 0),
                                   since_tx=_field(body, "since_tx", int, 0),
                                   at_revision=_field(body, "at_revision", int, 0))
+        permit.check()                         # after the read's index wait
         return {"verifiable_entry": to_wire(ventry),
                 "signed": self._signed_target(db, ventry.verifiable_tx)}
 
     async def verifiable_tx_by_id(self, conn, body):
-        db = self._db(conn, "read")
+        db, permit = self._db_permit(conn, "read")
         vtx = await self._read(db.verifiable_tx_by_id, _field(body, "tx_id", int),
                                prove_since_tx=_field(body, "prove_since_tx", int))
+        permit.check()
         return {"verifiable_tx": to_wire(vtx), "signed": self._signed_target(db, vtx)}
 
     async def export_tx(self, conn, body):
-        db = self._db(conn, "admin")
-        return {"blob": await self._read(db.export_tx, _field(body, "tx_id", int))}
+        db, permit = self._db_permit(conn, "admin")
+        blob = await self._read(db.export_tx, _field(body, "tx_id", int))
+        permit.check()
+        return {"blob": blob}
 
     async def export_txs(self, conn, body):
         """Committed txs from ``first_tx_id``; with ``wait_ms``, a caught-up caller (a replica)
         is answered as soon as the next commit happens (long poll), not after a polling delay."""
-        db = self._db(conn, "admin")
+        db, permit = self._db_permit(conn, "admin")
         first = _field(body, "first_tx_id", int)
         count = min(_field(body, "count", int), EXPORT_TXS_COUNT_MAX)
         wait_ms = min(max(_field(body, "wait_ms", int, 0), 0), EXPORT_WAIT_MS_MAX)
@@ -400,9 +471,12 @@ class Dispatcher:
         # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
         blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
         answer = {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
-                  "acked_tx_id": self.node.acked_tx_id(db)}
+                  "acked_tx_id": self.node.acked_tx_id(db), **self.node.replication_role(db)}
         if blobs:       # the replica checks the last tx against it (no later prevAlh does)
             answer["last_alh"] = await self._read(db.alh_of, first + len(blobs) - 1)
+        # checked again after the long poll and the reads: a user changed while it waited
+        # (deactivated, no longer admin, a new password) gets that error, not the commit
+        permit.check()
         return answer
 
     async def export_txs_stream(self, conn, body):
@@ -410,24 +484,27 @@ class Dispatcher:
         committed when the stream starts) as a server stream: one frame per chunk of up to
         EXPORT_STREAM_CHUNK_TXS blobs, then the end frame. A bulk copy of a log: no chunk size
         to choose, no request per chunk; each chunk waits for the one before to be sent."""
-        db = self._db(conn, "admin")
+        db, permit = self._db_permit(conn, "admin")
         first, count = _field(body, "first_tx_id", int), _field(body, "count", int)
         if first < 1 or count < 1:
             raise IllegalArgumentsError("first_tx_id and count must be at least 1")
         last = min(first + count - 1, db.current_state().tx_id)
-        return self._export_chunks(conn, db, first, last)
+        return self._export_chunks(permit, db, first, last)
 
-    async def _export_chunks(self, conn, db, first: int, last: int):
+    async def _export_chunks(self, permit, db, first: int, last: int):
+        """The connection asks for each chunk only once the one before is handed to the socket
+        (``Connection._finish``), and the chunk is checked after it was read: a user whose
+        permission went meanwhile (or a session that ended) stops the stream with that error
+        before anything more leaves."""
         while first <= last:
-            # checked again for every chunk: a user whose permission went meanwhile (or a
-            # session that ended) stops the stream with that error
-            self._authorize(conn, "admin", db.name)
+            permit.check()
             blobs = await self._read(db.export_txs, first,
                                      min(EXPORT_STREAM_CHUNK_TXS, last - first + 1),
                                      FRAME_BODY_BYTES_MAX // 2)
             if not blobs:
                 return
             last_alh = await self._read(db.alh_of, first + len(blobs) - 1)
+            permit.check()
             yield {"blobs": blobs, "last_alh": last_alh}
             first += len(blobs)
 
@@ -435,7 +512,7 @@ class Dispatcher:
         """A replica durably holds every tx up to ``tx_id``; counted for sync replication only
         if ``alh`` is this database's Alh at that tx (a diverged replica never counts). Counted
         apart from the exports (kind replica_ack): one comes after every applied batch."""
-        db = self._db(conn, "admin", "replica_ack")
+        db, permit = self._db_permit(conn, "admin", "replica_ack")
         replica_id = _field(body, "replica_id", str)
         tx_id, alh = _field(body, "tx_id", int), _field(body, "alh", bytes)
         if not 0 < len(replica_id) <= REPLICA_ID_CHARS_MAX:
@@ -443,17 +520,23 @@ class Dispatcher:
         if tx_id > db.current_state().tx_id or await self._read(db.alh_of, tx_id) != alh:
             raise ReplicaDivergedError(
                 f"replica diverged from primary: its tx {tx_id} is not {db.name}'s tx {tx_id}")
+        permit.check()                         # an ack counts only from a user still allowed
         acks = self.node.sync_acks.get(db.name)
         quorum = acks.acknowledge(replica_id, tx_id) if acks is not None else 0
         return {"acked_tx_id": quorum}
 
     async def replicate_tx(self, conn, body):
-        db = self._db(conn, "admin")
+        """A push into a replica fed from outside. A replica that follows a primary with its
+        own replicator takes none: foreign txs would pass for its primary's (served as
+        ``following`` with no lag) until the primary's next commit showed the divergence."""
+        db, permit = self._db_permit(conn, "admin")
         blobs = _field(body, "blobs", list)
         last_alh = body.get("last_alh")
         if last_alh is not None and not (isinstance(last_alh, bytes) and len(last_alh) == 32):
             raise IllegalArgumentsError("field 'last_alh' must be 32 bytes")
+        self.node.check_takes_pushes(db.name)
         headers = await asyncio.wrap_future(db.replicate_txs_async(blobs, last_alh=last_alh))
+        permit.check()
         return {"headers": [header_to_wire(h) for h in headers]}
 
     # --- databases ------------------------------------------------------------------------
@@ -493,7 +576,9 @@ class Dispatcher:
 
     async def database_list(self, conn, body):
         _, user = self._session(conn)
+        permit = _Permit(conn, conn.session, self._manager(conn), lambda _: True, "")
         listed = await self._read(self.node.list_databases)
+        permit.check()
         return {"databases": [d for d in listed if user.sysadmin or user.can(d["name"], "read")]}
 
     async def database_settings(self, conn, body):
@@ -539,7 +624,9 @@ class Dispatcher:
 
     async def user_list(self, conn, body):
         _, user = self._session(conn)
+        permit = _Permit(conn, conn.session, self._manager(conn), lambda _: True, "")
         users = await self._read(self.node.users.list_users)
+        permit.check()
         if not user.sysadmin:
             users = [u for u in users if u.username == user.username or any(
                 user.can(db, "admin") for db in u.permissions)]

@@ -1,5 +1,5 @@
-"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id and
-requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
+"""Prometheus metrics on ``--metrics-server-port``: per database committed and indexed tx id, its
+index worker's restarts and error state, and requests served (read/write/admin; rates come from Prometheus), sessions, connections; per
 replica its lag, state, its primary's committed tx id, its retries, immudb's replicator gauges
 and the time each batch took to commit; per sync primary the quorum and each replica's
 acknowledged tx. Values are read when Prometheus scrapes (a custom
@@ -34,23 +34,32 @@ class NodeCollector:
                 continue
         yield committed
         yield indexed
+        yield from self._index_workers(databases)
         requests = CounterMetricFamily("immucore_requests", "requests served per database and "
                                        "kind (read, write, admin, replica_ack)",
                                        labels=["db", "kind"])
         for (name, kind), count in list(self.node.request_counts.items()):
             requests.add_metric([name, kind], count)
         yield requests
-        lag = GaugeMetricFamily("immudb_replication_lag", "primary committed tx id minus the "
-                                "replica's", labels=["db"])
+        # no sample while unknown (the primary never reached, or a diverged replica): an
+        # alert on the lag must not read a 0 there; seconds_since_last_contact alerts instead
+        lag = GaugeMetricFamily("immudb_replication_lag", "primary committed tx id (as last "
+                                "heard) minus the replica's; absent while unknown",
+                                labels=["db"])
         primary = GaugeMetricFamily("immudb_replication_primary_committed_tx_id",
-                                    "the primary's committed tx id as last seen", labels=["db"])
+                                    "the primary's committed tx id as last heard; absent "
+                                    "until it was", labels=["db"])
         retries = CounterMetricFamily("immudb_replication_replicators_retries",
                                       "replication failures retried", labels=["db"])
         state = GaugeMetricFamily("immucore_replication_state", "1 for the replicator's current "
-                                  "state (following, checking, retrying, discarding, diverged)",
+                                  "state (following, checking, retrying, discarding, diverged, loop)",
                                   labels=["db", "state"])
         lag_seconds = GaugeMetricFamily("immucore_replication_lag_seconds", "0 when caught up, "
-                                        "else seconds since the replica last was", labels=["db"])
+                                        "else seconds since the replica last was (as of the "
+                                        "last contact); absent while unknown", labels=["db"])
+        since_contact = GaugeMetricFamily("immucore_replication_seconds_since_last_contact",
+                                          "seconds since the primary last answered the "
+                                          "replica; absent until it did", labels=["db"])
         since_apply = GaugeMetricFamily("immucore_replication_seconds_since_last_apply",
                                         "seconds since the replica last applied a batch",
                                         labels=["db"])
@@ -75,11 +84,14 @@ class NodeCollector:
             retry_delay.add_metric([name], status["retry_delay_seconds"])
             durations = replicator.apply_seconds
             commit_time.add_metric([name], durations.buckets(), durations.total_seconds)
-            lag.add_metric([name], status["lag_txs"])
-            primary.add_metric([name], status["primary_committed_tx_id"])
+            for family, value in ((lag, status["lag_txs"]),
+                                  (primary, status["primary_committed_tx_id"]),
+                                  (lag_seconds, status["lag_seconds"]),
+                                  (since_contact, status["seconds_since_last_contact"])):
+                if value is not None:
+                    family.add_metric([name], value)
             retries.add_metric([name], status["retries"])
             state.add_metric([name, status["state"]], 1)
-            lag_seconds.add_metric([name], status["lag_seconds"])
             if status["seconds_since_last_apply"] is not None:
                 since_apply.add_metric([name], status["seconds_since_last_apply"])
         yield lag
@@ -87,6 +99,7 @@ class NodeCollector:
         yield retries
         yield state
         yield lag_seconds
+        yield since_contact
         yield since_apply
         yield replicators
         yield active
@@ -109,6 +122,26 @@ class NodeCollector:
         connections = GaugeMetricFamily("immucore_connections", "open connections")
         connections.add_metric([], len(self.node.connections))
         yield connections
+
+
+    @staticmethod
+    def _index_workers(databases: dict):
+        """Per database: its index worker's restarts, and 1 with the error as a label once the
+        worker kept dying and is not restarted (0 and an empty error while it runs)."""
+        restarts = CounterMetricFamily("immucore_index_worker_restarts", "index worker processes "
+                                       "started again after one exited", labels=["db"])
+        failed = GaugeMetricFamily("immucore_index_worker_failed", "1 when the index worker kept "
+                                   "dying and is not restarted (reads fail; the error label holds "
+                                   "its last stderr line)", labels=["db", "error"])
+        for name, database in databases.items():
+            try:
+                status = database.index_status()
+            except Exception:  # noqa: BLE001 - a closing database is skipped, not an error
+                continue
+            restarts.add_metric([name], status["restarts"])
+            failed.add_metric([name, status["error"] or ""], 1 if status["error"] else 0)
+        yield restarts
+        yield failed
 
 
 def start_metrics_server(node, address: str, port: int):

@@ -2,8 +2,10 @@
 defaultdb and user databases — over the framed protocol.
 
 Folder layout under ``--dir``: ``systemdb/``, ``defaultdb/`` and one folder per user database,
-each an immucore database (docs/storage.md). Database settings live in systemdb under
-``0x02 || name`` (JSON, immudb's field names), so they persist and are restored on restart.
+each an immucore database (docs/storage.md), and ``immucore.lock``: the node holds it for its
+life, so a second node on the folder is refused (``store/folder_lock.py``). Database settings
+live in systemdb under ``0x02 || name`` (JSON, immudb's field names), so they persist and are
+restored on restart.
 """
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .. import __version__
-from ..constants import (CONNECTIONS_MAX_DEFAULT, PREAUTH_CONNECTIONS_MAX,
+from ..constants import (CONNECTIONS_MAX_DEFAULT, DATABASES_ACTIVE_MAX_DEFAULT,
+                         FOLDER_LOCK_WAIT_SECONDS, NODE_STOP_ANSWERS_SECONDS_MAX,
+                         PREAUTH_CONNECTIONS_MAX,
                          REPLICATION_SYNC_TIMEOUT_SECONDS, SESSION_INACTIVITY_SECONDS,
                          SESSIONS_MAX_DEFAULT, TOKEN_SESSION_INACTIVITY_SECONDS,
-                         TOKEN_SESSIONS_PER_USER_MAX)
+                         TOKEN_SESSIONS_PER_USER_MAX, REPLICATION_CHAIN_IDS_MAX)
 from ..database import Database, open_database
 from ..durable_file import replace_durably
-from ..errors import DatabaseClosedError, IllegalArgumentsError, ImmucoreError
+from ..errors import (DatabaseClosedError, IllegalArgumentsError, ImmucoreError,
+                      ReplicationLoopError)
+from ..store.folder_lock import FolderLock
 from . import auth, settings as dbsettings
 from ..replication.acks import SyncAcks
 from ..replication.replicator import Replicator
@@ -55,8 +61,16 @@ class DatabaseError(ImmucoreError):
     """A database management request that cannot be done (missing, exists, reserved…)."""
 
 
+class TooManyDatabasesError(DatabaseError):
+    """A create or load past --max-active-databases (wire code ``too_many_databases``)."""
+
+
 class NotPrimaryError(ImmucoreError):
     """A sync write's database was demoted to a replica before enough replicas held it."""
+
+
+class FollowingReplicaError(ImmucoreError):
+    """REPLICATE_TX into a replica that follows a primary with its own replicator."""
 
 
 @dataclass
@@ -69,6 +83,8 @@ class NodeOptions:
     synced: bool = True
     max_sessions: int = SESSIONS_MAX_DEFAULT
     max_connections: int = CONNECTIONS_MAX_DEFAULT
+    # databases loaded at once, systemdb aside (each runs an index worker process)
+    max_active_databases: int = DATABASES_ACTIVE_MAX_DEFAULT
     metrics_server: bool = True
     metrics_server_port: int = 9497
     pidfile: str = ""
@@ -93,9 +109,13 @@ class Node:
     def __init__(self, options: NodeOptions):
         self.options = options
         self.started_at = time.time()
+        self.started_monotonic = time.monotonic()   # uptime: immune to clock steps
         if options.max_connections < 1:
             raise IllegalArgumentsError(
                 f"max connections must be at least 1, not {options.max_connections}")
+        if options.max_active_databases < 1:
+            raise IllegalArgumentsError("--max-active-databases must be at least 1 (defaultdb), "
+                                        f"not {options.max_active_databases}")
         self.connections = set()
         self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
@@ -104,6 +124,22 @@ class Node:
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
+        # One node per data folder, locked before anything in it is read or written: a start
+        # overlapping the old process's stop waits for it, a second node is refused.
+        self.folder_lock = FolderLock(options.dir, "data folder").acquire(
+            FOLDER_LOCK_WAIT_SECONDS, on_wait=log.warning)
+        self.systemdb = None
+        try:
+            self._open_all(options)
+        except BaseException:
+            for database in [*self.databases.values(), self.systemdb]:
+                if database is not None:
+                    database.close()
+            self.folder_lock.release()
+            self.read_pool.shutdown(wait=False)
+            raise
+
+    def _open_all(self, options: NodeOptions):
         self.node_id = _node_id(options.dir)
         self.sync_acks: Dict[str, SyncAcks] = {}
         # Server-level replication (immudb's --replication-is-replica flags): systemdb and
@@ -137,11 +173,14 @@ class Node:
                 if stored["autoload"]:
                     try:
                         self._open(name, stored)
+                    except TooManyDatabasesError as exc:    # it names the database
+                        log.error("%s", exc)
                     except Exception as exc:  # noqa: BLE001 - one bad database must not stop it
                         log.error("database %s not loaded: %s", name, exc)
         self._server = None
         self.loop = None
         self._commit_waiters: Dict[str, list] = {}
+        self._stopping = False          # close() began: long polls no longer wait
         self.replicators: Dict[str, Replicator] = {}
         # requests served per (database, read|write|admin): Prometheus derives the rates
         self.request_counts: Dict[tuple, int] = {}
@@ -161,7 +200,18 @@ class Node:
                 "created_at": record.get("createdAt", "")}
         return out
 
+    def _check_room(self, name: str, doing: str):
+        """Refuse to load one database more than --max-active-databases, before anything of it
+        is written or opened."""
+        loaded, most = len(self.databases), self.options.max_active_databases
+        if loaded >= most:
+            raise TooManyDatabasesError(
+                f"database {name} not {doing}: {loaded} databases are loaded, the most this node "
+                f"keeps active (--max-active-databases {most}, systemdb not counted); unload "
+                "one or start the node with a higher limit")
+
     def _open(self, name: str, s: dict) -> Database:
+        self._check_room(name, "loaded")
         database = open_database(os.path.join(self.options.dir, name), name=name,
                                  replica=bool(s["replica"]), durable=self.options.synced,
                                  header_version=s["write_tx_header_version"],
@@ -187,10 +237,14 @@ class Node:
                 waiter.set_result(None)
 
     async def wait_for_commit(self, name: str, after_tx_id: int, timeout_seconds: float):
-        """Return once ``name`` has a tx after ``after_tx_id``, or the timeout passed."""
+        """Return once ``name`` has a tx after ``after_tx_id``, or the timeout passed; a long
+        poll of a stopping node ends with ``database_closed`` (its replica backs off, instead
+        of asking again at once while the node waits for its answers)."""
         database = self.database(name)
         if database.current_state().tx_id > after_tx_id or timeout_seconds <= 0:
             return
+        if self._stopping:
+            raise DatabaseClosedError("the node is stopping")
         waiter = self.loop.create_future()
         self._commit_waiters.setdefault(name, []).append(waiter)
         if database.current_state().tx_id > after_tx_id:     # a commit raced the registration
@@ -202,6 +256,8 @@ class Node:
             await waiter
         finally:
             timer.cancel()
+        if self._stopping and database.current_state().tx_id <= after_tx_id:
+            raise DatabaseClosedError("the node is stopping")
 
     # --- synchronous replication --------------------------------------------------------------
 
@@ -277,6 +333,8 @@ class Node:
             raise DatabaseError("database already exists")
         s = self._local_primary(dbsettings.merge(None, requested, creating=True))
         dbsettings.validate(name, s)
+        self._check_no_local_loop(name, s)
+        self._check_room(name, "created")
         s["created_by"] = by_user
         s["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self._persist(name, s, by_user)
@@ -294,6 +352,35 @@ class Node:
             s = dict(s, primary_host="127.0.0.1", primary_port=s["primary_port"] or self.options.port)
         return s
 
+    def _is_this_node(self, host: str, port: int) -> bool:
+        """Does ``host:port`` name this node? (loopback, or the address it listens on; a name
+        that resolves elsewhere, or another interface of this machine, is caught at run time.)"""
+        if port != self.options.port:
+            return False
+        if host in ("localhost", self.options.address):
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def _check_no_local_loop(self, name: str, s: dict):
+        """Refuse settings that make ``name`` follow itself through replicas of this node (a
+        loop through other nodes is found at run time: docs/replication.md)."""
+        path, current = [name], s
+        while dbsettings.replicator_required(current) and self._is_this_node(
+                current["primary_host"], current["primary_port"]):
+            followed = current["primary_database"]
+            if followed in path:
+                raise ReplicationLoopError(
+                    f"replication loop: database '{name}' would follow itself "
+                    f"({' -> '.join(path + [followed])}, all on this node "
+                    f"{self.options.address}:{self.options.port})")
+            path.append(followed)
+            current = self.settings.get(followed)
+            if current is None:
+                return
+
     def update_database(self, name: str, requested: dict, by_user: str) -> dict:
         dbsettings.check_database_name(name)
         if name in dbsettings.RESERVED_DATABASES:
@@ -303,12 +390,14 @@ class Node:
             raise DatabaseError(f"database {name} does not exist")
         s = self._local_primary(dbsettings.merge(current, requested, creating=False))
         dbsettings.validate(name, s)
+        self._check_no_local_loop(name, s)
         self._replication_changed(name, stop_first=True)   # as immudb: stop, apply, restart
         self._persist(name, s, by_user)
         self.settings[name] = s
         if name in self.databases:
             self.databases[name].set_replica(bool(s["replica"]))
         self._replication_changed(name)
+        _log_update(name, current, s, by_user)
         acks = self.sync_acks.get(name)
         if acks is not None and self.loop is not None:
             if s["replica"]:
@@ -322,21 +411,31 @@ class Node:
         return s
 
     def load_database(self, name: str):
+        """Load ``name``; a loaded database whose index failed for good (its worker kept dying)
+        gets its index worker started again instead: the way back for defaultdb, which cannot
+        be unloaded."""
+        if name in self.databases and self.databases[name].restart_index():
+            log.info("database %s: index worker started again", name)
+            return
         if name not in self.settings:
             raise DatabaseError(f"database {name} does not exist")
         if name in self.databases:
             raise DatabaseError(f"database {name} is already loaded")
         self._open(name, self.settings[name])
         self._replication_changed(name)
+        log.info("database %s loaded", name)
 
     def unload_database(self, name: str):
         if name in dbsettings.RESERVED_DATABASES:
             raise DatabaseError("database is reserved")
+        if name not in self.settings:
+            raise DatabaseError(f"database {name} does not exist")
         if name not in self.databases:
             raise DatabaseError(f"database {name} is not loaded")
         self._replication_changed(name, stop_first=True)
         self._fail_sync_waiters(name)
         self.databases.pop(name).close()
+        log.info("database %s unloaded", name)
 
     def _fail_sync_waiters(self, name: str):
         acks = self.sync_acks.pop(name, None)
@@ -355,6 +454,7 @@ class Node:
         self.systemdb.delete([SETTINGS_PREFIX + name.encode()])
         del self.settings[name]
         shutil.rmtree(os.path.join(self.options.dir, name), ignore_errors=True)
+        log.info("database %s deleted by %s", name, by_user)
 
     # --- replicators ------------------------------------------------------------------------
 
@@ -380,9 +480,40 @@ class Node:
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
             replicator = Replicator(database, s, tls=self.replication_tls(),
-                                    replica_id=f"{self.node_id}/{name}")
+                                    replica_id=self.database_id(name))
             self.replicators[name] = replicator
             replicator.start()
+
+    def database_id(self, name: str) -> str:
+        """This database among all nodes: the node's id and the name (what replicas ack under)."""
+        return f"{self.node_id}/{name}"
+
+    def replication_role(self, database) -> dict:
+        """What EXPORT_TXS tells a replica about the database it follows: its role, its own
+        primary (a replica with a replicator) and its chain — its id, then the ids of the
+        primaries above it as its replicator last heard them, nearest first."""
+        replicator = self.replicators.get(database.name) if database.is_replica else None
+        chain = [self.database_id(database.name)]
+        if replicator is not None:
+            chain += replicator.upstream_chain[:REPLICATION_CHAIN_IDS_MAX - 1]
+        return {"role": "replica" if database.is_replica else "primary",
+                "primary": replicator.primary if replicator is not None else "",
+                "chain": chain}
+
+    def check_takes_pushes(self, name: str) -> None:
+        """Only a replica without a replicator of its own takes REPLICATE_TX (the external
+        replicator's, ``immuadmin replication push``): one that follows a primary applies
+        that primary's txs alone. A primary is left to the database (``not_replica``)."""
+        if name == "systemdb":
+            s = self.server_replication
+            s = s | {"primary_database": "systemdb"} if s is not None else None
+        else:
+            s = self.settings.get(name)
+        if s is not None and dbsettings.replicator_required(s):
+            raise FollowingReplicaError(
+                f"database {name} follows its primary {s['primary_host']}:{s['primary_port']}/"
+                f"{s['primary_database']} with its own replicator and takes no pushes: only a "
+                "replica without a primary database is fed from outside")
 
     def replication_status(self, name: str) -> Optional[dict]:
         replicator = self.replicators.get(name)
@@ -401,6 +532,7 @@ class Node:
                 "primary": (f"{s['primary_host']}:{s['primary_port']}/{s['primary_database']}"
                             if s["replica"] and s["primary_host"] else ""),
                 "replication": self.replication_status(name),
+                "index": database.index_status() if database else None,
             })
         return out
 
@@ -432,8 +564,8 @@ class Node:
 
     def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
-        caps, or in protected mode (while the sysadmin password is the default, only loopback
-        peers). ``self.connections`` does not hold the new connection yet."""
+        caps, or in protected mode (while any active user has a well-known password, such as
+        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not hold the new connection yet."""
         if len(self.connections) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
@@ -442,13 +574,12 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if not auth.using_default_password(self.users) or _is_loopback(peer):
+        if _is_loopback(peer):
             return None
-        return ("protected_mode",
-                "immucore is in protected mode: the sysadmin password is still the default, so "
-                "only loopback connections are accepted. Change it from this machine "
-                "(immuadmin login immudb, then immuadmin user changepassword immudb); "
-                "--admin-password sets it only when a node creates its data folder")
+        exposed = self.users.users_with_well_known_password()
+        if not exposed:
+            return None
+        return ("protected_mode", protected_mode_message(exposed))
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
@@ -483,8 +614,12 @@ class Node:
             await self._server.wait_closed()
         for name in list(self.replicators):
             await self._restart_replicator(name, start=False)
+        self._stopping = True
         for acks in self.sync_acks.values():       # writes waiting for replicas end now
             acks.fail_all(DatabaseClosedError())
+        for name in list(self._commit_waiters):    # long polls end (database_closed)
+            self._wake(name)
+        await self._answer_in_flight()
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
@@ -493,6 +628,17 @@ class Node:
             database.close()
         self.databases.clear()
         self.systemdb.close()
+        self.folder_lock.release()
+
+    async def _answer_in_flight(self):
+        """Let the requests still being served send their answers (bounded by
+        NODE_STOP_ANSWERS_SECONDS_MAX): closing their connections at once would tell a sync
+        write waiting for acks ``connection closed`` instead of its ``database_closed``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + NODE_STOP_ANSWERS_SECONDS_MAX
+        while any(c.in_flight for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)          # the answers of the last step are written at its end
 
     def banner(self) -> str:
         roles = ", ".join(name + _role(self.settings.get(name, {})) for name in self.databases)
@@ -502,6 +648,25 @@ class Node:
             s = self.server_replication
             text += f"; systemdb and defaultdb replica of {s['primary_host']}:{s['primary_port']}"
         return text
+
+
+def _log_update(name: str, before: dict, after: dict, by_user: str):
+    """One line in the node's log for an update: what changed and, first, a change of role
+    (a promotion or demotion is what an operator looks for after a failover)."""
+    changed = sorted(key for key in after if key not in ("created_by", "created_at")
+                     and after.get(key) != before.get(key))
+    shown = ", ".join(f"{key}={'********' if 'password' in key else after[key]!r}"
+                      for key in changed) or "nothing changed"
+    if bool(before.get("replica")) == bool(after.get("replica")):
+        what = "updated"
+    elif not after.get("replica"):
+        what = "promoted to primary"
+    elif after.get("primary_host"):
+        what = (f"demoted to a replica of {after['primary_host']}:{after.get('primary_port')}/"
+                f"{after.get('primary_database') or name}")
+    else:
+        what = "demoted to a replica (fed from outside)"
+    log.info("database %s %s by %s (%s)", name, what, by_user, shown)
 
 
 def _role(settings: dict) -> str:
@@ -540,6 +705,19 @@ def _server_sync(flags: dict) -> dict:
                                  "sync_acks": flags.get("sync_acks") or 0}
     dbsettings.validate("defaultdb", s)
     return {"sync_replication": True, "sync_acks": s["sync_acks"]}
+
+
+def protected_mode_message(users) -> str:
+    """What a refused peer (and the node's log) reads: who holds a well-known password and how
+    to leave protected mode. The passwords themselves are not repeated."""
+    names = ", ".join(users)
+    how = ("immuadmin login immudb, then immuadmin user changepassword immudb"
+           if auth.SYSADMIN_USERNAME in users else
+           "immuadmin user changepassword USER, or immuadmin user deactivate USER")
+    return (f"immucore is in protected mode: user(s) {names} still have a well-known password "
+            "(a published default such as immudb's or immudb-tools' follower password), so only "
+            f"loopback connections are accepted. Change it from this machine ({how}); "
+            "--admin-password sets the sysadmin's only when a node creates its data folder")
 
 
 def _node_id(folder: str) -> str:

@@ -1,5 +1,5 @@
 """Database settings: what ``immuadmin database create|update`` sends, merged and validated as
-immudb does (../shared/reference/immudb-replication.md §3.3), and stored in systemdb as JSON.
+immudb does (docs/immudb-format.md §12.2), and stored in systemdb as JSON.
 
 The wire/CLI form uses immudb's current names in snake_case (``replica``, ``primary_host`` …);
 the stored JSON keeps immudb's legacy field names (``masterAddress``, ``followerUsername`` …).
@@ -121,6 +121,19 @@ def validate(name: str, s: dict) -> None:
             raise bad("SyncAcks")
         if s["primary_port"] > 65535:
             raise bad("PrimaryPort", "replica")
+        if s["primary_database"] and not DATABASE_NAME.fullmatch(s["primary_database"]):
+            raise IllegalArgumentsError(
+                f"invalid value for replication option PrimaryDatabase on replica database "
+                f"'{name}': {s['primary_database']!r} is not a database name (1 to 128 "
+                "lowercase letters, digits or '_')")
+        if replicator_required(s):
+            missing = [option for option in ("primary_username", "primary_password")
+                       if not s[option]]
+            if missing:
+                raise IllegalArgumentsError(
+                    f"replica database '{name}' follows {s['primary_host']}:{s['primary_port']}/"
+                    f"{s['primary_database']} but has no {' and no '.join(missing)}: the "
+                    "replicator logs in there as a user with admin on that database")
     else:
         for option in ("primary_database", "primary_host", "primary_username",
                        "primary_password"):

@@ -5,7 +5,7 @@ one value per tx in the ``aht`` database: ``u64 tx_id -> leaf hash || parent(lev
 The node at ``level`` covering leaves ``[index * 2**level, (index + 1) * 2**level)`` (0-based) is
 therefore completed by the tx whose id is ``(index + 1) * 2**level`` and sits at offset
 ``level * 32`` of its value. Inclusion proofs are RFC 6962 audit paths; consistency proofs
-follow immudb's variant (../shared/reference/immudb-format.md §2.10).
+follow immudb's variant (docs/immudb-format.md §10.2).
 """
 from __future__ import annotations
 

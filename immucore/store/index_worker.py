@@ -8,6 +8,8 @@ thread (``indexer.index_step``) with its own GIL; the node only reads the index.
 
 The two ends talk over the worker's stdin and stdout:
 
+The node starts a worker with ``sys.executable`` on the very package it runs (_WORKER_BOOTSTRAP).
+
 * node -> worker, 9-byte commands (one byte, then a u64; one write each, so commands from
   several threads never interleave): ``p <tx>`` tx committed (after every commit; when the
   pipe is full it is dropped, and the latest tx id is sent again after the worker's next step),
@@ -24,13 +26,20 @@ environments are the node's (LMDB is multi-process); a map one side grows is
 adopted by the other (``LmdbEnv.adopt_grown_map``). When the node dies its stdin ends and it
 exits after its step; a step writes only if the stored position is still where it began, so a
 worker outliving a killed node cannot corrupt the index a new node opens. A worker that exits
-is restarted with backoff, its last error kept for readers that time out.
+is restarted with backoff, its last error kept for readers that time out; one that exits more
+than INDEX_WORKER_RESTARTS_MAX times within INDEX_WORKER_RESTART_WINDOW_SECONDS is not: the
+index is ``failed`` (with the worker's last stderr line), and reads fail at once until
+``restart`` (the node's ``database load``) or a new node. The worker's stderr goes to the
+node's log, a line at a time.
 """
 from __future__ import annotations
 
+import collections
+import faulthandler
 import logging
 import os
 import select
+import selectors
 import signal
 import struct
 import subprocess
@@ -39,8 +48,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ..constants import INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX, INDEX_THREAD_NICE
-from ..errors import IndexTimeoutError
+from ..constants import (INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX, INDEX_THREAD_NICE,
+                         INDEX_WORKER_RESTART_WINDOW_SECONDS, INDEX_WORKER_RESTARTS_MAX)
+from ..errors import IndexFailedError, IndexTimeoutError
 from .indexer import (IndexMovedError, index_step, prepare_index, read_indexed_tx_id,
                       rewind_index, wait_indexed_locked)
 
@@ -49,8 +59,18 @@ _U64 = struct.Struct(">Q")
 _RETRY_SECONDS_MAX = 5.0
 _PAUSE_WAIT_SECONDS = 60.0          # a step is bounded (INDEX_BATCH_ENTRIES_MAX); this is ample
 _STOP_WAIT_SECONDS = 30.0
-_STABLE_SECONDS = 5.0               # a worker up this long before exiting was not crash-looping
+_STDERR_LINE_CHARS_MAX = 1000       # of a worker's last stderr line kept for its error state
+# The folder holding the immucore package this node runs (site-packages, or a source tree).
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# How a worker starts: ``python -m`` (or ``-c``) puts the current directory first on sys.path,
+# so a node started from a source checkout (no built extension there) or from any folder that
+# holds an ``immucore`` package would run its workers on that other package, which dies or
+# indexes differently. The bootstrap replaces that first entry with _PACKAGE_ROOT (argv[1]):
+# the worker imports exactly the package the node runs, whatever the current directory.
+# (With PYTHONSAFEPATH set there is no such entry: the root is only put first.)
+_WORKER_BOOTSTRAP = ("import sys; root = sys.argv.pop(1); "
+                     "sys.path[0:0 if getattr(sys.flags, 'safe_path', False) else 1] = [root]; "
+                     "from immucore.store.index_worker import main; main()")
 
 
 class WorkerIndexer:
@@ -71,15 +91,46 @@ class WorkerIndexer:
         self._paused_answer = 0     # the last pause number a worker answered
         self.version = 0
         self.last_error: Optional[str] = None
+        # set when the worker kept dying and is not restarted: why, for readers, the database
+        # list and /metrics (None: the index is running)
+        self.failed: Optional[str] = None
+        self.restarts = 0           # workers started again after one exited (for /metrics)
+        self._exits = collections.deque()   # when workers exited, within the restart window
+        self._stderr_line = ""      # the current worker's last line on stderr
         self.indexed_tx_id = prepare_index(index_env, committed_tx_id(), name)
         self._process: Optional[subprocess.Popen] = None
         self._started_at = 0.0
         self._poke_dropped = False  # a commit's poke was lost (full pipe, dead worker): re-sent
         self._send_lock = threading.Lock()
         self._start_worker()
-        self._reader = threading.Thread(target=self._follow, name=f"immucore-indexer-{name}",
+        self._start_reader()
+
+    def _start_reader(self):
+        self._reader = threading.Thread(target=self._follow, name=f"immucore-indexer-{self._name}",
                                         daemon=True)
         self._reader.start()
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        """The running worker's process id (None when the index failed or is closed)."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def restart(self) -> bool:
+        """Start a failed index's worker again, its restart count for the window cleared (the
+        operator's ``database load`` of a loaded database). False if it had not failed."""
+        with self._cond:
+            if self.failed is None or self._stopping:
+                return False
+        self._reader.join()                 # it ended when the index failed
+        with self._cond:
+            self._exits.clear()
+            self._start_worker()            # (raises OSError: the index stays failed)
+            self.failed = None
+            self.last_error = None
+        log.info("index worker of %s started again", self._name)
+        self._start_reader()
+        return True
 
     # --- the interface readers and the writer use ----------------------------------------
 
@@ -95,6 +146,10 @@ class WorkerIndexer:
         with self._cond:
             wait_indexed_locked(self, tx_id, deadline, timeout_seconds)
 
+    def _check_running_locked(self):
+        if self.failed is not None:
+            raise IndexFailedError(self.failed)
+
     def pause_and_rewind(self, tx_id: int):
         """Pause the worker (its step under way finishes first), then forget the keys of every
         indexed tx after ``tx_id`` here. ``resume`` restarts indexing (call it whatever
@@ -106,6 +161,7 @@ class WorkerIndexer:
         deadline = time.monotonic() + _PAUSE_WAIT_SECONDS
         with self._cond:
             while self._paused_answer != number:
+                self._check_running_locked()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
                     raise IndexTimeoutError(f"index worker of {self._name} did not pause")
@@ -139,15 +195,12 @@ class WorkerIndexer:
     # --- the worker process ---------------------------------------------------------------
 
     def _start_worker(self):
-        command = [sys.executable, "-m", "immucore.store.index_worker", self._path, self._name,
-                   "1" if self._durable else "0", str(self._pause),
-                   str(self._committed_tx_id()), str(self._map_size_bytes)]
-        env = dict(os.environ)
-        # the worker imports this very package, wherever the node found it
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT,
-                                                          env.get("PYTHONPATH"))))
+        command = [sys.executable, "-c", _WORKER_BOOTSTRAP, _PACKAGE_ROOT,
+                   os.path.abspath(self._path), self._name, "1" if self._durable else "0",
+                   str(self._pause), str(self._committed_tx_id()), str(self._map_size_bytes)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   close_fds=True, env=env)
+                                   stderr=subprocess.PIPE, close_fds=True)
+        self._stderr_line = ""
         os.set_blocking(process.stdin.fileno(), False)
         self._process = process
         self._started_at = time.monotonic()
@@ -182,14 +235,12 @@ class WorkerIndexer:
             time.sleep(0.001)
 
     def _follow(self):
-        """Read the worker's lines; restart it when it exits, unless closing."""
-        failures = 0
+        """Read the worker's lines; restart it when it exits, unless closing or it keeps dying
+        (then the index fails)."""
         while True:
             process = self._process
-            for raw in process.stdout:
-                self._on_line(raw.decode("utf-8", "replace").rstrip("\n"))
+            self._read_until_exit(process)
             code = process.wait()
-            _close_quietly(process.stdout)
             # a worker killed inside a read transaction leaves its LMDB reader slot behind:
             # pages freed after that snapshot would never be reused
             for env in (self._env, self._log_env):
@@ -200,22 +251,70 @@ class WorkerIndexer:
             with self._cond:
                 if self._stopping:
                     return
-                if time.monotonic() - self._started_at > _STABLE_SECONDS:
-                    failures = 0        # it ran well for a while: not a crash loop
-                failures += 1
-                self.last_error = f"index worker of {self._name} exited with code {code}"
+                now = time.monotonic()
+                self._exits.append(now)
+                while now - self._exits[0] > INDEX_WORKER_RESTART_WINDOW_SECONDS:
+                    self._exits.popleft()
+                said = (f"its last stderr line: {self._stderr_line}" if self._stderr_line
+                        else "it wrote nothing on stderr")
+                self.last_error = f"index worker of {self._name} {_exit_text(code)}; {said}"
+                if len(self._exits) > INDEX_WORKER_RESTARTS_MAX:
+                    self._fail_locked(
+                        f"index worker of {self._name} exited {len(self._exits)} times within "
+                        f"{INDEX_WORKER_RESTART_WINDOW_SECONDS:g}s and is not restarted (at "
+                        f"most {INDEX_WORKER_RESTARTS_MAX}); the last {_exit_text(code)}, {said}")
+                    return
                 log.error("%s; restarting it", self.last_error)
-                deadline = time.monotonic() + min(0.05 * 2 ** failures, _RETRY_SECONDS_MAX)
+                deadline = now + min(0.05 * 2 ** len(self._exits), _RETRY_SECONDS_MAX)
                 while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
                     self._cond.wait(remaining)
                 if self._stopping:
                     return
                 try:
                     self._start_worker()      # paused, answering the pause, if one is under way
+                    self.restarts += 1
                 except OSError as exc:
-                    self.last_error = f"cannot start the index worker of {self._name}: {exc}"
-                    log.error("%s", self.last_error)
+                    self._fail_locked(f"cannot start the index worker of {self._name}: {exc}")
                     return
+
+    def _fail_locked(self, why: str):
+        """The index stops for good: readers waiting now and later fail at once with ``why``."""
+        self.failed = self.last_error = why
+        log.error("%s; reads of %s fail until it is loaded again (immuadmin database unload "
+                  "and load, or database load for defaultdb) or the node restarts",
+                  why, self._name)
+        self._cond.notify_all()
+
+    def _read_until_exit(self, process):
+        """Until the worker's stdout and stderr both end: each stdout line is a report
+        (_on_line), each stderr line goes to the log and the last one is kept. One thread
+        reads both, so a chatty stderr can never fill its pipe and stall the worker."""
+        pending = {process.stdout.fileno(): b"", process.stderr.fileno(): b""}
+        with selectors.DefaultSelector() as selector:
+            for fd in pending:
+                selector.register(fd, selectors.EVENT_READ)
+            while pending:
+                for key, _ in selector.select():
+                    data = os.read(key.fd, 65536)
+                    lines = (pending[key.fd] + data).split(b"\n")
+                    if data:
+                        pending[key.fd] = lines.pop()
+                    else:                       # its end: the last line may lack its newline
+                        selector.unregister(key.fd)
+                        del pending[key.fd]
+                    for raw in lines:
+                        if key.fd == process.stdout.fileno():
+                            if raw:
+                                self._on_line(raw.decode("utf-8", "replace"))
+                        else:
+                            self._on_stderr_line(raw.decode("utf-8", "replace").rstrip())
+        _close_quietly(process.stdout)
+        _close_quietly(process.stderr)
+
+    def _on_stderr_line(self, line: str):
+        if line.strip():
+            log.warning("index worker of %s: %s", self._name, line)
+            self._stderr_line = line.strip()[:_STDERR_LINE_CHARS_MAX]
 
     def _on_line(self, line: str):
         kind, _, rest = line.partition(" ")
@@ -239,6 +338,17 @@ class WorkerIndexer:
             with self._cond:
                 self._paused_answer = int(rest)
                 self._cond.notify_all()
+
+
+def _exit_text(code: int) -> str:
+    """``exited with code 1``, or ``was killed by SIGSEGV (code -11)``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name} (code {code})"
 
 
 def _close_quietly(stream):
@@ -360,11 +470,20 @@ def work(path: str, name: str, durable: bool, pause: int, committed: int,
     return 0
 
 
-if __name__ == "__main__":
+def main():
+    """The worker process's entry (see _WORKER_BOOTSTRAP): ``<path> <name> <durable> <pause>
+    <committed> <map size>``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                                                    "%(message)s")
+    # a crash in native code (LMDB, the Cython core) leaves its Python stack on stderr, which
+    # the node logs and keeps for the database's error state
+    faulthandler.enable()
     try:
         sys.exit(work(sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]),
                       int(sys.argv[5]), int(sys.argv[6])))
     except BrokenPipeError:          # the node is gone
         sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from .. import codec
 from ..constants import (INDEX_BATCH_ENTRIES_MAX, INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX,
                          INDEX_THREAD_NICE)
-from ..errors import DatabaseClosedError, IndexTimeoutError
+from ..errors import DatabaseClosedError, IndexFailedError, IndexTimeoutError
 
 log = logging.getLogger("immucore.indexer")
 _U64 = struct.Struct(">Q")
@@ -34,6 +34,11 @@ _REWIND_CHUNK_TXS = 1000                 # txs whose keys one discard step forge
 
 
 class Indexer:
+    # the worker's (WorkerIndexer) view of its process; a thread neither fails for good nor has one
+    failed: Optional[str] = None
+    restarts = 0
+    worker_pid: Optional[int] = None
+
     def __init__(self, index_env, log_env, *, committed_tx_id: Callable[[], int], name: str):
         self._env = index_env
         self._log_env = log_env
@@ -73,6 +78,9 @@ class Indexer:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
+
+    def restart(self) -> bool:
+        return False            # a thread retries for ever: it never fails for good
 
     def _run(self):
         failures = 0
@@ -144,10 +152,13 @@ class Indexer:
 
 def wait_indexed_locked(indexer, tx_id: int, deadline: float, timeout_seconds: float):
     """Wait, holding ``indexer._cond``, until ``indexer`` (a thread's or a worker's) has
-    indexed ``tx_id``; IndexTimeoutError with its last error at ``deadline``."""
+    indexed ``tx_id``; IndexTimeoutError with its last error at ``deadline``, IndexFailedError
+    at once when the indexer stopped for good."""
     while indexer.indexed_tx_id < tx_id:
         if indexer._stopping:
             raise DatabaseClosedError()
+        if indexer.failed is not None:
+            raise IndexFailedError(indexer.failed)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             detail = f" (last error: {indexer.last_error})" if indexer.last_error else ""
