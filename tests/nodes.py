@@ -139,3 +139,18 @@ def child_pids(pid: int) -> list:
             except (OSError, IndexError, ValueError):
                 continue                  # a process that ended meanwhile
     return children
+
+
+def index_worker_pid(node, database: str) -> int:
+    """The pid of the index worker process of ``database`` on a node of this module (its
+    command line names the module and the database's folder)."""
+    folder = os.path.abspath(os.path.join(node.dir, database)).encode()
+    for pid in child_pids(node.process.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue                      # ended meanwhile
+        if any(b"immucore.store.index_worker" in arg for arg in argv) and folder in argv:
+            return pid
+    raise AssertionError(f"no index worker of {database}")

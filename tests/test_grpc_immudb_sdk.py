@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import signal
+import threading
 import time
 
 import grpc
@@ -20,7 +23,7 @@ from immudb.grpc import schema_pb2
 from immucore import Client
 from immucore.constants import GRPC_REQUEST_BYTES_MAX, IMMUDB_COMPATIBLE_VERSION
 
-from .nodes import HOST, free_port, port_accepts, running_node
+from .nodes import HOST, free_port, index_worker_pid, port_accepts, running_node
 
 READER_PASSWORD = "Reader1!pwd"
 
@@ -209,6 +212,44 @@ def test_a_read_user_is_refused_what_the_native_protocol_refuses(node):
         grpc.StatusCode.PERMISSION_DENIED,
         "Logged in user does not have permission on this database")
     assert [d.name for d in reader.databaseListV2().databases] == ["defaultdb"]
+
+
+def test_reads_that_waited_across_a_change_of_their_user_answer_the_error(tmp_path):
+    """A reader's Get, History, Scan and VerifiableGet over gRPC wait for the key index (its
+    worker stopped with SIGSTOP); the reader is deactivated meanwhile. Each then fails: the
+    permission is checked again after the wait, as on the native port, never the data."""
+    with grpc_node(tmp_path) as real, Client(real.host, real.port) as admin:
+        admin.login("immudb", "immudb")
+        admin.create_user("waiter", READER_PASSWORD, "read", "defaultdb")
+        admin.set({b"k": b"before"})
+        worker = index_worker_pid(real, "defaultdb")
+        os.kill(worker, signal.SIGSTOP)
+        results = {}
+        try:
+            admin.set({b"k": b"after the change"})            # not indexed while stopped
+            reads = {"get": lambda c: c.get(b"k"),
+                     "history": lambda c: c.history(b"k", 0, 10, False),
+                     "scan": lambda c: c.scan(b"", b"k", False, 10),
+                     "verifiedGet": lambda c: c.verifiedGet(b"k")}
+
+            def read(kind):
+                try:
+                    results[kind] = reads[kind](sdk(real, "waiter", READER_PASSWORD))
+                except Exception as exc:  # noqa: BLE001 - asserted below
+                    results[kind] = exc
+
+            threads = [threading.Thread(target=read, args=(kind,)) for kind in reads]
+            for thread in threads:
+                thread.start()
+            time.sleep(1.5)
+            assert all(t.is_alive() for t in threads), results       # waiting for the index
+            admin.set_user_active("waiter", False)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for thread in threads:
+            thread.join(20)
+        for kind in reads:
+            assert isinstance(results.get(kind), grpc.RpcError), (kind, results.get(kind))
 
 
 def test_create_and_list_databases_v2(node):

@@ -34,7 +34,7 @@ from immucore.errors import IllegalArgumentsError, InvalidRevisionError, KeyNotF
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
 
-from .nodes import child_pids, running_node
+from .nodes import child_pids, index_worker_pid, running_node
 
 ADMIN = ("immudb", "immudb")
 READER = ("reader", "Reader1!pw")
@@ -561,16 +561,6 @@ def test_revoked_permission_takes_effect_at_once(node, good):
     assert good.get(b"by-revokee").value == b"1"
 
 
-def _index_worker_of(node, database: str) -> int:
-    """The pid of the index worker process of ``database`` on a tests/nodes.py node."""
-    for pid in child_pids(node.process.pid):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        if b"immucore.store.index_worker" in argv and argv[4] == database.encode():
-            return pid
-    raise AssertionError(f"no index worker of {database}")
-
-
 def test_reads_that_waited_for_the_index_across_a_change_of_their_user_answer_the_error(
         tmp_path):
     """GET, HISTORY, SCAN and VERIFIABLE_GET of a reader wait for the key index (its worker
@@ -582,7 +572,7 @@ def test_reads_that_waited_for_the_index_across_a_change_of_their_user_answer_th
         admin.create_user(*READER, "read", "orders")
         admin.use_database("orders")
         admin.set({b"k": b"before"})
-        worker = _index_worker_of(real, "orders")
+        worker = index_worker_pid(real, "orders")
         os.kill(worker, signal.SIGSTOP)
         try:
             admin.set({b"k": b"after the change"})            # not indexed while stopped

@@ -52,11 +52,8 @@ class NotSupportedError(ImmucoreError):
 
 
 class ProtectedModeError(ImmucoreError):
-    def __init__(self):
-        super().__init__(
-            "immucore is in protected mode: the sysadmin password is still the default, so only "
-            "loopback connections are accepted. Change it from this machine (immuadmin login "
-            "immudb, then immuadmin user changepassword immudb)")
+    """A non-loopback call while a user still holds a well-known password (the native port's
+    rule and text: server/node.py ``protected_mode_message``)."""
 
 
 def grpc_status(exc: BaseException) -> tuple:

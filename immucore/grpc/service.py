@@ -16,8 +16,9 @@ import functools
 from ..constants import (GRPC_TOKENS_MAX, GRPC_TOKENS_PER_USER_MAX, IMMUDB_COMPATIBLE_VERSION,
                          TOKEN_SESSION_INACTIVITY_SECONDS)
 from ..server import auth
-from ..server.handlers import Dispatcher
-from ..server.node import DatabaseError, _folder_size, _is_loopback
+from ..server.handlers import Dispatcher, _Permit
+from ..server.node import (DatabaseError, _folder_size, _is_loopback,
+                           protected_mode_message)
 from . import convert, schema
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
@@ -47,6 +48,10 @@ class _Checks(Dispatcher):
 
     def _manager(self, conn):
         return conn.manager
+
+    def _permit(self, conn, action: str, name: str, started=None) -> _Permit:
+        return _Permit(conn, conn.session, conn.manager, lambda user: user.can(name, action),
+                       "permission denied")
 
     def _authorize(self, conn, action: str, database: str = None):
         if database is None and self._manager(conn).touch(conn.session)[0] is None:
@@ -91,13 +96,14 @@ class ImmuService:
     # --- helpers ------------------------------------------------------------------------------
 
     def _check_peer(self, context):
-        """Protected mode, as for native connections: while the sysadmin password is the
-        default, only loopback peers are served."""
+        """Protected mode, as for native connections: while any active user holds a well-known
+        password, only loopback peers are served."""
         peer = _peer_address(context.peer() or "")
         if peer is not None and _is_loopback(peer):
             return
-        if auth.using_default_password(self.node.users):
-            raise ProtectedModeError()
+        exposed = self.node.users.users_with_well_known_password()
+        if exposed:
+            raise ProtectedModeError(protected_mode_message(exposed))
 
     def _call(self, context) -> GrpcCall:
         """The call's credentials: a session id (``sessionid``) or a token (``authorization``)."""
@@ -118,14 +124,16 @@ class ImmuService:
             raise (SessionNotFoundError() if call.by_session_id else NotLoggedInError()) from None
 
     def _db(self, context, action: str):
+        """The call's database, and its permit: what the call may do, checked again after each
+        of its waits (a revoked permission never outlives the change, as on the native port)."""
         call = self._call(context)
         self._session(call)            # an unknown token or session id: immudb's text for it
-        return self.checks._db(call, action)
+        return self.checks._db_permit(call, action)
 
     async def _read(self, fn, *args, **kwargs):
         return await self.checks._read(fn, *args, **kwargs)
 
-    async def _set(self, db, request) -> tuple:
+    async def _set(self, db, permit, request) -> tuple:
         """A SetRequest's tx, durable (and on a sync primary replicated) when it returns."""
         if len(request.preconditions):
             raise NotSupportedError("preconditions are not supported by immucore (docs/grpc.md)")
@@ -138,8 +146,21 @@ class ImmuService:
                     metadata[kv.key] = md
         headers = await self.checks._committed(
             db.set_async(kvs, metadata=metadata or None, block=False))
-        await self.node.replicated(db.name, headers[0][0])
+        await self._replicated(db, permit, headers[0][0])
         return headers[0]
+
+    async def _replicated(self, db, permit, tx_id: int):
+        """A write answered once replicated: a sync write waits for acks, and is answered
+        only if the caller may still write after that wait."""
+        if not self.node.replicated_at_once(db.name, tx_id):
+            await self.node.replicated(db.name, tx_id)
+            permit.check()
+
+    async def _proof(self, permit, fn, *args, **kwargs):
+        """A proof built on a read thread, answered only if the permit still holds."""
+        result = await self._read(fn, *args, **kwargs)
+        permit.check()
+        return result
 
     def _signed_target(self, db, vtx) -> dict:
         return self.checks._signed_target(db, vtx)
@@ -227,35 +248,36 @@ class ImmuService:
 
     @_served
     async def CurrentState(self, request, context):
-        state = self._db(context, "read").current_state()
+        db, _ = self._db(context, "read")
+        state = db.current_state()
         return convert.state(self.node.signed_state(state))
 
     # --- keys -----------------------------------------------------------------------------------
 
     @_served
     async def Set(self, request, context):
-        db = self._db(context, "write")
-        return convert.header(await self._set(db, request))
+        db, permit = self._db(context, "write")
+        return convert.header(await self._set(db, permit, request))
 
     @_served
     async def Get(self, request, context):
-        db = self._db(context, "read")
+        db, permit = self._db(context, "read")
         entry = await self.checks._index_read(
-            db, max(request.atTx, request.sinceTx), db.get, request.key, at_tx=request.atTx,
+            db, permit, max(request.atTx, request.sinceTx), db.get, request.key, at_tx=request.atTx,
             since_tx=request.sinceTx, at_revision=request.atRevision)
         return convert.entry(entry)
 
     @_served
     async def Delete(self, request, context):
-        db = self._db(context, "write")
+        db, permit = self._db(context, "write")
         headers = await self.checks._committed(db.delete_async(list(request.keys), block=False))
-        await self.node.replicated(db.name, headers[0][0])
+        await self._replicated(db, permit, headers[0][0])
         return convert.header(headers[0])
 
     @_served
     async def History(self, request, context):
-        db = self._db(context, "read")
-        found = await self.checks._index_read(db, request.sinceTx, db.history, request.key,
+        db, permit = self._db(context, "read")
+        found = await self.checks._index_read(db, permit, request.sinceTx, db.history, request.key,
                                               offset=request.offset, limit=request.limit,
                                               desc=request.desc)
         return convert.entries(found)
@@ -264,12 +286,12 @@ class ImmuService:
     async def Scan(self, request, context):
         """immudb's bounds: seekKey and endKey are left out unless inclusiveSeek/inclusiveEnd
         (the embedded scan includes both), and ``offset`` entries are skipped first."""
-        db = self._db(context, "read")
+        db, permit = self._db(context, "read")
         wanted = request.limit
         # the entries dropped for an exclusive bound or the offset are read too
         extra = request.offset + (1 if request.seekKey else 0) + (1 if request.endKey else 0)
         found = await self.checks._index_read(
-            db, request.sinceTx, db.scan, prefix=request.prefix, seek_key=request.seekKey,
+            db, permit, request.sinceTx, db.scan, prefix=request.prefix, seek_key=request.seekKey,
             end_key=request.endKey, desc=request.desc,
             limit=wanted + extra if wanted else 0, since_tx=request.sinceTx)
         if request.seekKey and not request.inclusiveSeek:
@@ -283,22 +305,22 @@ class ImmuService:
 
     @_served
     async def TxById(self, request, context):
-        db = self._db(context, "read")
-        return convert.tx(await self._read(db.tx_by_id, request.tx))
+        db, permit = self._db(context, "read")
+        return convert.tx(await self._proof(permit, db.tx_by_id, request.tx))
 
     @_served
     async def VerifiableSet(self, request, context):
-        db = self._db(context, "write")
-        header = await self._set(db, request.setRequest)
-        vtx = await self._read(db.verifiable_tx_by_id, header[0],
+        db, permit = self._db(context, "write")
+        header = await self._set(db, permit, request.setRequest)
+        vtx = await self._proof(permit, db.verifiable_tx_by_id, header[0],
                                prove_since_tx=request.proveSinceTx)
         return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
 
     @_served
     async def VerifiableGet(self, request, context):
-        db = self._db(context, "read")
+        db, permit = self._db(context, "read")
         key_request = request.keyRequest
-        ventry = await self._read(db.verifiable_get, key_request.key,
+        ventry = await self._proof(permit, db.verifiable_get, key_request.key,
                                   prove_since_tx=request.proveSinceTx, at_tx=key_request.atTx,
                                   since_tx=key_request.sinceTx,
                                   at_revision=key_request.atRevision)
@@ -306,8 +328,8 @@ class ImmuService:
 
     @_served
     async def VerifiableTxById(self, request, context):
-        db = self._db(context, "read")
-        vtx = await self._read(db.verifiable_tx_by_id, request.tx,
+        db, permit = self._db(context, "read")
+        vtx = await self._proof(permit, db.verifiable_tx_by_id, request.tx,
                                prove_since_tx=request.proveSinceTx)
         return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
 
