@@ -187,3 +187,23 @@ GRPC_CONCURRENT_RPCS_MAX = 4096
 GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
+
+# --- hot backup and hot restore (docs/backup.md) --------------------------------------------------
+# A record's checksum is the tx's Alh: a SHA-256 digest, never any other length. A record whose
+# checksum length differs is refused before anything is read into memory.
+BACKUP_CHECKSUM_BYTES = 32
+# A record's content is the tx's export blob behind its u64 length (what immudb's ExportTx stream
+# carries): never longer than the longest blob a database accepts, so a forged length can not make
+# the reader allocate more than one real tx would need.
+BACKUP_CONTENT_BYTES_MAX = 8 + TX_EXPORT_BLOB_BYTES_MAX
+# hot-restore applies the file in batches of up to this many txs (one REPLICATE_TX, one LMDB
+# transaction, all or nothing): a kill -9 leaves the target at the end of a verified batch.
+BACKUP_RESTORE_BATCH_TXS = 1000
+# ...and of at most this many bytes, so a batch's request stays well inside one frame (a batch
+# holds at least one tx: a bigger one goes alone, and still fits a frame, TX_EXPORT_BLOB_BYTES_MAX).
+BACKUP_RESTORE_BATCH_BYTES_MAX = FRAME_BODY_BYTES_MAX // 2
+# The file is read and written through buffers of this size (fewer system calls per tx).
+BACKUP_FILE_BUFFER_BYTES = 1 << 20
+_check(BACKUP_RESTORE_BATCH_TXS <= REPLICATE_BATCH_TXS_MAX
+       and BACKUP_RESTORE_BATCH_BYTES_MAX <= REPLICATE_BATCH_BYTES_MAX,
+       "a restore batch is one the replicate path takes")

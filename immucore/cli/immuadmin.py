@@ -1,5 +1,6 @@
 """``immuadmin``: administer an immucore node with immudb's command shapes — login, databases
-(create/update with every replication flag, list, load, unload, delete) and users.
+(create/update with every replication flag, list, load, unload, delete), users, and hot-backup /
+hot-restore (cli/backup.py).
 
     immuadmin login immudb
     immuadmin database create --replication-enabled=true --replication-follower-username=immudb \\
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .backup import add_backup_commands
 from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login,
                      cmd_logout, cmd_status, common_parent, new_password, print_table,
                      read_secrets, run, size_text, time_text)
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--database", default=None, help="replica database (default: session's)")
     sub.add_argument("--follow", action="store_true",
                      help="keep copying new commits as they happen (Ctrl-C to stop)")
+    add_backup_commands(command, commands)
     return parser
 
 
