@@ -278,15 +278,19 @@ async def _restore_start(reader: BackupReader, state, args) -> list:
 
 
 async def _apply(client: AsyncClient, reader: BackupReader, records: list, progress: bool):
-    """Apply the file in batches; the next batch is read and checked while one is applied."""
+    """Apply the file in batches; the next batch is read and checked while one is applied.
+    ``records``: already read, applied first."""
     bar = Progress() if progress else None
     first_tx = last_tx = 0
     pending = None
     with _Interrupt() as interrupt:
         try:
             while not interrupt.stopped:
-                records += reader.batch(BACKUP_RESTORE_BATCH_TXS - len(records),
-                                        BACKUP_RESTORE_BATCH_BYTES_MAX)
+                # read in a thread: the loop meanwhile sends the batch before and takes its
+                # answer, and a stdin that waits for its writer blocks nothing else
+                records += await asyncio.to_thread(reader.batch,
+                                                   BACKUP_RESTORE_BATCH_TXS - len(records),
+                                                   BACKUP_RESTORE_BATCH_BYTES_MAX)
                 if pending is not None:
                     last_tx = await pending
                     pending = None
@@ -296,7 +300,6 @@ async def _apply(client: AsyncClient, reader: BackupReader, records: list, progr
                     break
                 first_tx = first_tx or records[0][0]
                 pending = asyncio.ensure_future(_apply_batch(client, records))
-                await asyncio.sleep(0)          # the request leaves before the next read
                 records = []
         finally:
             if pending is not None:
