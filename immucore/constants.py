@@ -202,6 +202,9 @@ BACKUP_RESTORE_BATCH_TXS = 1000
 # ...and of at most this many bytes, so a batch's request stays well inside one frame (a batch
 # holds at least one tx: a bigger one goes alone, and still fits a frame, TX_EXPORT_BLOB_BYTES_MAX).
 BACKUP_RESTORE_BATCH_BYTES_MAX = FRAME_BODY_BYTES_MAX // 2
+# Batches sent before the first is answered: the node verifies the next while it fsyncs one
+# (its writer's pipeline), in the order sent; each is still verified whole before it is applied.
+BACKUP_RESTORE_BATCHES_IN_FLIGHT = 2
 # The file is read and written through buffers of this size (fewer system calls per tx).
 BACKUP_FILE_BUFFER_BYTES = 1 << 20
 _check(BACKUP_RESTORE_BATCH_TXS <= REPLICATE_BATCH_TXS_MAX

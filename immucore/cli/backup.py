@@ -17,6 +17,7 @@ back to its own database afterwards.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -25,8 +26,9 @@ import sys
 from ..backup import BackupReader, BackupWriter, verify_records
 from ..client import AsyncClient, ConnectionClosedError
 from ..constants import (BACKUP_FILE_BUFFER_BYTES, BACKUP_RESTORE_BATCH_BYTES_MAX,
-                         BACKUP_RESTORE_BATCH_TXS)
+                         BACKUP_RESTORE_BATCH_TXS, BACKUP_RESTORE_BATCHES_IN_FLIGHT)
 from ..errors import CorruptedDataError, ImmucoreError
+from ..protocol.messages import Msg
 from .common import SESSION_GONE_CODES, CliError, Session, connect_failure
 from .push import Progress
 
@@ -278,32 +280,44 @@ async def _restore_start(reader: BackupReader, state, args) -> list:
 
 
 async def _apply(client: AsyncClient, reader: BackupReader, records: list, progress: bool):
-    """Apply the file in batches; the next batch is read and checked while one is applied.
-    ``records``: already read, applied first."""
+    """Apply the file in batches, up to BACKUP_RESTORE_BATCHES_IN_FLIGHT sent at once: the next
+    batch is read and checked (in a thread) while those before are verified and applied by the
+    node, one after the other in the order sent. ``records``: already read, applied first."""
     bar = Progress() if progress else None
     first_tx = last_tx = 0
-    pending = None
+    in_flight: collections.deque = collections.deque()
+
+    async def settle(keep: int):
+        nonlocal last_tx
+        while len(in_flight) > keep:
+            last_tx = await in_flight.popleft()
+            if bar:
+                bar.show(last_tx - first_tx + 1, last_tx - first_tx + 1)
+
     with _Interrupt() as interrupt:
         try:
             while not interrupt.stopped:
-                # read in a thread: the loop meanwhile sends the batch before and takes its
-                # answer, and a stdin that waits for its writer blocks nothing else
+                # a stdin waiting for its writer blocks no answer meanwhile
                 records += await asyncio.to_thread(reader.batch,
                                                    BACKUP_RESTORE_BATCH_TXS - len(records),
                                                    BACKUP_RESTORE_BATCH_BYTES_MAX)
-                if pending is not None:
-                    last_tx = await pending
-                    pending = None
-                    if bar:
-                        bar.show(last_tx - first_tx + 1, last_tx - first_tx + 1)
                 if not records or interrupt.stopped:
                     break
                 first_tx = first_tx or records[0][0]
-                pending = asyncio.ensure_future(_apply_batch(client, records))
+                await settle(BACKUP_RESTORE_BATCHES_IN_FLIGHT - 1)
+                in_flight.append(asyncio.ensure_future(_apply_batch(client, records)))
                 records = []
         finally:
-            if pending is not None:
-                last_tx = await pending
+            # what was sent is awaited (each batch stands or falls whole, in order): the
+            # database then holds exactly the txs reported, even after an error
+            error = None
+            while in_flight:
+                try:
+                    await settle(0)
+                except (ImmucoreError, CliError) as exc:
+                    error = error or exc
+            if error is not None:
+                raise error
         if interrupt.stopped:
             print("Terminated by signal", file=sys.stderr)
     if bar and last_tx:
@@ -317,9 +331,12 @@ async def _apply(client: AsyncClient, reader: BackupReader, records: list, progr
 
 
 async def _apply_batch(client: AsyncClient, records: list) -> int:
+    """One REPLICATE_TX (its answer's headers are not decoded: the node verified every tx, and
+    refuses the batch whole if the last one does not hash to the file's checksum)."""
     last_tx, last_alh, _ = records[-1]
     try:
-        await client.replicate_txs([blob for _, _, blob in records], last_alh=last_alh)
+        await client.call(Msg.REPLICATE_TX, {"blobs": [blob for _, _, blob in records],
+                                             "last_alh": last_alh})
     except CorruptedDataError as exc:
         if "Alh its primary announced" not in str(exc):
             raise
