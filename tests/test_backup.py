@@ -449,3 +449,47 @@ def test_the_reader_refuses_any_damage_with_its_own_error(small_file, data):
         if result != good[:len(result)]:
             with pytest.raises(BackupFileError):
                 verify_records(BackupReader(io.BytesIO(damaged)))
+
+
+# --- progress and Ctrl-C -------------------------------------------------------------------------
+
+def test_progress_bar_and_ctrl_c_as_in_immudb(node, admin, backup, tmp_path):
+    path, data, records = backup
+    out = tmp_path / "progress.bak"
+    done = admin.run("hot-backup", "defaultdb", "-o", str(out), "--progress-bar")
+    assert done.returncode == 0 and out.read_bytes() == data
+    assert f"{TXS:,}/{TXS:,} txs" in done.text_err and done.text_err.endswith("Done\n")
+    name = new_name()
+    done = admin.run("hot-restore", name, "-i", str(path), "--progress-bar")
+    assert done.returncode == 0 and f"{TXS:,}/{TXS:,} txs" in done.text_err
+
+    # Ctrl-C while the restore waits for more of its stdin: it stops between batches, says so,
+    # reports what it restored, and the database holds exactly that
+    name = new_name("interrupted")
+    restore = subprocess.Popen(admin.argv("hot-restore", name), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=admin.env)
+    try:
+        restore.stdin.write(file_of(records[:BACKUP_RESTORE_BATCH_TXS + 10]))
+        restore.stdin.flush()
+        deadline = time.monotonic() + CLI_SECONDS_MAX
+        while time.monotonic() < deadline:
+            try:
+                if state_of(node, name).tx_id >= BACKUP_RESTORE_BATCH_TXS:
+                    break
+            except Exception:                       # noqa: BLE001 - not created yet
+                pass
+            time.sleep(0.05)
+        restore.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        restore.stdin.close()
+        restore.wait(CLI_SECONDS_MAX)
+        stdout, stderr = restore.stdout.read(), restore.stderr.read()
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+    assert (restore.returncode, stdout.decode(), stderr.decode()) == (
+        0, f"Restored transactions from 1 to {BACKUP_RESTORE_BATCH_TXS}\n",
+        "Terminated by signal\n")
+    assert state_of(node, name).tx_hash == records[BACKUP_RESTORE_BATCH_TXS - 1][1]
+    with client_of(node, name) as client:          # promoted, as when it ends on its own
+        assert client.database_settings(name)["settings"]["replica"] is False

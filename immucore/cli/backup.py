@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 
-from ..backup import BackupReader, BackupWriter, verify_records
+from ..backup import BackupFileError, BackupReader, BackupWriter, verify_records
 from ..client import AsyncClient, ConnectionClosedError
 from ..constants import (BACKUP_FILE_BUFFER_BYTES, BACKUP_RESTORE_BATCH_BYTES_MAX,
                          BACKUP_RESTORE_BATCH_TXS, BACKUP_RESTORE_BATCHES_IN_FLIGHT)
@@ -298,9 +298,14 @@ async def _apply(client: AsyncClient, reader: BackupReader, records: list, progr
         try:
             while not interrupt.stopped:
                 # a stdin waiting for its writer blocks no answer meanwhile
-                records += await asyncio.to_thread(reader.batch,
-                                                   BACKUP_RESTORE_BATCH_TXS - len(records),
-                                                   BACKUP_RESTORE_BATCH_BYTES_MAX)
+                try:
+                    records += await asyncio.to_thread(reader.batch,
+                                                       BACKUP_RESTORE_BATCH_TXS - len(records),
+                                                       BACKUP_RESTORE_BATCH_BYTES_MAX)
+                except BackupFileError:
+                    if interrupt.stopped:       # a writer stopped with us: not the file's fault
+                        break
+                    raise
                 if not records or interrupt.stopped:
                     break
                 first_tx = first_tx or records[0][0]
