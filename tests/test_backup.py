@@ -493,3 +493,23 @@ def test_progress_bar_and_ctrl_c_as_in_immudb(node, admin, backup, tmp_path):
     assert state_of(node, name).tx_hash == records[BACKUP_RESTORE_BATCH_TXS - 1][1]
     with client_of(node, name) as client:          # promoted, as when it ends on its own
         assert client.database_settings(name)["settings"]["replica"] is False
+
+
+# --- the layout, field by field ------------------------------------------------------------------
+
+def test_a_record_is_laid_out_as_immudbs_hot_backup_writes_it(backup):
+    """immudb's offsets: prefix 0, version 10, tx id 14, checksum size 22, content size 26,
+    then the checksum and the content (the ExportTx stream's bytes: u64 length, blob)."""
+    _, data, records = backup
+    tx_id, alh, blob = records[0]
+    record = data[:HEAD_BYTES + 32 + 8 + len(blob)]
+    assert HEAD_BYTES == 30
+    assert record[0:10] == b"IMMUBACKUP"
+    assert struct.unpack(">I", record[10:14])[0] == 1
+    assert struct.unpack(">Q", record[14:22])[0] == tx_id == 1
+    assert struct.unpack(">I", record[22:26])[0] == 32
+    assert struct.unpack(">I", record[26:30])[0] == 8 + len(blob)
+    assert record[30:62] == alh
+    assert struct.unpack(">Q", record[62:70])[0] == len(blob) and record[70:] == blob
+    assert record == encode_record(tx_id, alh, blob)
+    assert verify_records(BackupReader(io.BytesIO(data))) == (1, TXS)
