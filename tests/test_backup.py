@@ -183,6 +183,14 @@ def test_backup_flags_and_append_as_in_immudb(node, admin, backup, tmp_path):
     done = admin.run("hot-backup", "defaultdb", "-o", str(part), "--append")
     assert (done.returncode, done.text_err) == (0, "All backed up, nothing to do\n")
 
+    # a file cut inside its last record (a backup killed midway): refused, naming where
+    cut = tmp_path / "cut.bak"
+    cut.write_bytes(file_of(records[:100]) + encode_record(*records[100])[:50])
+    at = _record_offset(records, 100)
+    assert admin.fails("hot-backup", "defaultdb", "-o", str(cut), "--append") == \
+        f"truncated backup file {cut}: the record at byte {at} ends after 50 of its " \
+        f"{len(encode_record(*records[100]))} bytes"
+
     done = admin.run("hot-backup", "defaultdb", "--start-tx", str(TXS))
     assert done.text_err == f"Backing up transaction {TXS}\nDone\n"
     assert done.stdout == file_of(records[-1:])

@@ -94,9 +94,13 @@ class _Interrupt:
 
 async def _alh_in_database(client: AsyncClient, tx_id: int) -> bytes:
     """The database's Alh of tx ``tx_id`` (the export of one tx carries it)."""
-    async for chunk in client.export_stream(tx_id, 1):
-        if chunk["blobs"]:
-            return chunk["last_alh"]
+    stream = client.export_stream(tx_id, 1)
+    try:
+        async for chunk in stream:
+            if chunk["blobs"]:
+                return chunk["last_alh"]
+    finally:
+        await stream.aclose()
     raise ImmucoreError(f"tx {tx_id} not found")
 
 
@@ -127,6 +131,10 @@ async def _hot_backup(args):
             out = open(args.output, "xb", buffering=BACKUP_FILE_BUFFER_BYTES)
         try:
             await _stream_backup(client, out, start, prev_alh, args.progress_bar)
+        except OSError as exc:        # a full disk, a closed pipe: named, not a traceback
+            where = "stdout" if out is sys.stdout.buffer else args.output
+            raise CliError(f"cannot write the backup to {where}: {exc.strerror or exc}") \
+                from None
         finally:
             if out is not sys.stdout.buffer:
                 out.close()
