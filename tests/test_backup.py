@@ -29,7 +29,6 @@ ADMIN_PASSWORD = "immudb"
 CLI_SECONDS_MAX = 60
 TXS = 2 * BACKUP_RESTORE_BATCH_TXS + 500      # three restore batches, three export chunks
 MIDDLE = BACKUP_RESTORE_BATCH_TXS + 500        # a tx inside the second batch
-_RECORD = struct.Struct(">10sIQII")
 
 
 def _build_defaultdb(base_dir, txs: int):
@@ -433,7 +432,8 @@ def _read_all(data: bytes):
         return exc
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_the_reader_refuses_any_damage_with_its_own_error(small_file, data):
     good = list(BackupReader(io.BytesIO(small_file)))
