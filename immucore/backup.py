@@ -65,16 +65,20 @@ class BackupWriter:
         """Write one record per blob; returns the last tx id written."""
         if not blobs:
             return self.last_tx_id
-        write, pack = self.file.write, _WRITE_HEAD.pack
+        pack, unpack_from = _WRITE_HEAD.pack, _U64.unpack_from
         if self._prev_alh is not None and blob_prev_alh(blobs[0]) != self._prev_alh:
             raise BackupFileError(f"the node exported tx {blob_tx_id(blobs[0])} with a prevAlh "
                                   f"that is not the Alh of tx {self.last_tx_id}")
-        count = len(blobs)
-        for i, blob in enumerate(blobs):
-            alh = blob_prev_alh(blobs[i + 1]) if i + 1 < count else last_alh
-            write(pack(MAGIC, FORMAT_VERSION, _U64.unpack_from(blob, 4)[0],
-                       BACKUP_CHECKSUM_BYTES, 8 + len(blob), alh, len(blob)))
-            write(blob)
+        # each tx's Alh is the next blob's prevAlh, the last one's the chunk's last_alh
+        alhs = [blob[_BLOB_PREV_ALH_AT:_BLOB_PREV_ALH_AT + 32] for blob in blobs[1:]]
+        alhs.append(last_alh)
+        pieces = []
+        for blob, alh in zip(blobs, alhs):
+            size = len(blob)
+            pieces.append(pack(MAGIC, FORMAT_VERSION, unpack_from(blob, _BLOB_TX_ID_AT)[0],
+                               BACKUP_CHECKSUM_BYTES, 8 + size, alh, size))
+            pieces.append(blob)             # the blob itself, not a copy
+        self.file.writelines(pieces)
         self.last_tx_id = blob_tx_id(blobs[-1])
         self._prev_alh = last_alh
         return self.last_tx_id
