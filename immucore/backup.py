@@ -18,8 +18,8 @@ import struct
 from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 from . import codec
-from .constants import (BACKUP_CHECKSUM_BYTES, BACKUP_CONTENT_BYTES_MAX, KEY_SIZE_BYTES_MAX,
-                        TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX)
+from .constants import (BACKUP_CHECKSUM_BYTES, BACKUP_CONTENT_BYTES_MAX, BACKUP_FILE_BUFFER_BYTES,
+                        KEY_SIZE_BYTES_MAX, TX_ENTRIES_MAX, VALUE_SIZE_BYTES_MAX)
 from .errors import ImmucoreError
 
 MAGIC = b"IMMUBACKUP"
@@ -99,18 +99,28 @@ class BackupReader:
         self.last_tx_id = 0                # of the last record returned
         self.last_alh: Optional[bytes] = None
         self._held: Optional[Record] = None     # read by a batch it did not fit
+        self._buf, self._pos = b"", 0           # read ahead of the next record
+        self._read = getattr(file, "read1", file.read)
 
     def _bad(self, at: int, what: str) -> BackupFileError:
         return BackupFileError(f"malformed {self.name}: {what} (record at byte {at})")
 
-    def _read_exactly(self, size: int, at: int, total: int) -> bytes:
-        data = self.file.read(size)
-        if len(data) != size:
-            raise BackupFileError(
-                f"truncated {self.name}: the record at byte {at} ends after "
-                f"{self.offset - at + len(data)} of its {total} bytes")
-        self.offset += size
-        return data
+    def _available(self, need: int) -> int:
+        """Make ``need`` unread bytes available in the buffer, reading (one read at a time:
+        a pipe is not waited on for more than it has) until they are or the input ends;
+        returns how many are available. ``need`` was bounded by the caller."""
+        have = len(self._buf) - self._pos
+        if have >= need:
+            return have
+        parts = [self._buf[self._pos:]]        # joined once: a big tx is not copied per read
+        while have < need:
+            more = self._read(max(BACKUP_FILE_BUFFER_BYTES, need - have))
+            if not more:
+                break
+            parts.append(more)
+            have += len(more)
+        self._buf, self._pos = b"".join(parts), 0
+        return have
 
     def next_record(self) -> Optional[Record]:
         """The next record, or None at the end of the file (between records)."""
@@ -118,14 +128,14 @@ class BackupReader:
             record, self._held = self._held, None
             return record
         at = self.offset
-        head = self.file.read(HEAD_BYTES)
-        if not head:
+        have = self._available(HEAD_BYTES)
+        if have == 0:
             return None
-        if len(head) != HEAD_BYTES:
+        if have < HEAD_BYTES:
             raise BackupFileError(f"truncated {self.name}: the record at byte {at} ends after "
-                                  f"{len(head)} bytes, inside its {HEAD_BYTES}-byte header")
-        self.offset += HEAD_BYTES
-        magic, version, tx_id, checksum_len, content_len = _HEAD.unpack(head)
+                                  f"{have} bytes, inside its {HEAD_BYTES}-byte header")
+        buf, pos = self._buf, self._pos
+        magic, version, tx_id, checksum_len, content_len = _HEAD.unpack_from(buf, pos)
         if magic != MAGIC:
             raise self._bad(at, f"does not start with {MAGIC.decode()!r}")
         if version != FORMAT_VERSION:
@@ -140,14 +150,21 @@ class BackupReader:
         if content_len < 8 + _BLOB_BYTES_MIN:
             raise self._bad(at, f"tx {tx_id}'s content of {content_len} bytes is too short "
                                 "for an exported tx")
-        total = HEAD_BYTES + checksum_len + content_len
-        body = self._read_exactly(checksum_len + content_len, at, total)
-        alh = body[:checksum_len]
-        blob_len = _U64.unpack_from(body, checksum_len)[0]
+        total = HEAD_BYTES + checksum_len + content_len          # bounded just above
+        have = self._available(total)
+        if have < total:
+            raise BackupFileError(f"truncated {self.name}: the record at byte {at} ends after "
+                                  f"{have} of its {total} bytes")
+        buf, pos = self._buf, self._pos
+        body = pos + HEAD_BYTES
+        blob_len = _U64.unpack_from(buf, body + checksum_len)[0]
         if blob_len != content_len - 8:
             raise self._bad(at, f"tx {tx_id}'s content says its tx is {blob_len} bytes, the "
                                 f"record holds {content_len - 8}")
-        blob = body[checksum_len + 8:]
+        alh = buf[body:body + checksum_len]
+        blob = buf[body + checksum_len + 8:pos + total]
+        self._pos = pos + total
+        self.offset += total
         if blob_tx_id(blob) != tx_id:
             raise self._bad(at, f"the record of tx {tx_id} holds tx {blob_tx_id(blob)}")
         if self.last_tx_id:
