@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import operator
 import os
-import struct
 import time
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_UNKNOWN,
-                        INDEX_KEY_UNFOLDED_BYTES_MAX,
+from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_KEY_UNFOLDED_BYTES_MAX,
                         INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
                         REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
@@ -29,23 +27,19 @@ from .store.aht import AhtReader, peaks_for
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
 from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
+from .store import layout
+from .store.layout import LOG_FORMAT as _FORMAT, SETTINGS_KEY as _SETTINGS_KEY
+from .store.layout import STORED_KEY_PREFIX as _KV_PREFIX
 from .store.indexer import Indexer
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
                     TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
 
-_U64 = struct.Struct(">Q")
-_U64_MAX = (1 << 64) - 1
-_U16 = struct.Struct(">H")
-_LOCATION = struct.Struct(">QHI")     # an index row's value: tx id, entry index, entry offset
-_LOCATION_NO_OFFSET = struct.Struct(">QH")   # a row of the older format
+_U64 = layout.U64
 _EMPTY_ALH = codec.sha256(b"")
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
-_KV_PREFIX = b"\x00"
 # A folded index key keeps this many bytes of the stored key; the rest of it is a hash.
 _INDEX_KEY_KEPT_BYTES = INDEX_KEY_UNFOLDED_BYTES_MAX
-_SETTINGS_KEY = b"settings"
-_FORMAT = "immucore-1"
 
 KVs = Union[dict, Iterable]
 Metadata = Union[None, KVMetadata, dict]
@@ -574,7 +568,7 @@ class Database:
                 location = cursor.value()
             elif at_tx:
                 # versions are sorted by (tx id, entry index); find the last one at or before at_tx
-                if cursor.set_range_dup(index_key, _U64.pack(min(at_tx + 1, _U64_MAX))):
+                if cursor.set_range_dup(index_key, layout.index_rows_from(at_tx + 1)):
                     if not cursor.prev_dup():
                         raise KeyNotFoundError()
                 else:
@@ -586,7 +580,7 @@ class Database:
             else:
                 cursor.last_dup()
                 location, revision = cursor.value(), count
-        entry_index = _U16.unpack_from(location, 8)[0]
+        entry_index = layout.parse_index_row(location)[1]
         return self._entry_at(stored, location, revision, include_deleted=False), entry_index
 
     def get_many(self, keys: Iterable[bytes]) -> List[Union[Entry, Exception]]:
@@ -630,13 +624,10 @@ class Database:
             return exc
         revision = cursor.count()
         cursor.last_dup()
-        location = cursor.value()
-        if len(location) == _LOCATION.size:
-            return (key, stored, *_LOCATION.unpack(location), revision)
-        if len(location) == _LOCATION_NO_OFFSET.size:   # found by walking the record
-            return (key, stored, *_LOCATION_NO_OFFSET.unpack(location),
-                    INDEX_ENTRY_OFFSET_UNKNOWN, revision)
-        return CorruptedDataError(f"data is corrupted: an index row of {len(location)} bytes")
+        try:
+            return (key, stored, *layout.parse_index_row(cursor.value()), revision)
+        except CorruptedDataError as exc:
+            return exc
 
     def _row_at(self, txn, tx_db, where: tuple, now: float):
         """The entry ``_locate`` found, as a row, or the error its get raises (returned)."""
@@ -670,11 +661,7 @@ class Database:
         """The version ``location`` points at; its key must be ``stored_key`` (or, when only the
         index key is known, a scan's, fold to ``index_key``): a corrupt row never returns
         another key's entry."""
-        if len(location) == _LOCATION.size:
-            tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
-        else:                 # a row without its offset: found by walking the record
-            tx_id, entry_index = _LOCATION_NO_OFFSET.unpack(location)
-            entry_offset = INDEX_ENTRY_OFFSET_UNKNOWN
+        tx_id, entry_index, entry_offset = layout.parse_index_row(location)
         # the entry is cut out without a copy; the writer's state is replaced by every commit
         with self._log.read(buffers=True, version=self._writer.state) as txn:
             key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -31,12 +30,10 @@ from ..constants import (COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, COMMIT_PI
 from ..errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                       ImmucoreError,
                       ReadOnlyReplicaError, ReplicaDivergedError)
+from .layout import DISCARD_FLOOR_KEY, pack_tx_id, tx_key, unpack_tx_id
 
 log = logging.getLogger("immucore.writer")
-_U64 = struct.Struct(">Q")
 _SET, _REPLICATE, _ROLE, _TRUNCATE, _STOP = "set", "replicate", "role", "truncate", "stop"
-# log meta key: the highest tx a replica's primary acknowledged to its clients (never discarded)
-FLOOR_KEY = b"discard_floor"
 
 
 class WriterBusyError(ImmucoreError):
@@ -115,8 +112,7 @@ class Writer:
         self._aht_db = log_env.dbs["aht"]
         self._meta_db = log_env.dbs["meta"]
         with log_env.read() as txn:
-            raw = txn.get(FLOOR_KEY, db=self._meta_db)
-        self.floor_tx_id = _U64.unpack(raw)[0] if raw else 0
+            self.floor_tx_id = unpack_tx_id(txn.get(DISCARD_FLOOR_KEY, db=self._meta_db))
         self.state = state                 # committed: what readers see
         self._sealed_state = state         # sealer's tip: committed + batches in the pipeline
         self._sealer_generation = 0
@@ -333,9 +329,7 @@ class Writer:
         committed, tip = self.state.tx_id, self._sealed_state.tx_id
         start, present = 0, []
         for blob in blobs:
-            if len(blob) < 12:
-                raise IllegalArgumentsError("export blob too short")
-            tx_id = _U64.unpack_from(blob, 4)[0]
+            tx_id = codec.blob_tx_id(blob)
             if tx_id == 0 or tx_id > tip:
                 break
             if tx_id > committed:
@@ -395,7 +389,8 @@ class Writer:
         tip = self.state.tx_id
         try:
             if tip > self.floor_tx_id:
-                self._env.write(lambda txn: txn.put(FLOOR_KEY, _U64.pack(tip), db=self._meta_db))
+                self._env.write(lambda txn: txn.put(DISCARD_FLOOR_KEY, pack_tx_id(tip),
+                                                            db=self._meta_db))
                 self.floor_tx_id = tip
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             request.fail(exc)
@@ -414,7 +409,7 @@ class Writer:
             for db in (self._tx_db, self._aht_db):
                 cursor = txn.cursor(db)
                 doomed = ([key for key, _ in cursor]
-                          if cursor.set_range(_U64.pack(after_tx_id + 1)) else [])
+                          if cursor.set_range(tx_key(after_tx_id + 1)) else [])
                 for key in doomed:
                     txn.delete(key, db=db)
 
@@ -430,8 +425,8 @@ class Writer:
         """Write the items' sealed txs in one LMDB transaction, then settle their requests."""
         sealed = [tx for item in items for tx in item.sealed]
         if sealed:
-            tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
-            aht_rows = [(_U64.pack(header[0]), nodes) for header, _, _, nodes in sealed]
+            tx_rows = [(tx_key(header[0]), record) for header, _, record, _ in sealed]
+            aht_rows = [(tx_key(header[0]), nodes) for header, _, _, nodes in sealed]
 
             floor = max((r.floor for item in items for r in item.requests), default=0)
             floor = floor if floor > self.floor_tx_id else 0
@@ -442,7 +437,7 @@ class Writer:
                 if added != 2 * len(sealed):   # append=True refuses out-of-order ids
                     raise RuntimeError(f"log append wrote {added} of {2 * len(sealed)} rows")
                 if floor:
-                    txn.put(FLOOR_KEY, _U64.pack(floor), db=self._meta_db)
+                    txn.put(DISCARD_FLOOR_KEY, pack_tx_id(floor), db=self._meta_db)
 
             try:
                 self._env.write(write)
