@@ -23,7 +23,7 @@ from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsEr
                      IndexFailedError, InvalidRevisionError, KeyNotFoundError, NotReplicaError,
                      ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
-from .store.aht import AhtReader, peaks_for
+from .store.aht import AhtReader
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
 from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
@@ -31,12 +31,12 @@ from .store import layout
 from .store.layout import LOG_FORMAT as _FORMAT, SETTINGS_KEY as _SETTINGS_KEY
 from .store.layout import STORED_KEY_PREFIX as _KV_PREFIX
 from .store.indexer import Indexer
+from .store.log import EMPTY_ALH as _EMPTY_ALH, ExportRange, TxLog
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
                     TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
 
 _U64 = layout.U64
-_EMPTY_ALH = codec.sha256(b"")
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 # A folded index key keeps this many bytes of the stored key; the rest of it is a hash.
 _INDEX_KEY_KEPT_BYTES = INDEX_KEY_UNFOLDED_BYTES_MAX
@@ -94,12 +94,13 @@ class Database:
             self._index_env = LmdbEnv(os.path.join(self.path, "index"), INDEX_DBS,
                                       durable=durable, map_size_bytes=map_size_bytes,
                                       metasync=False)
+            self._txs = TxLog(self._log, lambda: self._writer.state)
             self._settings = self._load_settings(replica, header_version)
-            state = self._load_chain_state()
+            state = self._txs.load_chain_state()
             # The writer starts idle: nothing is submitted before the indexer below exists.
             self._writer = Writer(self._log, state,
                                   header_version=self._settings["header_version"],
-                                  limits=self._limits, read_alh=self._alh_of,
+                                  limits=self._limits, read_alh=self._txs.alh,
                                   on_commit=self._on_commit, name=self.name,
                                   read_only=self._settings["replica"])
             if index_worker:
@@ -156,26 +157,6 @@ class Database:
             encoded = json.dumps(settings, sort_keys=True).encode()
             self._log.write(lambda txn: txn.put(_SETTINGS_KEY, encoded, db=self._log.dbs["meta"]))
         return settings
-
-    def _load_chain_state(self) -> ChainState:
-        """Read the last tx and the AHT peaks; check the log's tail is whole and consistent."""
-        with self._log.read() as txn:
-            cursor = txn.cursor(self._log.dbs["tx"])
-            if not cursor.last():
-                return ChainState(0, _EMPTY_ALH, [])
-            tx_id = _U64.unpack(cursor.key())[0]
-            record = cursor.value()
-            header, alh, _ = codec.decode_record(record)
-            if header[0] != tx_id or codec.alh(header[0], header[1],
-                                               codec.inner_hash(*header)) != alh:
-                raise CorruptedDataError(f"data is corrupted: ALH mismatch at tx {tx_id}")
-            reader = AhtReader(txn, self._log.dbs["aht"])
-            if txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"]) is None:
-                raise CorruptedDataError(f"data is corrupted: AHT has no leaf for tx {tx_id}")
-            peaks = peaks_for(reader, tx_id)
-            if header[7] and codec.aht_root(peaks_for(reader, header[7])) != header[8]:
-                raise CorruptedDataError(f"data is corrupted: blRoot mismatch at tx {tx_id}")
-            return ChainState(tx_id, alh, peaks)
 
     # --- properties -----------------------------------------------------------------------
 
@@ -278,23 +259,16 @@ class Database:
                    size_bytes_max: int = REPLICATE_BATCH_BYTES_MAX) -> List[bytes]:
         """Export blobs of up to ``count`` consecutive committed txs from ``first_tx_id``,
         stopping before their total passes ``size_bytes_max`` (at least one blob is returned)."""
+        return self.export_range(first_tx_id, count, size_bytes_max).blobs
+
+    def export_range(self, first_tx_id: int, count: int,
+                     size_bytes_max: int = REPLICATE_BATCH_BYTES_MAX) -> ExportRange:
+        """``export_txs`` with the last blob's Alh and the last committed tx id, all three
+        from one snapshot of the log (what a primary answers a replica's EXPORT_TXS with)."""
         self._check_open()
         if not isinstance(first_tx_id, int) or first_tx_id < 1 or count < 0:
             raise IllegalArgumentsError("first_tx_id must be positive and count not negative")
-        last = min(self._writer.state.tx_id, first_tx_id + count - 1)
-        blobs, size = [], 0
-        with self._log.read(buffers=True) as txn:
-            cursor = txn.cursor(self._log.dbs["tx"])
-            if first_tx_id <= last and cursor.set_key(_U64.pack(first_tx_id)):
-                for key, record in cursor:
-                    if _U64.unpack(key)[0] > last:
-                        break
-                    blob = codec.record_export_blob(record)
-                    if blobs and size + len(blob) > size_bytes_max:
-                        break
-                    blobs.append(blob)
-                    size += len(blob)
-        return blobs
+        return self._txs.export_range(first_tx_id, count, size_bytes_max)
 
     def replicate_tx(self, blob: bytes) -> TxHeader:
         return self.replicate_txs([blob])[0]
@@ -354,7 +328,7 @@ class Database:
         if tx_id < self._writer.state.tx_id:
             try:          # a failed pause or rewind must not leave indexing paused either
                 self._indexer.pause_and_rewind(tx_id)
-                self._writer.truncate(tx_id, self._load_chain_state).result()
+                self._writer.truncate(tx_id, self._txs.load_chain_state).result()
             finally:
                 self._indexer.resume()
         return self.current_state()
@@ -363,7 +337,7 @@ class Database:
         """The Alh of committed tx ``tx_id``."""
         if not 0 < tx_id <= self._writer.state.tx_id:
             raise TxNotFoundError(f"tx {tx_id} not found")
-        return self._alh_of(tx_id)
+        return self._txs.alh(tx_id)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -501,14 +475,14 @@ class Database:
             consistency = (aht.consistency_proof(source.bl_tx_id, target.bl_tx_id)
                            if source.bl_tx_id > 0 else [])
             if target.bl_tx_id > 0:
-                target_bl_tx_alh = self._alh_in(txn, target.bl_tx_id)
+                target_bl_tx_alh = self._txs.alh_in(txn, target.bl_tx_id)
                 last_inclusion = aht.inclusion_proof(target.bl_tx_id, target.bl_tx_id)
             else:
                 target_bl_tx_alh, last_inclusion = _ZERO_DIGEST, []
             linear_from = max(source.id, target.bl_tx_id)
-            terms = [self._alh_in(txn, linear_from)]
+            terms = [self._txs.alh_in(txn, linear_from)]
             for tx_id in range(linear_from + 1, target.id + 1):
-                header = codec.decode_record(self._record_in(txn, tx_id))[0]
+                header = codec.decode_record(self._txs.record_in(txn, tx_id))[0]
                 terms.append(codec.inner_hash(*header))
         return DualProof(source, target, tuple(inclusion), tuple(consistency), target_bl_tx_alh,
                          tuple(last_inclusion), LinearProof(linear_from, target.id, tuple(terms)))
@@ -525,7 +499,7 @@ class Database:
         while next_id <= last:
             count = min(batch_txs, last - next_id + 1)
             with self._log.read() as txn:
-                records = [self._record_in(txn, tx_id) for tx_id in range(next_id, next_id + count)]
+                records = [self._txs.record_in(txn, tx_id) for tx_id in range(next_id, next_id + count)]
                 stored_nodes = [txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"])
                                 for tx_id in range(next_id, next_id + count)]
             try:
@@ -664,7 +638,7 @@ class Database:
         tx_id, entry_index, entry_offset = layout.parse_index_row(location)
         # the entry is cut out without a copy; the writer's state is replaced by every commit
         with self._log.read(buffers=True, version=self._writer.state) as txn:
-            key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),
+            key, md_raw, value, _ = codec.record_entry_at(self._txs.record_in(txn, tx_id),
                                                           entry_index, entry_offset)
         if (stored_key is not None and key != stored_key) or (
                 index_key is not None and codec.index_key(key) != index_key):
@@ -681,24 +655,7 @@ class Database:
         self._check_open()
         if not isinstance(tx_id, int) or tx_id < 1:
             raise IllegalArgumentsError("tx id must be a positive integer")
-        with self._log.read() as txn:
-            record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
-        if record is None:
-            raise TxNotFoundError()
-        return record
-
-    def _record_in(self, txn, tx_id: int):
-        record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
-        if record is None:
-            raise TxNotFoundError()
-        return record
-
-    def _alh_in(self, txn, tx_id: int) -> bytes:
-        return bytes(self._record_in(txn, tx_id)[-DIGEST_SIZE:])
-
-    def _alh_of(self, tx_id: int) -> bytes:
-        with self._log.read(buffers=True) as txn:
-            return self._alh_in(txn, tx_id)
+        return self._txs.record(tx_id)
 
     def index_covers(self, since_tx: int = 0) -> bool:
         """Whether a read with ``since_tx`` would run without waiting for the index."""
