@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import operator
 import os
-import time
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_KEY_UNFOLDED_BYTES_MAX,
+from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT,
                         INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
                         REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
                         TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     IndexFailedError, InvalidRevisionError, KeyNotFoundError, NotReplicaError,
+                     IndexFailedError, NotReplicaError,
                      ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
 from .store.aht import AhtReader
@@ -29,8 +28,8 @@ from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
 from .store import layout
 from .store.layout import LOG_FORMAT as _FORMAT, SETTINGS_KEY as _SETTINGS_KEY
-from .store.layout import STORED_KEY_PREFIX as _KV_PREFIX
 from .store.indexer import Indexer
+from .store.keys import KeyIndex
 from .store.log import EMPTY_ALH as _EMPTY_ALH, ExportRange, TxLog
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
@@ -38,8 +37,6 @@ from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, S
 
 _U64 = layout.U64
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
-# A folded index key keeps this many bytes of the stored key; the rest of it is a hash.
-_INDEX_KEY_KEPT_BYTES = INDEX_KEY_UNFOLDED_BYTES_MAX
 
 KVs = Union[dict, Iterable]
 Metadata = Union[None, KVMetadata, dict]
@@ -111,6 +108,7 @@ class Database:
             else:
                 self._indexer = Indexer(self._index_env, self._log, name=self.name,
                                         committed_tx_id=lambda: self._writer.state.tx_id)
+            self._keys = KeyIndex(self._index_env, self._txs, lambda: self._indexer.version)
         except BaseException:
             self._release()     # no thread left running, no environment left open
             raise
@@ -367,31 +365,7 @@ class Database:
             raise IllegalArgumentsError("offset and limit must not be negative")
         limit = self._result_limit(limit)
         self._wait_index(0)
-        stored = _KV_PREFIX + key
-        chosen = []
-        with self._index_env.read() as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            if not cursor.set_key(codec.index_key(stored)):
-                raise KeyNotFoundError()
-            count = cursor.count()
-            if offset >= count:
-                return []
-            # walk only offset + limit versions, from the oldest or the newest end
-            if desc:
-                cursor.last_dup()
-                step, revision = cursor.prev_dup, count
-            else:
-                step, revision = cursor.next_dup, 1
-            for _ in range(offset):
-                step()
-                revision += -1 if desc else 1
-            while len(chosen) < limit:
-                chosen.append((revision, bytes(cursor.value())))
-                if not step():
-                    break
-                revision += -1 if desc else 1
-        return [self._entry_at(stored, location, revision, include_deleted=True)
-                for revision, location in chosen]
+        return self._keys.history(key, offset, limit, desc)
 
     def scan(self, *, prefix: bytes = b"", seek_key: bytes = b"", end_key: bytes = b"",
              desc: bool = False, limit: int = 0, since_tx: int = 0) -> List[Entry]:
@@ -408,32 +382,7 @@ class Database:
             raise IllegalArgumentsError("limit must not be negative")
         limit = self._result_limit(limit)
         self._wait_index(since_tx)
-        stored_prefix = _KV_PREFIX + prefix
-        # Folded index keys hold only the first bytes of their key: a longer prefix is walked by
-        # those bytes, and each key found is then matched whole.
-        index_prefix = stored_prefix[:_INDEX_KEY_KEPT_BYTES]
-        match_whole_key = len(stored_prefix) > _INDEX_KEY_KEPT_BYTES
-        seek = codec.index_key(_KV_PREFIX + seek_key) if seek_key else None
-        end = codec.index_key(_KV_PREFIX + end_key) if end_key else None
-        results: List[Entry] = []
-        with self._index_env.read() as itxn:
-            keys_db = self._index_env.dbs["keys"]
-            walk = _keys_desc if desc else _keys_asc
-            versions = itxn.cursor(keys_db)
-            for index_key in walk(itxn.cursor(keys_db), index_prefix, seek, end):
-                versions.set_key(index_key)
-                versions.last_dup()
-                try:
-                    entry = self._entry_at(None, versions.value(), versions.count(),
-                                           include_deleted=False, index_key=index_key)
-                except KeyNotFoundError:       # deleted or expired: not part of a scan
-                    continue
-                if match_whole_key and not entry.key.startswith(prefix):
-                    continue
-                results.append(entry)
-                if len(results) >= limit:
-                    break
-        return results
+        return self._keys.scan(prefix, seek_key, end_key, desc, limit)
 
     def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int) -> VerifiableTx:
         self._check_prove_since(prove_since_tx)
@@ -525,37 +474,7 @@ class Database:
         if at_tx and at_revision:
             raise IllegalArgumentsError("at_tx and at_revision can not be used together")
         self._wait_index(max(at_tx, since_tx))
-        stored = _KV_PREFIX + key
-        index_key = codec.index_key(stored)
-        # versions taken before the reads: inside a ReadBurst they renew a stale shared snapshot
-        with self._index_env.read(version=self._indexer.version) as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            if not cursor.set_key(index_key):
-                raise KeyNotFoundError()
-            count = cursor.count()
-            if at_revision:
-                revision = at_revision if at_revision > 0 else count + at_revision
-                if not 0 < revision <= count:
-                    raise InvalidRevisionError()
-                for _ in range(revision - 1):
-                    cursor.next_dup()
-                location = cursor.value()
-            elif at_tx:
-                # versions are sorted by (tx id, entry index); find the last one at or before at_tx
-                if cursor.set_range_dup(index_key, layout.index_rows_from(at_tx + 1)):
-                    if not cursor.prev_dup():
-                        raise KeyNotFoundError()
-                else:
-                    cursor.last_dup()
-                location = cursor.value()
-                revision = 1                     # its revision: the versions before it, plus one
-                while cursor.prev_dup():
-                    revision += 1
-            else:
-                cursor.last_dup()
-                location, revision = cursor.value(), count
-        entry_index = layout.parse_index_row(location)[1]
-        return self._entry_at(stored, location, revision, include_deleted=False), entry_index
+        return self._keys.entry(key, at_tx, at_revision)
 
     def get_many(self, keys: Iterable[bytes]) -> List[Union[Entry, Exception]]:
         """``get`` of each key's latest version, all read from one snapshot (a pipelined burst
@@ -574,54 +493,7 @@ class Database:
         if (self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id
                 or self._indexer.failed is not None):
             self._wait_index(0)        # raises if closed or failed; waits (or BurstWouldBlock)
-        with self._index_env.read(version=self._indexer.version) as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            found = [self._locate(cursor, key) for key in keys]
-        if all(isinstance(where, Exception) for where in found):
-            return found               # no log read at all (a burst holds no log guard)
-        # opened after the index snapshot, so it holds every tx that snapshot points at
-        with self._log.read(buffers=True, version=self._writer.state) as txn:
-            tx_db, now = self._log.dbs["tx"], time.time()
-            return [where if isinstance(where, Exception)
-                    else self._row_at(txn, tx_db, where, now) for where in found]
-
-    def _locate(self, cursor, key):
-        """Where ``key``'s latest version is: ``(key, stored key, tx id, entry index, entry
-        offset, revision)``, or the error its get raises (returned, not raised)."""
-        try:
-            if type(key) is not bytes:
-                key = _bytes(key, "key")
-            stored = _KV_PREFIX + key
-            if not cursor.set_key(codec.index_key(stored)):
-                raise KeyNotFoundError()
-        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
-            return exc
-        revision = cursor.count()
-        cursor.last_dup()
-        try:
-            return (key, stored, *layout.parse_index_row(cursor.value()), revision)
-        except CorruptedDataError as exc:
-            return exc
-
-    def _row_at(self, txn, tx_db, where: tuple, now: float):
-        """The entry ``_locate`` found, as a row, or the error its get raises (returned)."""
-        key, stored, tx_id, entry_index, entry_offset, revision = where
-        try:
-            record = txn.get(_U64.pack(tx_id), db=tx_db)
-            if record is None:
-                raise TxNotFoundError()
-            key_read, md_raw, value, _ = codec.record_entry_at(record, entry_index, entry_offset)
-            if key_read != stored:
-                raise CorruptedDataError(
-                    f"data is corrupted: index points tx {tx_id} at another key")
-            metadata = KVMetadata.from_bytes(md_raw)
-            if metadata is not None and (metadata.deleted or metadata.expired(now)):
-                raise KeyNotFoundError()
-            if value is None:
-                raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
-        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
-            return exc
-        return tx_id, key, bytes(value[1:]), metadata, revision
+        return self._keys.latest_rows(keys)
 
     def _latest(self, key) -> Entry:
         """``get`` of the latest version, nearly every get."""
@@ -629,27 +501,6 @@ class Database:
         if isinstance(row, Exception):
             raise row
         return Entry(*row)
-
-    def _entry_at(self, stored_key, location: bytes, revision: int, *,
-                  include_deleted: bool, index_key: Optional[bytes] = None) -> Entry:
-        """The version ``location`` points at; its key must be ``stored_key`` (or, when only the
-        index key is known, a scan's, fold to ``index_key``): a corrupt row never returns
-        another key's entry."""
-        tx_id, entry_index, entry_offset = layout.parse_index_row(location)
-        # the entry is cut out without a copy; the writer's state is replaced by every commit
-        with self._log.read(buffers=True, version=self._writer.state) as txn:
-            key, md_raw, value, _ = codec.record_entry_at(self._txs.record_in(txn, tx_id),
-                                                          entry_index, entry_offset)
-        if (stored_key is not None and key != stored_key) or (
-                index_key is not None and codec.index_key(key) != index_key):
-            raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
-        metadata = KVMetadata.from_bytes(md_raw)
-        if not include_deleted and metadata is not None and (
-                metadata.deleted or metadata.expired(time.time())):
-            raise KeyNotFoundError()
-        if value is None:
-            raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
-        return Entry(tx_id, bytes(key[1:]), bytes(value[1:]), metadata, revision)
 
     def _record(self, tx_id: int) -> bytes:
         self._check_open()
@@ -759,46 +610,6 @@ def _entries(kvs: KVs, metadata: Metadata):
         raise IllegalArgumentsError(
             f"kvs must be a dict or a list of (key, value) pairs of bytes ({exc})") from None
     return entries, size
-
-
-def _keys_asc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
-    """Distinct index keys with ``stored_prefix`` from ``seek`` up to ``end``, ascending."""
-    start = max(stored_prefix, seek) if seek else stored_prefix
-    if not cursor.set_range(start):
-        return
-    while True:
-        key = bytes(cursor.key())
-        if not key.startswith(stored_prefix) or (end is not None and key > end):
-            return
-        yield key
-        if not cursor.next_nodup():
-            return
-
-
-def _keys_desc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
-    """Distinct index keys with ``stored_prefix`` from ``seek`` down to ``end``, descending."""
-    upper = seek if seek else _prefix_end(stored_prefix)
-    if upper is None or not cursor.set_range(upper):
-        positioned = cursor.last()            # every key is below the upper bound
-    elif seek and bytes(cursor.key()) == seek:
-        positioned = True                     # seek is inclusive
-    else:
-        positioned = cursor.prev_nodup()      # set_range landed above the bound
-    while positioned:
-        key = bytes(cursor.key())
-        if key < stored_prefix or (end is not None and key < end):
-            return
-        if key.startswith(stored_prefix):
-            yield key
-        positioned = cursor.prev_nodup()
-
-
-def _prefix_end(prefix: bytes) -> Optional[bytes]:
-    """The smallest key greater than every key starting with ``prefix`` (None: no such key)."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return None
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 def _tx_from_record(record) -> Tx:

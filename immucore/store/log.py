@@ -29,7 +29,7 @@ class TxLog:
 
     def __init__(self, env, state: Callable[[], ChainState]):
         self.env = env
-        self._state = state
+        self.state = state
         self._tx_db = env.dbs["tx"]
         self._aht_db = env.dbs["aht"]
 
@@ -89,7 +89,7 @@ class TxLog:
         total passes ``size_max`` (at least one blob when there is one), with the last one's
         Alh and the committed tx id: all from one snapshot, so the Alh is the one of the very
         record the last blob was cut from."""
-        state = self._state()       # before the snapshot: it holds every tx up to state's
+        state = self.state()        # before the snapshot: it holds every tx up to state's
         last = min(state.tx_id, first + count - 1)
         blobs, size, last_alh = [], 0, None
         if first > last:
