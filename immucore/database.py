@@ -1,9 +1,11 @@
 """``Database``: one immudb-compatible database in a folder, and ``open_database``.
 
-Layout of the folder (details in docs/storage.md):
+Layout of the folder (details in docs/storage.md, every key and value in store/layout.py):
   log/    LMDB environment: ``tx`` (u64 id -> record), ``aht`` (u64 id -> AHT nodes), ``meta``
   index/  LMDB environment: ``keys`` (key -> versions, DUPSORT), ``meta`` (indexed tx id)
 Writes go through the writer thread (group commit); the key index follows asynchronously.
+This module is the API: argument checks, roles and lifecycle. The log is read by
+store/log.py, the key index by store/keys.py, proofs and the audit are store/proofs.py's.
 """
 from __future__ import annotations
 
@@ -13,30 +15,26 @@ import os
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT,
-                        INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
-                        REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
-                        TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
+from .constants import (HEADER_VERSION_DEFAULT, INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX,
+                        REPLICATE_BATCH_BYTES_MAX, REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX,
+                        TX_ENTRIES_MAX, TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     IndexFailedError, NotReplicaError,
-                     ReadOnlyReplicaError, TxNotFoundError)
+                     IndexFailedError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
-from .store.aht import AhtReader
+from .store import proofs
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
 from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
-from .store import layout
-from .store.layout import LOG_FORMAT as _FORMAT, SETTINGS_KEY as _SETTINGS_KEY
 from .store.indexer import Indexer
 from .store.keys import KeyIndex
-from .store.log import EMPTY_ALH as _EMPTY_ALH, ExportRange, TxLog
+from .store.layout import LOG_FORMAT as _FORMAT
+from .store.layout import SETTINGS_KEY as _SETTINGS_KEY
+from .store.log import ExportRange, TxLog
 from .store.writer import ChainState, Writer
-from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
-                    TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
+from .types import (DualProof, Entry, KVMetadata, State, Tx, TxEntry, TxHeader, VerifiableEntry,
+                    VerifiableTx)
 
-_U64 = layout.U64
-_ZERO_DIGEST = bytes(DIGEST_SIZE)
 
 KVs = Union[dict, Iterable]
 Metadata = Union[None, KVMetadata, dict]
@@ -396,9 +394,7 @@ class Database:
                                              at_revision=at_revision)
         record = self._record(entry.tx)
         tx = _tx_from_record(record)
-        digests = codec.record_digests(record)
-        proof = InclusionProof(entry_index, len(digests),
-                               tuple(codec.htree_inclusion_proof(digests, entry_index)))
+        proof = proofs.entry_inclusion_proof(record, entry_index)
         return VerifiableEntry(entry, VerifiableTx(tx, self._dual_proof_for(tx.header,
                                                                             prove_since_tx)),
                                proof)
@@ -415,26 +411,7 @@ class Database:
 
     def dual_proof(self, source: TxHeader, target: TxHeader) -> DualProof:
         """immudb's DualProof (v1) linking tx header ``source`` to ``target``."""
-        if source.id > target.id:
-            raise IllegalArgumentsError("source tx must not be newer than target tx")
-        with self._log.read(buffers=True) as txn:
-            aht = AhtReader(txn, self._log.dbs["aht"])
-            inclusion = (aht.inclusion_proof(source.id, target.bl_tx_id)
-                         if source.id < target.bl_tx_id else [])
-            consistency = (aht.consistency_proof(source.bl_tx_id, target.bl_tx_id)
-                           if source.bl_tx_id > 0 else [])
-            if target.bl_tx_id > 0:
-                target_bl_tx_alh = self._txs.alh_in(txn, target.bl_tx_id)
-                last_inclusion = aht.inclusion_proof(target.bl_tx_id, target.bl_tx_id)
-            else:
-                target_bl_tx_alh, last_inclusion = _ZERO_DIGEST, []
-            linear_from = max(source.id, target.bl_tx_id)
-            terms = [self._txs.alh_in(txn, linear_from)]
-            for tx_id in range(linear_from + 1, target.id + 1):
-                header = codec.decode_record(self._txs.record_in(txn, tx_id))[0]
-                terms.append(codec.inner_hash(*header))
-        return DualProof(source, target, tuple(inclusion), tuple(consistency), target_bl_tx_alh,
-                         tuple(last_inclusion), LinearProof(linear_from, target.id, tuple(terms)))
+        return proofs.dual_proof(self._txs, source, target)
 
     def audit(self, batch_txs: int = 1000) -> int:
         """Re-verify the whole log from tx 1: every Eh, Alh, blRoot and stored AHT node.
@@ -443,27 +420,7 @@ class Database:
         Reads in batches, so its memory stays bounded whatever the log size.
         """
         self._check_open()
-        last = self._writer.state.tx_id
-        chain_alh, peaks, next_id = _EMPTY_ALH, [], 1
-        while next_id <= last:
-            count = min(batch_txs, last - next_id + 1)
-            with self._log.read() as txn:
-                records = [self._txs.record_in(txn, tx_id) for tx_id in range(next_id, next_id + count)]
-                stored_nodes = [txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"])
-                                for tx_id in range(next_id, next_id + count)]
-            try:
-                sealed = codec.replicate_blobs([codec.record_export_blob(r) for r in records],
-                                               next_id, chain_alh, peaks, self._limits)
-            except IllegalArgumentsError as exc:
-                raise CorruptedDataError(f"data is corrupted: {exc}") from exc
-            for (header, alh, record, nodes), stored, nodes_stored in zip(sealed, records,
-                                                                          stored_nodes):
-                if record != stored or nodes != nodes_stored:
-                    raise CorruptedDataError(
-                        f"data is corrupted: stored tx {header[0]} differs from its recomputation")
-            chain_alh = sealed[-1][1]
-            next_id += count
-        return last
+        return proofs.audit(self._txs, self._writer.state.tx_id, self._limits, batch_txs)
 
     # --- internals ------------------------------------------------------------------------
 
