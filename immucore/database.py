@@ -279,8 +279,9 @@ class Database:
 
     def replicate_txs_async(self, blobs: List[bytes], floor_tx_id: int = 0,
                             last_alh: Optional[bytes] = None):
-        """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples,
-        so a replicator can keep the next batch hashing while this one is fsynced.
+        """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples
+        (a list whose ``last_alh`` is the last tx's Alh, None for no blobs), so a replicator
+        can keep the next batch hashing while this one is fsynced.
         ``floor_tx_id``: the primary acknowledged every tx up to it to its clients; stored with
         the batch, it bounds what ``discard_txs_after`` may ever drop. ``last_alh``: the Alh
         the primary announced for the last blob's tx; a batch whose last tx hashes otherwise

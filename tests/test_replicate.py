@@ -160,6 +160,21 @@ def test_export_range_reads_blobs_last_alh_and_committed_id_from_one_snapshot(db
     assert none.committed_tx_id == db.current_state().tx_id
 
 
+def test_a_replicated_batch_answers_its_last_alh(db, replica):
+    """The writer hands back the Alh it computed for the batch's last tx (or verified, for a
+    tx the replica held already): what the replicator acknowledges, never read back."""
+    write_history(db)
+    blobs = db.export_txs(1, 100)
+    headers = replica.replicate_txs_async(blobs[:3]).result()
+    assert [h[0] for h in headers] == [1, 2, 3] and headers.last_alh == db.alh_of(3)
+    headers = replica.replicate_txs_async(blobs[1:5]).result()          # 2, 3 held already
+    assert [h[0] for h in headers] == [2, 3, 4, 5] and headers.last_alh == db.alh_of(5)
+    headers = replica.replicate_txs_async(blobs[:2]).result()           # every one held
+    assert [h[0] for h in headers] == [1, 2] and headers.last_alh == db.alh_of(2)
+    empty = replica.replicate_txs_async([]).result()
+    assert list(empty) == [] and empty.last_alh is None
+
+
 def test_an_export_blob_is_immudbs_layout(db):
     header = db.set({b"key": b"value"}, metadata=KVMetadata(expires_at=1893456000))
     blob = db.export_tx(1)

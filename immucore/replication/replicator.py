@@ -322,7 +322,7 @@ class Replicator:
         self.last_applied_at = time.time()
         self.apply_seconds.observe(time.monotonic() - started)
         last = headers[-1]
-        self._post("applied", last[0], self.database.alh_of(last[0]))
+        self._post("applied", last[0], headers.last_alh)     # the writer's: no LMDB read here
 
     async def _ack(self, command: m.Ack):
         try:

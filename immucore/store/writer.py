@@ -52,13 +52,21 @@ class ChainState:
         self.tx_id, self.alh, self.peaks = tx_id, alh, peaks
 
 
+class ReplicatedHeaders(list):
+    """A replicate request's outcome: the header tuple of every tx of its batch (those the log
+    already held first) and ``last_alh``, the last one's Alh as the sealer computed (or, for a
+    tx the log held, verified) it; None for an empty batch. The replicator acknowledges it
+    without reading it back from LMDB."""
+    __slots__ = ("last_alh",)
+
+
 class _Request:
     """One submitted write. Its outcome goes to its ``future``, or, for a caller that passed
     ``on_done`` (the node's SET path), to ``on_done(result, exception)`` on the thread that
     settles it: no future at all, which saves the stdlib future's Condition and its locking
     (about 5 µs of the loop's and the writer threads' time per single-entry SET)."""
     __slots__ = ("kind", "payload", "future", "on_done", "size_bytes", "tx_count", "present",
-                 "floor", "last_alh")
+                 "present_alh", "floor", "last_alh")
 
     def __init__(self, kind, payload, size_bytes=0, tx_count=1, floor=0, last_alh=None,
                  on_done=None):
@@ -67,6 +75,7 @@ class _Request:
         self.on_done = on_done
         self.size_bytes, self.tx_count = size_bytes, tx_count
         self.present = []      # replicate: headers of txs the log already held (no-ops)
+        self.present_alh = None    # replicate: the last of those txs' Alh
         self.floor = floor     # replicate: the discard floor stored with the batch
         self.last_alh = last_alh   # replicate: the Alh the primary says the last tx has
 
@@ -309,7 +318,7 @@ class Writer:
 
     def _seal_replicate(self, request: _Request):
         try:
-            request.present, blobs = self._skip_present(request.payload)
+            request.present, request.present_alh, blobs = self._skip_present(request.payload)
             tip = self._sealed_state
             peaks = list(tip.peaks)
             sealed = codec.replicate_blobs(blobs, tip.tx_id + 1, tip.alh, peaks, self._limits)
@@ -327,7 +336,7 @@ class Writer:
     def _skip_present(self, blobs: list):
         """Split off blobs of txs this log already holds; a different Alh there is divergence."""
         committed, tip = self.state.tx_id, self._sealed_state.tx_id
-        start, present = 0, []
+        start, present, alh = 0, [], None
         for blob in blobs:
             tx_id = codec.blob_tx_id(blob)
             if tx_id == 0 or tx_id > tip:
@@ -341,8 +350,9 @@ class Writer:
                     f"replica diverged from primary: tx {tx_id} is already committed here "
                     f"with a different Alh")
             present.append(header)
+            alh = blob_alh
             start += 1
-        return present, blobs[start:]
+        return present, alh, blobs[start:]
 
     def _hand_over(self, batch: List[_Request], sealed: list, peaks: list):
         if sealed:
@@ -455,7 +465,12 @@ class Writer:
         for item in items:
             position = 0
             for request in item.requests:
-                count = len(item.sealed) if request.kind == _REPLICATE else 1
-                headers = request.present + [s[0] for s in item.sealed[position:position + count]]
-                position += count
-                request.succeed(headers)
+                if request.kind == _REPLICATE:     # a replicate request is its item's only one
+                    headers = ReplicatedHeaders(request.present)
+                    headers.extend(s[0] for s in item.sealed)
+                    headers.last_alh = (item.sealed[-1][1] if item.sealed
+                                        else request.present_alh)
+                    request.succeed(headers)
+                    continue
+                request.succeed([s[0] for s in item.sealed[position:position + 1]])
+                position += 1
