@@ -303,7 +303,7 @@ class Database:
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
                 f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
-        return self._writer.submit_replicate(blobs, floor_tx_id, last_alh)
+        return self._writer.submit_replicate(blobs, size, floor_tx_id, last_alh)
 
     @property
     def discard_floor(self) -> int:

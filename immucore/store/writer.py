@@ -158,9 +158,11 @@ class Writer:
         a writer thread, and no future is returned."""
         return self._submit(_Request(_SET, entries, size_bytes, on_done=on_done), block)
 
-    def submit_replicate(self, blobs: list, floor_tx_id: int = 0,
+    def submit_replicate(self, blobs: list, size_bytes: int, floor_tx_id: int = 0,
                          last_alh: Optional[bytes] = None) -> Future:
-        return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs),
+        """Verify and append exported txs, all or nothing; ``size_bytes`` is their total (the
+        caller summed it for its own limit check: counted once)."""
+        return self._submit(_Request(_REPLICATE, blobs, size_bytes, len(blobs),
                                      floor=floor_tx_id, last_alh=last_alh))
 
     def truncate(self, after_tx_id: int, load_state: Callable[[], ChainState]) -> Future:
