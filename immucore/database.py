@@ -9,7 +9,6 @@ store/log.py, the key index by store/keys.py, proofs and the audit are store/pro
 """
 from __future__ import annotations
 
-import json
 import operator
 import os
 from typing import Iterable, List, Optional, Union
@@ -30,6 +29,7 @@ from .store.indexer import Indexer
 from .store.keys import KeyIndex
 from .store.layout import LOG_FORMAT as _FORMAT
 from .store.layout import SETTINGS_KEY as _SETTINGS_KEY
+from .store.layout import encode_settings
 from .store.log import ExportRange, TxLog
 from .store.writer import ChainState, Writer
 from .types import (DualProof, Entry, KVMetadata, State, Tx, TxEntry, TxHeader, VerifiableEntry,
@@ -135,13 +135,12 @@ class Database:
     # --- settings and recovery ------------------------------------------------------------
 
     def _load_settings(self, replica, header_version) -> dict:
-        with self._log.read() as txn:
-            raw = txn.get(_SETTINGS_KEY, db=self._log.dbs["meta"])
-        settings = json.loads(raw) if raw else {"format": _FORMAT, "replica": False,
+        stored = self._txs.settings()
+        settings = dict(stored) if stored else {"format": _FORMAT, "replica": False,
                                                 "header_version": HEADER_VERSION_DEFAULT}
         if settings.get("format") != _FORMAT:
             raise CorruptedDataError(f"{self.path} holds an unknown format {settings.get('format')}")
-        if header_version is not None and raw and header_version != settings["header_version"]:
+        if header_version is not None and stored and header_version != settings["header_version"]:
             raise IllegalArgumentsError("header_version can not be changed after database creation")
         if header_version is not None:
             if header_version not in (0, 1):
@@ -149,8 +148,8 @@ class Database:
             settings["header_version"] = header_version
         if replica is not None:
             settings["replica"] = bool(replica)
-        if settings != (json.loads(raw) if raw else None):
-            encoded = json.dumps(settings, sort_keys=True).encode()
+        if settings != stored:
+            encoded = encode_settings(settings)
             self._log.write(lambda txn: txn.put(_SETTINGS_KEY, encoded, db=self._log.dbs["meta"]))
         return settings
 

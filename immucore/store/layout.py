@@ -9,6 +9,7 @@ All integers are big-endian.
 """
 from __future__ import annotations
 
+import json
 import struct
 
 from ..constants import DIGEST_SIZE, INDEX_ENTRY_OFFSET_UNKNOWN
@@ -24,6 +25,15 @@ U64_MAX = (1 << 64) - 1
 SETTINGS_KEY = b"settings"          # JSON {"format", "header_version", "replica"}
 LOG_FORMAT = "immucore-1"           # the settings' "format"
 DISCARD_FLOOR_KEY = b"discard_floor"   # u64: a replica never discards at or below it
+
+
+def encode_settings(settings: dict) -> bytes:
+    return json.dumps(settings, sort_keys=True).encode()
+
+
+def decode_settings(raw):
+    """The stored settings, or None for a log that has none yet."""
+    return json.loads(raw) if raw else None
 
 
 def tx_key(tx_id: int) -> bytes:

@@ -10,7 +10,7 @@ from typing import Callable, List, NamedTuple
 from .. import codec
 from ..errors import CorruptedDataError, TxNotFoundError
 from .aht import AhtReader, peaks_for
-from .layout import record_alh, tx_id_of_key, tx_key
+from .layout import SETTINGS_KEY, decode_settings, record_alh, tx_id_of_key, tx_key
 from .writer import ChainState
 
 EMPTY_ALH = codec.sha256(b"")
@@ -60,6 +60,11 @@ class TxLog:
 
     def aht_in(self, txn) -> AhtReader:
         return AhtReader(txn, self._aht_db)
+
+    def settings(self):
+        """The database's stored settings (a dict), or None for a new log."""
+        with self.env.read() as txn:
+            return decode_settings(txn.get(SETTINGS_KEY, db=self.env.dbs["meta"]))
 
     # --- recovery -----------------------------------------------------------------------------
 
