@@ -187,3 +187,26 @@ GRPC_CONCURRENT_RPCS_MAX = 4096
 GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
+
+# --- replication over gRPC (exportTx, replicateTx, streamExportTx; docs/replication.md) ---------
+# immudb's stream chunk size (its DefaultChunkSize): the first chunk of a message holds its u64
+# length too. A replicated tx's export is sent as chunks of at most this many bytes.
+GRPC_STREAM_CHUNK_BYTES = 64 << 10
+# A chunked message received (a replicateTx upload, an exported tx on a gRPC replica) is at most
+# one tx's export: its announced length is checked against this before anything is allocated.
+GRPC_CHUNKED_MESSAGE_BYTES_MAX = TX_EXPORT_BLOB_BYTES_MAX
+# An ExportTxRequest carrying a ReplicaState (a replica that acknowledges) for a tx not yet
+# committed waits this long for it, then is answered with no tx and the primary's state
+# (immudb waits 4 sync periods): a caught-up replica hears of a commit as it happens.
+GRPC_EXPORT_WAIT_MS = 2_000
+# ExportTxRequests a gRPC replica keeps in flight on its streamExportTx stream while catching up
+# (one tx per request in immudb's protocol): enough to hide the round trip, and a bound on what
+# it holds in memory before handing the batch to the machine.
+GRPC_REPLICATION_PIPELINE_TXS = 256
+# A gRPC replica without a ReplicaState (an immudb primary without sync replication answers
+# "no new transactions" at once) asks again after this while caught up.
+GRPC_REPLICATION_POLL_SECONDS = 0.1
+_check(4096 <= GRPC_STREAM_CHUNK_BYTES <= GRPC_REQUEST_BYTES_MAX,
+       "a chunk is at least immudb's MinChunkSize and fits one gRPC message")
+_check(GRPC_REPLICATION_PIPELINE_TXS <= REPLICATION_BATCH_TXS,
+       "a gRPC replica's pipeline is one machine batch at most")

@@ -480,7 +480,8 @@ class Node:
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
             replicator = Replicator(database, s, tls=self.replication_tls(),
-                                    replica_id=self.database_id(name))
+                                    replica_id=self.database_id(name),
+                                    tls_ca_file=self.options.replication_tls_ca)
             self.replicators[name] = replicator
             replicator.start()
 

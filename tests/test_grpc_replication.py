@@ -1,0 +1,274 @@
+"""Replication over immudb's gRPC API between real nodes on loopback: an immucore replica that
+follows its primary's gRPC face with ``primary_protocol: grpc`` (catch-up, resume, divergence,
+sync acks), immudb's exportTx/replicateTx/streamExportTx as immudb-py drives them (an external
+copier built on the SDK), a read user's refusals, and the error texts immudb's replicators
+match on."""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import grpc
+import pytest
+
+from immudb import ImmudbClient
+from immudb.grpc import schema_pb2
+
+from immucore.client import Client
+
+from .nodes import HOST, free_port, port_accepts, running_node
+from .test_replication import _fill, _login, _status, _wait_for
+
+READER_PASSWORD = "Reader1!pwd"
+SYNC_FLAGS = ("--replication-sync-enabled=true", "--replication-sync-acks=1",
+              "--replication-sync-timeout=1.5")
+U64 = struct.Struct(">Q")
+
+
+class _GrpcNode:
+    """A node with gRPC on a port of its own, once that port listens."""
+
+    def __init__(self, tmp_path, *args):
+        self.grpc_port = free_port()
+        self._cm = running_node(tmp_path, "--grpc-port", str(self.grpc_port), *args)
+
+    def __enter__(self):
+        self.node = self._cm.__enter__()
+        self.node.grpc_port = self.grpc_port
+        self.node.grpc_address = f"{HOST}:{self.grpc_port}"
+        _wait_for(lambda: port_accepts(HOST, self.grpc_port), "the gRPC port", 30)
+        return self.node
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def _grpc_replica_settings(primary, database="defaultdb", **extra):
+    return {"replica": True, "primary_database": database, "primary_host": primary.host,
+            "primary_port": primary.grpc_port, "primary_username": "immudb",
+            "primary_password": "immudb", "primary_protocol": "grpc", **extra}
+
+
+def _sdk(node, user="immudb", password="immudb", database=b"defaultdb"):
+    client = ImmudbClient(node.grpc_address)
+    client.login(user, password, database)
+    return client
+
+
+def _rpc_error(call, *args) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        result = call(*args)
+        if hasattr(result, "__iter__") and not isinstance(result, (bytes, str)):
+            list(result)
+    return raised.value
+
+
+def _messages(chunks) -> list:
+    """Reassemble immudb's chunked messages: (payload, first chunk's metadata) each."""
+    out, payload, length, metadata = [], b"", None, {}
+    for chunk in chunks:
+        content = chunk.content
+        if length is None:
+            length, metadata = U64.unpack(content[:8])[0], dict(chunk.metadata)
+            content = content[8:]
+        payload += content
+        if len(payload) >= length:
+            out.append((payload, metadata))
+            payload, length = b"", None
+    return out
+
+
+def test_a_replica_follows_its_primary_over_grpc_and_resumes_after_restarts(tmp_path):
+    import asyncio
+    with _GrpcNode(tmp_path / "p") as primary, running_node(tmp_path / "r") as replica:
+        # more txs than one pipelined batch, some of them large (many chunks each)
+        asyncio.run(_fill(primary, 600))
+        with _login(primary) as p:
+            p.set({b"big": b"x" * (300 << 10)})
+        with _login(replica) as r:
+            r.create_database("replicadb", _grpc_replica_settings(primary))
+            r.use_database("replicadb")
+            with _login(primary) as p:
+                last = p.current_state()
+                _wait_for(lambda: r.current_state().tx_id == last.tx_id, "the catch-up")
+                assert r.current_state().tx_hash == last.tx_hash
+                assert r.get(b"big").value == b"x" * (300 << 10)
+                status = _status(r, "replicadb")
+                assert status["state"] == "following" and status["lag_txs"] == 0
+                # caught up: the next commit arrives as it happens (the request waits for it)
+                header = p.set({b"live": b"1"})
+                started = time.monotonic()
+                _wait_for(lambda: r.current_state().tx_id == header.id, "a live commit")
+                assert time.monotonic() - started < 1.5
+        replica.restart()                                   # settings persist in systemdb
+        with _login(primary) as p:
+            p.set({b"while-away": b"1"})
+        with _login(replica, "replicadb") as r, _login(primary) as p:
+            _wait_for(lambda: r.current_state().tx_id == p.current_state().tx_id,
+                      "after the replica restarted")
+        primary.restart()                                   # the replica reconnects
+        _wait_for(lambda: port_accepts(HOST, primary.grpc_port), "the gRPC port again", 30)
+        with _login(primary) as p, _login(replica, "replicadb") as r:
+            header = p.set({b"after-primary-restart": b"1"})
+            _wait_for(lambda: r.current_state().tx_id == header.id, "after the primary restarted")
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_divergence_over_grpc_is_detected_and_stops_replication(tmp_path):
+    with _GrpcNode(tmp_path / "a") as first, _GrpcNode(tmp_path / "b") as second, \
+            running_node(tmp_path / "r") as replica:
+        with _login(first) as a, _login(second) as b, _login(replica) as r:
+            a.set({b"history": b"A"})
+            for n in range(3):
+                b.set({f"other{n}".encode(): b"B"})
+            r.create_database("replicadb", _grpc_replica_settings(first))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 1, "the first primary")
+            # re-pointed at a primary whose tx 1 is another tx: never merged, stopped
+            r.update_database("replicadb", {"primary_host": second.host,
+                                            "primary_port": second.grpc_port})
+            status = _wait_for(lambda: (_status(r, "replicadb") or {}).get("state") == "diverged"
+                               and _status(r, "replicadb"), "divergence")
+            assert "diverged" in status["last_error"]
+            time.sleep(0.5)
+            assert r.current_state().tx_id == 1
+
+
+def test_sync_writes_are_acknowledged_by_a_grpc_replica(tmp_path):
+    """The primary waits for one ack (1.5 s at most); the replica's acks ride on its requests'
+    ReplicaState, and a request already waiting on the primary when an ack is due is sent
+    again with it: otherwise every write would wait out the request and fail."""
+    with _GrpcNode(tmp_path / "p", *SYNC_FLAGS) as primary, \
+            running_node(tmp_path / "r") as replica:
+        with _login(primary) as p, _login(replica) as r:
+            r.create_database("replicadb", _grpc_replica_settings(primary))
+            r.use_database("replicadb")
+            _wait_for(lambda: (_status(r, "replicadb") or {}).get("state") == "following",
+                      "the replica following")
+            for n in range(10):
+                header = p.set({b"k%d" % n: b"v"})
+                # acknowledged means the replica already holds it, durably
+                assert r.current_state().tx_id >= header.id
+            assert r.current_state().tx_hash == p.current_state().tx_hash
+
+
+def test_an_external_copier_built_on_immudbs_sdk_copies_a_database(tmp_path):
+    with _GrpcNode(tmp_path / "src") as source, _GrpcNode(tmp_path / "dst") as target:
+        with _login(source) as s, _login(target) as t:
+            for n in range(5):
+                s.set({b"k%d" % n: b"v%d" % n})
+            s.set({b"large": b"L" * (200 << 10)})           # an export of several chunks
+            t.create_database("copydb", {"replica": True})  # fed from outside
+        src, dst = _sdk(source), _sdk(target, database=b"copydb")
+        last = src.currentState().txId
+        for tx in range(1, last + 1):
+            header = dst.replicateTx(src.exportTx(tx))      # the SDK's own calls, chained
+            assert header.id == tx
+        assert dst.currentState().txHash == src.currentState().txHash
+        assert dst.get(b"large").value == b"L" * (200 << 10)
+        # a tx already there with the same Alh is a no-op; the copy goes on where it stopped
+        with _login(source) as s:
+            s.set({b"later": b"1"})
+        assert dst.replicateTx(src.exportTx(last + 1)).id == last + 1
+        assert dst.currentState().txHash == src.currentState().txHash
+
+
+def test_the_chunks_and_metadata_are_immudbs(tmp_path):
+    with _GrpcNode(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.set({b"a": b"1"})
+            p.set({b"b": b"x" * (150 << 10)})
+            state = p.current_state()
+        client = _sdk(primary)
+        chunks = list(client.exportTx(2))
+        assert len(chunks) == 3 and all(len(c.content) == 64 << 10 for c in chunks[:-1])
+        assert set(chunks[0].metadata) == {"committed-txid-bin"}
+        assert not chunks[1].metadata and not chunks[2].metadata
+        [(blob, metadata)] = _messages(chunks)
+        assert metadata["committed-txid-bin"] == U64.pack(state.tx_id)
+        with _login(primary) as p:
+            assert blob == p.export_tx(2)
+        # with a ReplicaState: may-commit-up-to as well, and as trailers on exportTx
+        replica_state = schema_pb2.ReplicaState(UUID="r1", precommittedTxID=1,
+                                                precommittedAlh=_alh(primary, 1))
+        stream = client._stub.exportTx(schema_pb2.ExportTxRequest(tx=2,
+                                                                  replicaState=replica_state))
+        [(_, metadata)] = _messages(stream)
+        assert metadata["may-commit-up-to-txid-bin"] == U64.pack(1)    # what the replica holds
+        assert metadata["may-commit-up-to-alh-bin"] == _alh(primary, 1)
+        trailers = dict(stream.trailing_metadata())
+        assert trailers["may-commit-up-to-txid-bin"] == U64.pack(1)
+        assert trailers["committed-txid-bin"] == U64.pack(state.tx_id)
+        # streamExportTx: one answer per request on one stream; a caught-up request with a
+        # ReplicaState waits for the next commit and is answered by it
+        requests = [schema_pb2.ExportTxRequest(tx=1, replicaState=replica_state),
+                    schema_pb2.ExportTxRequest(tx=2, replicaState=replica_state),
+                    schema_pb2.ExportTxRequest(tx=3, replicaState=replica_state)]
+        timer = threading.Timer(0.5, lambda: _login(primary).set({b"c": b"3"}))
+        timer.start()
+        started = time.monotonic()
+        answers = _messages(client._stub.streamExportTx(iter(requests)))
+        timer.join()
+        assert [U64.unpack(blob[4:12])[0] for blob, _ in answers] == [1, 2, 3]
+        assert 0.4 < time.monotonic() - started < 1.9
+
+
+def _alh(node, tx_id: int) -> bytes:
+    with _login(node) as c:
+        return c.tx_by_id(tx_id).header.alh()
+
+
+def test_immudbs_error_texts_verbatim(tmp_path):
+    with _GrpcNode(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.set({b"a": b"1"})
+            p.set({b"b": b"2"})
+        client = _sdk(primary)
+        error = _rpc_error(client.exportTx, 3)
+        assert error.code() == grpc.StatusCode.UNKNOWN and error.details() == "no new transactions"
+        error = _rpc_error(client._stub.streamExportTx,
+                           iter([schema_pb2.ExportTxRequest(tx=3)]))
+        assert error.details() == "no new transactions"
+        wrong = b"\x01" * 32
+        for state, what in ((schema_pb2.ReplicaState(UUID="r", committedTxID=1, committedAlh=wrong),
+                             "commit"),
+                            (schema_pb2.ReplicaState(UUID="r", committedTxID=5), "commit"),
+                            (schema_pb2.ReplicaState(UUID="r", precommittedTxID=2,
+                                                     precommittedAlh=wrong), "precommit"),
+                            (schema_pb2.ReplicaState(UUID="r", precommittedTxID=9), "precommit")):
+            error = _rpc_error(client._stub.streamExportTx,
+                               iter([schema_pb2.ExportTxRequest(tx=1, replicaState=state)]))
+            assert error.details() == (f"replica diverged from primary: replica {what} state "
+                                       "diverged from primary's")
+        error = _rpc_error(client.exportTx, 0)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details().startswith("illegal arguments")
+        # replicateTx into a primary, and a first chunk without its length
+        error = _rpc_error(client.replicateTx, iter(list(client.exportTx(1))))
+        assert error.details() == "database is NOT a replica"
+        error = _rpc_error(client.replicateTx, iter([schema_pb2.Chunk(content=b"1234")]))
+        assert error.details() == "minimum chunk size is 4096"
+
+
+def test_a_read_user_may_not_replicate(tmp_path):
+    with _GrpcNode(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.set({b"a": b"1"})
+            p.create_user("reader", READER_PASSWORD, "read", "defaultdb")
+            p.create_database("copydb", {"replica": True})
+            p.grant("reader", "read", "copydb")
+        reader = _sdk(primary, "reader", READER_PASSWORD)
+        admin = _sdk(primary)
+        chunks = list(admin.exportTx(1))
+        for call, args in ((reader.exportTx, (1,)),
+                           (reader._stub.streamExportTx, (iter([schema_pb2.ExportTxRequest(tx=1)]),))):
+            error = _rpc_error(call, *args)
+            assert error.code() == grpc.StatusCode.INTERNAL
+            assert error.details() == "permission denied"
+        reader.useDatabase(b"copydb")
+        error = _rpc_error(reader.replicateTx, iter(chunks))
+        assert error.details() == "permission denied"
+        with Client(primary.host, primary.port) as c:
+            c.login("immudb", "immudb", "copydb")
+            assert c.current_state().tx_id == 0                # nothing was applied
