@@ -272,3 +272,21 @@ def test_a_read_user_may_not_replicate(tmp_path):
         with Client(primary.host, primary.port) as c:
             c.login("immudb", "immudb", "copydb")
             assert c.current_state().tx_id == 0                # nothing was applied
+
+
+def test_the_primary_protocol_setting_is_checked_and_kept(tmp_path):
+    with running_node(tmp_path / "n") as node:
+        _check_primary_protocol_setting(node)
+
+
+def _check_primary_protocol_setting(node):
+    from immucore.errors import IllegalArgumentsError
+    with _login(node) as c:
+        with pytest.raises(IllegalArgumentsError, match="PrimaryProtocol.*'http' is neither"):
+            c.create_database("bad", {"replica": True, "primary_protocol": "http"})
+        with pytest.raises(IllegalArgumentsError, match="PrimaryProtocol on primary database"):
+            c.create_database("bad", {"primary_protocol": "grpc"})
+        c.create_database("fed", {"replica": True, "primary_protocol": "grpc"})
+    node.restart()                                          # kept in systemdb
+    with _login(node) as c:
+        assert c.database_settings("fed")["settings"]["primary_protocol"] == "grpc"
