@@ -290,3 +290,24 @@ def _check_primary_protocol_setting(node):
     node.restart()                                          # kept in systemdb
     with _login(node) as c:
         assert c.database_settings("fed")["settings"]["primary_protocol"] == "grpc"
+
+
+def test_a_server_level_replica_follows_systemdb_and_defaultdb_over_grpc(tmp_path):
+    with _GrpcNode(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.create_user("carol", READER_PASSWORD, "read", "defaultdb")
+            p.set({b"server-level": b"1"})
+        with running_node(tmp_path / "r", "--replication-enabled=true",
+                          "--replication-primary-protocol", "grpc",
+                          "--replication-master-address", primary.host,
+                          "--replication-master-port", str(primary.grpc_port),
+                          "--replication-follower-username", "immudb",
+                          "--replication-follower-password", "immudb") as replica:
+            def caught_up():
+                try:           # users come from the primary's systemdb, once it arrived
+                    with Client(replica.host, replica.port) as r:
+                        r.login("carol", READER_PASSWORD)
+                        return r.get(b"server-level").value == b"1"
+                except Exception:  # noqa: BLE001 - not there yet
+                    return False
+            _wait_for(caught_up, "systemdb and defaultdb over gRPC")
