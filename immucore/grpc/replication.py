@@ -54,13 +54,15 @@ def _diverged(what: str) -> ReplicaDivergedError:
 class ReplicationMethods:
     """exportTx, replicateTx and streamExportTx of ImmuService."""
 
-    async def _export_one(self, db, permit, request) -> tuple:
-        """(the tx's export blob or b"" when there is none yet, the first chunk's metadata)."""
+    async def _export_one(self, db, permit, request, seen=None) -> tuple:
+        """(the tx's export blob or b"" when there is none yet, the first chunk's metadata).
+        ``seen``: a stream's memory of the ReplicaState it last checked (see _replica_state)."""
         if request.tx == 0:
             raise IllegalArgumentsError("tx must be at least 1")
         metadata = {}
         if request.HasField("replicaState"):
-            metadata = await self._replica_state(db, permit, request.replicaState)
+            metadata = await self._replica_state(db, permit, request.replicaState,
+                                                 {} if seen is None else seen)
             await self.node.wait_for_commit(db.name, request.tx - 1, GRPC_EXPORT_WAIT_MS / 1000)
             permit.check()           # a user changed while it waited gets that error
         committed = db.current_state().tx_id
@@ -73,16 +75,23 @@ class ReplicationMethods:
         permit.check()
         return blob, metadata
 
-    async def _replica_state(self, db, permit, state) -> dict:
+    async def _replica_state(self, db, permit, state, seen: dict) -> dict:
         """Check a ReplicaState against this database, count its ack, and say how far the
-        replica may commit (immudb's rules, on immucore's acks)."""
-        committed = db.current_state().tx_id
+        replica may commit (immudb's rules, on immucore's acks). A replica pipelining its
+        requests sends the same state many times: ``seen`` keeps, per stream, the state last
+        found to be this database's, so it is checked once (a committed tx's Alh never
+        changes while the stream lasts)."""
         if not 0 < len(state.UUID) <= 256:
             raise IllegalArgumentsError("replicaState.UUID must have 1..256 characters")
-        for what, tx_id, alh in (("commit", state.committedTxID, state.committedAlh),
-                                 ("precommit", state.precommittedTxID, state.precommittedAlh)):
-            if tx_id and (tx_id > committed or await self._read(db.alh_of, tx_id) != alh):
-                raise _diverged(what)
+        key = state.SerializeToString(deterministic=True)
+        if seen.get("state") != key:
+            committed = db.current_state().tx_id
+            for what, tx_id, alh in (("commit", state.committedTxID, state.committedAlh),
+                                     ("precommit", state.precommittedTxID,
+                                      state.precommittedAlh)):
+                if tx_id and (tx_id > committed or await self._read(db.alh_of, tx_id) != alh):
+                    raise _diverged(what)
+            seen["state"] = key
         permit.check()                  # an ack counts only from a user still allowed
         acks = self.node.sync_acks.get(db.name)
         if acks is not None and state.precommittedTxID:
@@ -115,9 +124,10 @@ class ReplicationMethods:
         """One export per request, in order, on one stream; an error ends the stream (immudb's
         replicator then reconnects)."""
         db, permit = self._db(context, "admin")
+        seen: dict = {}
         async for request in request_iterator:
             self._session(self._call(context))      # a session closed meanwhile ends it
-            blob, metadata = await self._export_one(db, permit, request)
+            blob, metadata = await self._export_one(db, permit, request, seen)
             for chunk in self._chunks(blob, metadata):
                 yield chunk
 
