@@ -167,7 +167,11 @@ def test_an_external_copier_built_on_immudbs_sdk_copies_a_database(tmp_path):
             assert header.id == tx
         assert dst.currentState().txHash == src.currentState().txHash
         assert dst.get(b"large").value == b"L" * (200 << 10)
-        # a tx already there with the same Alh is a no-op; the copy goes on where it stopped
+        # a tx already there gets immudb's text (its replicators go on with the next one)
+        error = _rpc_error(dst.replicateTx, src.exportTx(2))
+        assert error.code() == grpc.StatusCode.UNKNOWN
+        assert error.details() == "tx already committed"
+        # and the copy goes on where it stopped
         with _login(source) as s:
             s.set({b"later": b"1"})
         assert dst.replicateTx(src.exportTx(last + 1)).id == last + 1

@@ -44,6 +44,13 @@ class NoNewTransactionsError(ImmucoreError):
         super().__init__("no new transactions")
 
 
+class TxAlreadyCommittedError(ImmucoreError):
+    """replicateTx of a tx the replica already holds (with the same Alh): immudb's text."""
+
+    def __init__(self):
+        super().__init__("tx already committed")
+
+
 def _diverged(what: str) -> ReplicaDivergedError:
     # immudb's text (ErrReplicaDivergedFromPrimary wrapping the detail): replicators match on
     # "replica commit state diverged from primary" / "replica precommit state diverged ..."
@@ -138,6 +145,11 @@ class ReplicationMethods:
         db, permit = self._db(context, "admin")
         self.node.check_takes_pushes(db.name)
         blob, _ = await read_message(request_iterator, GRPC_CHUNKED_MESSAGE_BYTES_MAX)
+        held = db.current_state().tx_id
+        # a tx this replica holds is still checked (another Alh: diverged), then refused with
+        # immudb's text, which replicators match on to go on with the next tx
         headers = await asyncio.wrap_future(db.replicate_txs_async([blob]))
         permit.check()
+        if headers[0][0] <= held:
+            raise TxAlreadyCommittedError()
         return convert.header(headers[0])

@@ -70,8 +70,9 @@ class GrpcPrimary:
     """One connection (a channel and a session) to a primary database over gRPC."""
 
     def __init__(self, database, host: str, port: int, *, credentials=None,
-                 timeout_seconds: float = 15.0, primary: str = ""):
+                 timeout_seconds: float = 15.0, primary: str = "", replica_id: str):
         self.database = database          # this replica: what its ReplicaState says
+        self._replica_id = replica_id     # its UUID: the primary counts each replica once
         self.primary = primary or f"{host}:{port}"
         self._timeout = timeout_seconds
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -133,7 +134,6 @@ class GrpcPrimary:
     async def replica_ack(self, replica_id: str, tx_id: int, alh: bytes):
         """Held for the next request's ReplicaState; a request waiting on the primary is sent
         again with it (the primary counts acks only as requests bring them)."""
-        self._replica_id = replica_id
         if self._acked is None or tx_id > self._acked[0]:
             self._acked = (tx_id, alh)
             self._acked_changed.set()
@@ -176,7 +176,7 @@ class GrpcPrimary:
         tx_id, alh = self._acked
         floor = min(self.database.discard_floor, tx_id)
         return schema.ReplicaState(
-            UUID=getattr(self, "_replica_id", "") or f"{self.database.name}@replica",
+            UUID=self._replica_id,
             committedTxID=floor, committedAlh=self.database.alh_of(floor) if floor else b"",
             precommittedTxID=tx_id, precommittedAlh=alh if tx_id else b"")
 

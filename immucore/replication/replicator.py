@@ -237,7 +237,7 @@ class Replicator:
                 credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             return GrpcPrimary(self.database, s["primary_host"], s["primary_port"],
                                credentials=credentials, timeout_seconds=timeout,
-                               primary=self.primary)
+                               primary=self.primary, replica_id=self._replica_id)
         return AsyncClient(s["primary_host"], s["primary_port"], timeout=timeout, ssl=self._tls)
 
     async def _connect(self):
