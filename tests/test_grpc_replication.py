@@ -315,3 +315,34 @@ def test_a_server_level_replica_follows_systemdb_and_defaultdb_over_grpc(tmp_pat
                 except Exception:  # noqa: BLE001 - not there yet
                     return False
             _wait_for(caught_up, "systemdb and defaultdb over gRPC")
+
+
+def test_a_waiting_export_ends_with_the_error_when_its_user_loses_admin(tmp_path):
+    """A caught-up replica's request waits on the primary; its user's admin permission is
+    revoked meanwhile, then a commit comes: the stream answers the error, never the tx."""
+    with _GrpcNode(tmp_path / "p") as primary:
+        with _login(primary) as p:
+            p.set({b"a": b"1"})
+            p.create_user("follower", READER_PASSWORD, "admin", "defaultdb")
+        follower = _sdk(primary, "follower", READER_PASSWORD)
+        state = schema_pb2.ReplicaState(UUID="r1", precommittedTxID=1,
+                                        precommittedAlh=_alh(primary, 1))
+        outcome = {}
+
+        def export():
+            try:
+                outcome["answers"] = _messages(follower._stub.streamExportTx(
+                    iter([schema_pb2.ExportTxRequest(tx=2, replicaState=state)])))
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=export)
+        thread.start()
+        time.sleep(0.5)                                   # the request now waits for tx 2
+        with _login(primary) as p:
+            p.revoke("follower", "admin", "defaultdb")
+            p.set({b"b": b"2"})
+        thread.join(10)
+        assert "answers" not in outcome, outcome
+        # the change of the user ended its token: immudb's text, on which its replicator stops
+        assert outcome["error"].details() in ("permission denied", "no session found")
