@@ -346,3 +346,40 @@ def test_a_waiting_export_ends_with_the_error_when_its_user_loses_admin(tmp_path
         assert "answers" not in outcome, outcome
         # the change of the user ended its token: immudb's text, on which its replicator stops
         assert outcome["error"].details() in ("permission denied", "no session found")
+
+
+def test_a_grpc_replica_ahead_of_its_new_primary_discards_only_unacknowledged_txs(tmp_path):
+    """test_sync_replication's failover over gRPC: old primary P (sync, acks 1) with replicas
+    A and B following its gRPC face; B is promoted after tx 3 and writes its own tx 4; P goes on
+    with txs 4 and 5 that no quorum acknowledges. A, re-pointed to B's gRPC face, drops 4 and 5
+    (never 1..3, which P acknowledged: its floor came in may-commit-up-to) and follows B."""
+    from immucore.protocol.messages import RemoteError
+    with _GrpcNode(tmp_path / "p", "--replication-sync-timeout=1") as p_node, \
+            _GrpcNode(tmp_path / "r") as r_node:
+        with _login(p_node) as p, _login(r_node) as r:
+            p.create_database("main", {"sync_replication": True, "sync_acks": 1})
+            r.create_database("a", _grpc_replica_settings(p_node, "main",
+                                                          allow_tx_discarding=True))
+            r.create_database("b", _grpc_replica_settings(p_node, "main"))
+            p.use_database("main")
+            for n in range(3):
+                p.set({b"k%d" % n: b"acked"})
+            with _login(r_node, "b") as b:
+                _wait_for(lambda: b.current_state().tx_id == 3, "b at 3")
+            r.update_database("b", {"replica": False})           # promote b
+            with _login(r_node, "b") as b:
+                b.set({b"k3": b"b's own"})
+                b_state = b.current_state()
+            p.update_database("main", {"sync_acks": 3})           # nobody can ack any more
+            for n in (3, 4):
+                with pytest.raises(RemoteError, match="replication_timeout|sync replicas"):
+                    p.set({b"k%d" % n: b"never acked"})
+            with _login(r_node, "a") as a:
+                _wait_for(lambda: a.current_state().tx_id == 5, "a holds p's unacked txs")
+                r.update_database("a", {"primary_host": r_node.host,
+                                        "primary_port": r_node.grpc_port,
+                                        "primary_database": "b"})
+                _wait_for(lambda: a.current_state().tx_hash == b_state.tx_hash,
+                          "a follows b after discarding")
+                assert a.get(b"k3").value == b"b's own"
+                assert _status(r, "a")["state"] == "following"
