@@ -18,7 +18,7 @@ from immudb.grpc import schema_pb2
 from immucore.client import Client
 
 from .nodes import HOST, free_port, port_accepts, running_node
-from .test_replication import _fill, _login, _status, _wait_for
+from .test_replication import _fill, _immuadmin, _login, _status, _wait_for
 
 READER_PASSWORD = "Reader1!pwd"
 SYNC_FLAGS = ("--replication-sync-enabled=true", "--replication-sync-acks=1",
@@ -281,6 +281,13 @@ def test_a_read_user_may_not_replicate(tmp_path):
 def test_the_primary_protocol_setting_is_checked_and_kept(tmp_path):
     with running_node(tmp_path / "n") as node:
         _check_primary_protocol_setting(node)
+        home = tmp_path / "home"
+        assert _immuadmin(node, home, "login", "immudb", stdin="immudb\n").returncode == 0
+        made = _immuadmin(node, home, "database", "create", "--replication-is-replica=true",
+                          "--replication-primary-protocol", "grpc", "viaflag")
+        assert made.returncode == 0, made.stderr
+        with _login(node) as c:
+            assert c.database_settings("viaflag")["settings"]["primary_protocol"] == "grpc"
 
 
 def _check_primary_protocol_setting(node):
