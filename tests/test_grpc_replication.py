@@ -253,6 +253,11 @@ def test_immudbs_error_texts_verbatim(tmp_path):
         assert error.details() == "database is NOT a replica"
         error = _rpc_error(client.replicateTx, iter([schema_pb2.Chunk(content=b"1234")]))
         assert error.details() == "minimum chunk size is 4096"
+        # a length over one tx's export is refused before anything is allocated
+        huge = schema_pb2.Chunk(content=U64.pack(1 << 40) + b"x")
+        error = _rpc_error(client.replicateTx, iter([huge]))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds the limit" in error.details()
 
 
 def test_a_read_user_may_not_replicate(tmp_path):

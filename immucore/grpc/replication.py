@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
-from ..constants import GRPC_CHUNKED_MESSAGE_BYTES_MAX, GRPC_EXPORT_WAIT_MS
+from ..constants import GRPC_CHUNKED_MESSAGE_BYTES_MAX, GRPC_EXPORT_WAIT_MS, REPLICA_ID_CHARS_MAX
 from ..errors import IllegalArgumentsError, ImmucoreError, ReplicaDivergedError
 from . import convert, schema
 from .chunks import chunked, read_message
@@ -88,8 +88,9 @@ class ReplicationMethods:
         requests sends the same state many times: ``seen`` keeps, per stream, the state last
         found to be this database's, so it is checked once (a committed tx's Alh never
         changes while the stream lasts)."""
-        if not 0 < len(state.UUID) <= 256:
-            raise IllegalArgumentsError("replicaState.UUID must have 1..256 characters")
+        if not 0 < len(state.UUID) <= REPLICA_ID_CHARS_MAX:
+            raise IllegalArgumentsError(
+                f"replicaState.UUID must have 1..{REPLICA_ID_CHARS_MAX} characters")
         key = state.SerializeToString(deterministic=True)
         if seen.get("state") != key:
             committed = db.current_state().tx_id
