@@ -125,7 +125,7 @@ class GrpcPrimary:
         tx = await self._unary("TxById", self._tx_by_id, schema.TxRequest(tx=tx_id))
         h = tx.header
         metadata = b""
-        if h.HasField("metadata"):
+        if h.HasField("metadata") and h.metadata.ByteSize():     # an empty one is none
             raise ImmucoreError(f"tx {tx_id} on {self.primary} has tx metadata, which immucore "
                                 "does not write or check")
         return SimpleNamespace(header=TxHeader(h.id, h.prevAlh, h.ts, h.version, metadata,
