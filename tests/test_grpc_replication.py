@@ -395,3 +395,31 @@ def test_a_grpc_replica_ahead_of_its_new_primary_discards_only_unacknowledged_tx
                           "a follows b after discarding")
                 assert a.get(b"k3").value == b"b's own"
                 assert _status(r, "a")["state"] == "following"
+
+
+def test_a_grpc_replica_follows_a_tls_primary_and_verifies_it(tmp_path):
+    """--replication-tls-ca covers a primary followed over gRPC (TLS, its certificate checked
+    against that CA); a replica without it speaks plain gRPC, which a TLS primary never
+    answers: it retries, saying which call failed."""
+    import ssl
+    from .test_tls import _self_signed
+    cert, key = _self_signed(tmp_path)
+    with _GrpcNode(tmp_path / "p", "--certificate", cert, "--pkey", key) as primary, \
+            running_node(tmp_path / "r", "--replication-tls-ca", cert) as replica, \
+            running_node(tmp_path / "u") as untrusting:
+        with Client(primary.host, primary.port,
+                    ssl=ssl.create_default_context(cafile=cert)) as p:
+            p.login("immudb", "immudb")
+            p.set({b"over": b"tls"})
+        with _login(replica) as r:
+            r.create_database("replicadb", _grpc_replica_settings(primary))
+            r.use_database("replicadb")
+            _wait_for(lambda: r.current_state().tx_id == 1, "the tx over TLS")
+            assert r.get(b"over").value == b"tls"
+        with _login(untrusting) as u:
+            u.create_database("replicadb", _grpc_replica_settings(primary))
+            status = _wait_for(lambda: (s := _status(u, "replicadb") or {}).get("retries")
+                               and s, "a refused certificate")
+            assert status["state"] == "retrying" and "OpenSession" in status["last_error"]
+            u.use_database("replicadb")
+            assert u.current_state().tx_id == 0
