@@ -134,7 +134,8 @@ class GrpcPrimary:
     async def replica_ack(self, replica_id: str, tx_id: int, alh: bytes):
         """Held for the next request's ReplicaState; a request waiting on the primary is sent
         again with it (the primary counts acks only as requests bring them)."""
-        if self._acked is None or tx_id > self._acked[0]:
+        # the machine's acks only rise, except after a discard: then the lower one is the truth
+        if self._acked != (tx_id, alh):
             self._acked = (tx_id, alh)
             self._acked_changed.set()
 
