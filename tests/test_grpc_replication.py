@@ -270,8 +270,9 @@ def test_a_read_user_may_not_replicate(tmp_path):
         reader = _sdk(primary, "reader", READER_PASSWORD)
         admin = _sdk(primary)
         chunks = list(admin.exportTx(1))
+        one_request = iter([schema_pb2.ExportTxRequest(tx=1)])
         for call, args in ((reader.exportTx, (1,)),
-                           (reader._stub.streamExportTx, (iter([schema_pb2.ExportTxRequest(tx=1)]),))):
+                           (reader._stub.streamExportTx, (one_request,))):
             error = _rpc_error(call, *args)
             assert error.code() == grpc.StatusCode.INTERNAL
             assert error.details() == "permission denied"
