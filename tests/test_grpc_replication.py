@@ -162,6 +162,15 @@ def test_an_external_copier_built_on_immudbs_sdk_copies_a_database(tmp_path):
             t.create_database("copydb", {"replica": True})  # fed from outside
         src, dst = _sdk(source), _sdk(target, database=b"copydb")
         last = src.currentState().txId
+        # a tx altered on the way is verified as every replicated tx is: refused, not applied
+        [chunk] = list(src.exportTx(1))
+        assert chunk.content.count(b"v0") == 1                 # tx 1's value
+        tampered = schema_pb2.Chunk(content=chunk.content.replace(b"v0", b"v9"),
+                                    metadata=chunk.metadata)
+        error = _rpc_error(dst.replicateTx, iter([tampered]))
+        assert "corrupted" in error.details().lower() or "hash" in error.details().lower(), \
+            error.details()
+        assert dst.currentState().txId == 0
         for tx in range(1, last + 1):
             header = dst.replicateTx(src.exportTx(tx))      # the SDK's own calls, chained
             assert header.id == tx
