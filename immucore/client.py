@@ -96,6 +96,11 @@ class StateStore:
             return State(database, 0, _EMPTY_HASH)
         return State(database, raw["tx_id"], bytes.fromhex(raw["tx_hash"]))
 
+    def databases(self, server: str) -> List[str]:
+        """The databases of ``server`` with a trusted state, sorted."""
+        head = server + "/"
+        return sorted(key[len(head):] for key in self._states if key.startswith(head))
+
     def put(self, server: str, state: State):
         key = f"{server}/{state.db}"
         with self._lock:

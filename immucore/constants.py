@@ -187,3 +187,13 @@ GRPC_CONCURRENT_RPCS_MAX = 4096
 GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
+
+# --- immuclient audit-mode (docs/audit.md) ------------------------------------------------------
+AUDIT_INTERVAL_SECONDS_MIN = 0.1        # a shorter --audit-interval would spin on the node;
+                                        # tests use 0.2 s, operators immudb's 60 s
+AUDIT_ROUNDS_MAX = 1 << 31              # --audit-rounds above this is a typo, not a plan
+AUDIT_CALL_TIMEOUT_SECONDS = 10.0       # one unanswered call fails the round (an error, -2),
+                                        # instead of stalling every later round behind it
+AUDIT_HEALTH_TIMEOUT_SECONDS = 2.0      # /livez, /readyz: a probe must answer quickly
+AUDIT_DATABASES_MAX = 10_000            # databases audited a round; more is refused by name,
+                                        # before any state is fetched

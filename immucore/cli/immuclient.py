@@ -24,6 +24,7 @@ import sys
 from .. import codec
 from ..client import StateStore
 from ..errors import KeyNotFoundError
+from .audit import add_audit_flags, cmd_audit_mode
 from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login,
                      cmd_logout, cmd_status, common_parent, home_path, run)
 from .version import add_version_command, add_version_flag
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
             tx_id, aliases=("safetx",))
     command("current", cmd_current, "the current state (tx id and hash) of the database",
             aliases=("state",))
+    sub = command("audit-mode", cmd_audit_mode, "audit the node continuously: every interval, "
+                  "check each database's consistency from its last trusted state "
+                  "(docs/audit.md)")
+    add_audit_flags(sub)
     return parser
 
 
