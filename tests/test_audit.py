@@ -4,6 +4,7 @@ another node's log of the same length, or by an earlier copy of itself: a cut lo
 Prometheus metrics read over HTTP."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -302,3 +303,24 @@ def test_auditor_keeps_auditing_while_the_node_is_down_and_stops_on_sigint(tmp_p
         assert code == 1, auditor.log()            # errors were seen, no tampering
         assert "could not connect to" in auditor.log()
         assert auditor.log().rstrip().endswith("auditor stopped")
+
+
+def test_auditor_runs_as_a_user_who_may_read_only_the_audited_database(tmp_path):
+    """immudb's Login needs no database; here a login is on one, so an auditor user without
+    defaultdb logs in on its --audit-databases; the password as immudb's enc:<base64>."""
+    with running_node(tmp_path / "node") as node:
+        write(node, "appdb", [b"v0", b"v1"], create=True)
+        write(node, "otherdb", [b"v0"], create=True)
+        with Client(node.host, node.port) as client:
+            client.login(*ADMIN)
+            client.create_user("auditor", "Auditor@123", "read", "appdb")
+        argv = audit_argv(node, "--audit-rounds", "1", "--audit-monitoring-port",
+                          str(free_port()), "--audit-databases", "appdb")
+        argv[argv.index("--audit-username") + 1] = "auditor"
+        argv[argv.index("--audit-password") + 1] = "enc:" + base64.b64encode(
+            b"Auditor@123").decode()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=ROUND_SECONDS_MAX,
+                              env=dict(os.environ, IMMUCORE_CLI_HOME=str(tmp_path / "home")))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert list(trusted(tmp_path / "home")) == [f"{node.address}/appdb"]
+        assert "otherdb" not in done.stdout

@@ -58,6 +58,9 @@ RESULT_OK, RESULT_TAMPERED, RESULT_NOT_CHECKED, RESULT_ERROR = 1, 0, -1, -2
 _SEVERITY = {RESULT_NOT_CHECKED: 0, RESULT_OK: 1, RESULT_ERROR: 2, RESULT_TAMPERED: 3}
 
 EXIT_OK, EXIT_ERRORS, EXIT_TAMPERED = 0, 1, 2
+# a login on defaultdb refused for these reasons is tried again on each --audit-databases name
+# (no permission on it; it is missing or not loaded: DatabaseError's code)
+LOGIN_ELSEWHERE_CODES = frozenset({"no_database_permission", "database"})
 
 
 # --- flags ------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ class Auditor:
                                       f"{exc.strerror or exc}", started)
         try:
             try:
-                client.login(self.username, self.password)
+                self._login(client)
             except (ImmucoreError, OSError, TimeoutError) as exc:
                 return self._round_failed(f"error logging in with user {self.username}: {exc}",
                                           started)
@@ -251,6 +254,20 @@ class Auditor:
         finally:
             client.close()
         return self._round_done(audits, started)
+
+    def _login(self, client: Client):
+        """Log in on defaultdb, as immudb's Login does; an auditor allowed to read only some
+        databases logs in on the first of --audit-databases it may read instead."""
+        first_error = None
+        for database in ("defaultdb", *self.prefixes):
+            try:
+                client.login(self.username, self.password, database)
+                return
+            except ImmucoreError as exc:
+                if getattr(exc, "code", None) not in LOGIN_ELSEWHERE_CODES:
+                    raise
+                first_error = first_error or exc
+        raise first_error
 
     def _round_failed(self, message: str, started: float):
         self.log.error(f"audit #{self.number} aborted: {message}")
