@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from immucore.client import Client
+from immucore.constants import AUDIT_CALL_TIMEOUT_SECONDS
 
 from .nodes import NodeProcess, free_port, running_node
 
@@ -268,6 +269,9 @@ def test_auditor_refuses_bad_flags_and_an_unreadable_state_file(tmp_path):
         assert (done.returncode, done.stderr) == (
             1, "immuclient: invalid --audit-interval 'soon': expected a duration such as 60s, "
                "5m or 500ms\n")
+        done = audit_once(node, tmp_path / "h2", "--audit-interval", "1ms")
+        assert (done.returncode, done.stderr) == (
+            1, "immuclient: --audit-interval 1ms is shorter than 100ms\n")
         busy = free_port()
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", busy))
@@ -324,3 +328,24 @@ def test_auditor_runs_as_a_user_who_may_read_only_the_audited_database(tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         assert list(trusted(tmp_path / "home")) == [f"{node.address}/appdb"]
         assert "otherdb" not in done.stdout
+
+
+def test_a_node_that_stops_answering_fails_the_round_within_the_call_timeout(tmp_path):
+    """SIGSTOP: the node's kernel still accepts connections, nothing answers. The round ends as
+    an error after AUDIT_CALL_TIMEOUT_SECONDS instead of waiting for ever; SIGCONT: ok again."""
+    with running_node(tmp_path / "node") as node:
+        write(node, "appdb", [b"v0"], create=True)
+        auditor = RunningAuditor(node, tmp_path / "home")
+        try:
+            assert auditor.next_round()["immuclient_audit_result_per_server", None] == 1
+            node.process.send_signal(signal.SIGSTOP)
+            try:
+                metrics = auditor.next_round()
+            finally:
+                node.process.send_signal(signal.SIGCONT)
+            assert metrics["immuclient_audit_result_per_server", None] == -2
+            seconds = metrics["immuclient_audit_duration_seconds", None]
+            assert AUDIT_CALL_TIMEOUT_SECONDS <= seconds < 3 * AUDIT_CALL_TIMEOUT_SECONDS
+            assert auditor.next_round()["immuclient_audit_result_per_server", None] == 1
+        finally:
+            auditor.stop()

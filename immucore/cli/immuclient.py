@@ -6,6 +6,7 @@
     immuclient get mykey@1                 # its first value; mykey@-1: the one before the current
     immuclient restore mykey@-1            # write that value again, as a new revision
     immuclient --json history mykey        # one JSON object per line
+    immuclient audit-mode --audit-username immudb --audit-password immudb   # docs/audit.md
 
 Revisions are immudb's: N > 0 is the key's N-th value (1 = the first), 0 the current one, a
 negative N counts back from the current one. ``--revision-separator`` (default ``@``; ``""``
