@@ -141,6 +141,7 @@ def test_auditor_reports_a_log_replaced_by_one_of_the_same_length(tmp_path):
     home = tmp_path / "home"
     with running_node(tmp_path / "node") as node:
         write(node, "appdb", [b"real-%d" % i for i in range(3)], create=True)
+        write(node, "zdb", [b"untouched"], create=True)     # audited after appdb, stays ok
         auditor = RunningAuditor(node, home)
         try:
             metrics = auditor.next_round()
@@ -161,7 +162,8 @@ def test_auditor_reports_a_log_replaced_by_one_of_the_same_length(tmp_path):
             assert forged.tx_id == 5 and forged.tx_hash != real.tx_hash
             metrics = auditor.next_round()
             assert metrics["immuclient_audit_result_per_database", "appdb"] == 0
-            assert metrics["immuclient_audit_result_per_server", None] == 0
+            assert metrics["immuclient_audit_result_per_database", "zdb"] == 1
+            assert metrics["immuclient_audit_result_per_server", None] == 0   # the worst
             assert metrics["immuclient_audit_prev_root_per_database", "appdb"] == 5
             assert trusted(home)[key] == {"tx_id": 5, "tx_hash": real.tx_hash.hex()}
             assert "detected possible tampering of db appdb" in auditor.log()
