@@ -41,7 +41,7 @@ from ..constants import (AUDIT_CALL_TIMEOUT_SECONDS, AUDIT_DATABASES_MAX,
 from ..errors import ImmucoreError, VerificationError
 from ..types import State
 from ..version import VERSION
-from .common import CliError, home_path, tls_context
+from .common import CliError, Session, home_path, tls_context
 
 # immudb's defaults (cmd/immuclient/command/init.go; the interval: its audit-agent-interval)
 AUDIT_INTERVAL_DEFAULT = "60s"
@@ -83,7 +83,7 @@ def add_audit_flags(sub):
                      help="host of the monitoring HTTP server (metrics, health, version; "
                           f"default {AUDIT_MONITORING_HOST_DEFAULT})")
     sub.add_argument("--audit-monitoring-port", type=int,
-                     default=int(_env("audit-monitoring-port", AUDIT_MONITORING_PORT_DEFAULT)),
+                     default=str(_env("audit-monitoring-port", AUDIT_MONITORING_PORT_DEFAULT)),
                      help="port of the monitoring HTTP server (default "
                           f"{AUDIT_MONITORING_PORT_DEFAULT})")
     sub.add_argument("--audit-interval",
@@ -95,7 +95,9 @@ def add_audit_flags(sub):
     sub.add_argument("--audit-state-file", default=_env("audit-state-file", AUDIT_STATE_FILE),
                      help="the auditor's trusted states, relative to the home directory "
                           f"(default ~/{AUDIT_STATE_FILE}); never reset by the auditor")
-    sub.add_argument("--audit-rounds", type=int, default=int(_env("audit-rounds", 0)),
+    # string defaults: argparse converts them only when audit-mode runs, so a bad variable
+    # never breaks immuclient's other commands
+    sub.add_argument("--audit-rounds", type=int, default=str(_env("audit-rounds", 0)),
                      help="stop after this many rounds (immucore's; default 0: run until "
                           "SIGINT or SIGTERM)")
     sub.add_argument("--server-signing-pub-key", dest="server_signing_pub_key",
@@ -226,7 +228,8 @@ class Auditor:
                             state_store=StateStore(None))
         except OSError as exc:
             return self._round_failed(f"could not connect to {self.address}: "
-                                      f"{exc.strerror or exc}", started)
+                                      f"{exc.strerror or str(exc) or type(exc).__name__}",
+                                      started)
         try:
             try:
                 self._login(client)
@@ -554,8 +557,12 @@ def cmd_audit_mode(args) -> int:
             load_public_key(public_key)
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot read --server-signing-pub-key {public_key}: {exc}") from None
-    host = args.address or "127.0.0.1"
-    port = args.port or 3322
+    session = Session(args)       # the node: the flags, else the saved login's, else defaults;
+    try:                          # its token is not used (the auditor logs in as its own user)
+        saved = session.load()
+    except CliError:
+        saved = None
+    host, port = session.server(saved)
     store = StateStore(home_path(args.audit_state_file))    # unreadable: an error, never reset
     log = Log()
     address = f"{host}:{port}"
