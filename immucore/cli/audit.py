@@ -223,7 +223,8 @@ class Auditor:
         self.log.info(f"audit #{self.number} started @ {start.isoformat()}")
         audits: List[DatabaseAudit] = []
         try:
-            client = Client(self.host, self.port, ssl=self.ssl, timeout=AUDIT_CALL_TIMEOUT_SECONDS,
+            client = Client(self.host, self.port, ssl=self.ssl,
+                            timeout=AUDIT_CALL_TIMEOUT_SECONDS,
                             server_public_key=self.public_key or None,
                             state_store=StateStore(None))
         except OSError as exc:
