@@ -233,6 +233,23 @@ def test_create_user_rules(store):
         store.create_user("bob3", "Good1Pwd!", "write", "defaultdb", "immudb")
 
 
+def test_a_creator_changed_since_its_snapshot_creates_nobody(store):
+    """USER_CREATE carries the creator as of its session; the store reads the creator's current
+    record under its lock (as every other user change does), so a creator stripped of admin or
+    deactivated meanwhile creates nobody."""
+    store.create_user("dba", "Good1Pwd!", "admin", "defaultdb", sysadmin(store))
+    stale = store.get_user("dba")
+    store.create_user("first", "Good1Pwd!", "read", "defaultdb", stale)      # still allowed
+    store.revoke("dba", "admin", "defaultdb", by_user=sysadmin(store))
+    with pytest.raises(PermissionDeniedError):
+        store.create_user("second", "Good1Pwd!", "read", "defaultdb", stale)
+    store.grant("dba", "admin", "defaultdb", by_user=sysadmin(store))
+    store.set_active("dba", False, by_user=sysadmin(store))
+    with pytest.raises(UserNotActiveError):
+        store.create_user("third", "Good1Pwd!", "read", "defaultdb", stale)
+    assert {u.username for u in store.list_users()} == {"immudb", "dba", "first"}
+
+
 # --- the sysadmin --------------------------------------------------------------------------
 
 def test_ensure_sysadmin_creates_once(store):

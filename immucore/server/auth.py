@@ -326,11 +326,18 @@ class UserStore:
             raise PermissionDeniedError(f"{SYSADMIN_USERNAME} is reserved for the sysadmin")
         else:
             _check_grant_target(value, database)
+        creator = created_by
         created_by = _actor_name(created_by)
         secret = _new_password(password, check_strength)
         hashed = self._hash_noted(secret)
         now = self._clock()
         with self._lock:
+            if isinstance(creator, User):
+                # the creator's current record, as every other user change reads it: one
+                # deactivated or stripped of admin while the password was hashed creates nothing
+                actor = self._actor(creator)
+                if not (actor.sysadmin or actor.can(database, "admin")):
+                    raise PermissionDeniedError()
             if self._load(name) is not None:
                 raise UserAlreadyExistsError()
             record = {"username": name, "active": True,

@@ -545,13 +545,17 @@ class Node:
         except auth.AuthError:
             pass
 
-    def manage(self, fn, *args):
-        """Run a database management call under the node's management lock."""
+    def manage(self, fn, *args, permit=None):
+        """Run a database management call under the node's management lock. ``permit`` (the
+        caller's, server/handlers.py) is checked again once the lock is held: a caller whose
+        right was revoked while it waited for another management call changes nothing."""
         if self.server_replication is not None:
             raise DatabaseError(
                 "database management is not available on a server-level replica: its systemdb "
                 "(users and database settings) follows the primary")
         with self.management_lock:
+            if permit is not None:
+                permit.check_anywhere()
             return fn(*args)
 
     # --- connections ----------------------------------------------------------------------
