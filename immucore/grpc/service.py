@@ -101,9 +101,9 @@ class ImmuService:
         peer = _peer_address(context.peer() or "")
         if peer is not None and _is_loopback(peer):
             return
-        exposed = self.node.users.users_with_well_known_password()
+        exposed, judged = self.node.exposed_users()
         if exposed:
-            raise ProtectedModeError(protected_mode_message(exposed))
+            raise ProtectedModeError(protected_mode_message(exposed, judged))
 
     def _call(self, context) -> GrpcCall:
         """The call's credentials: a session id (``sessionid``) or a token (``authorization``)."""

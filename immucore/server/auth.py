@@ -466,6 +466,30 @@ class UserStore:
             self._well_known_users = (tx_id, tuple(found))
         return tuple(found)
 
+    def well_known_users_judged(self) -> Tuple[Tuple[str, ...], bool]:
+        """``(names, complete)`` without hashing anything, for the event loop: the active users
+        known to hold a well-known password, plus — failing closed — every active user whose
+        record this process has not judged yet (``complete`` False then: a thread should run
+        ``users_with_well_known_password`` to judge them)."""
+        tx_id = self.db.current_state().tx_id
+        computed_at, names = self._well_known_users
+        if computed_at == tx_id:
+            return names, True
+        found, complete = [], True
+        for user in self.list_users():
+            loaded = self._load(user.username)
+            if loaded is None:
+                continue
+            well_known = self._well_known_by_hash.get(loaded[1]["hash"])
+            if well_known is None:
+                complete, well_known = False, True
+            if well_known and loaded[0].active:
+                found.append(user.username)
+        if complete:
+            with self._lock:
+                self._well_known_users = (tx_id, tuple(found))
+        return tuple(found), complete
+
     def _hash_noted(self, secret: bytes) -> dict:
         """A new hash of ``secret``, remembering whether it is a well-known password."""
         hashed = _hash_password(secret, self._scrypt_n)
