@@ -15,7 +15,6 @@ from immucore.client import AsyncClient, Client
 from immucore.database import open_database
 from immucore.errors import (CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError,
                              ReplicationLoopError)
-from immucore.protocol.messages import RemoteError
 
 from .nodes import running_node
 
