@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from immudb import constants, datatypesv2
 from immudb.grpc import schema_pb2, schema_pb2_grpc
@@ -219,3 +220,38 @@ def test_what_a_non_admin_is_refused_with_immudbs_texts(node):
         stub = schema_pb2_grpc.ImmuServiceStub(channel)
         anonymous = rpc_error(stub.DatabaseListV2, schema_pb2.DatabaseListRequestV2())
     assert anonymous.details() == "not logged in"
+
+
+def test_tx_scan_counts_and_the_index_calls(node):
+    admin = sdk(node)
+    admin.createDatabaseV2("scandb", datatypesv2.DatabaseSettingsV2(), True)
+    admin.useDatabase(b"scandb")
+    first = admin.set(b"c1", b"1").id
+    admin.setAll({b"c2": b"2", b"other": b"3"})
+    admin.delete(datatypesv2.DeleteKeysRequest(keys=[b"c1"]))
+    last = admin.currentState().txId
+
+    ascending = admin.txScan(first, limit=10)
+    assert [t.header.id for t in ascending.txs] == list(range(first, last + 1))
+    assert ascending.txs[1].header.nentries == 2
+    descending = admin.txScan(last, limit=2, desc=True)
+    assert [t.header.id for t in descending.txs] == [last, last - 1]
+    error = rpc_error(admin.txScan, first, 1001)
+    assert error.details() == ("result size limit exceeded: the specified limit (1001) is "
+                               "larger than the maximum allowed one (1000)")
+
+    count = admin._stub.Count(schema_pb2.KeyPrefix(prefix=b"c")).count
+    assert count == 1                                 # c1 was deleted: live keys are counted
+    assert admin._stub.CountAll(empty_pb2.Empty()).count == 2
+    # more keys than one scan page: counted page by page
+    for chunk in range(3):
+        admin.setAll({f"many{chunk}-{i:04}".encode(): b"v" for i in range(400)})
+    assert admin._stub.Count(schema_pb2.KeyPrefix(prefix=b"many")).count == 1200
+
+    assert admin.flushIndex(10.0, True).database == "scandb"
+    assert admin.compactIndex()
+    admin.createUser("reader", USER_PASSWORD, constants.PERMISSION_R, "scandb")
+    reader = sdk(node, "reader", USER_PASSWORD, database=b"scandb")
+    assert len(reader.txScan(first, limit=3).txs) == 3      # a reader may scan and count
+    assert rpc_error(reader.flushIndex, 0.0, False).details() == "permission denied"
+    assert rpc_error(reader.compactIndex).details() == "permission denied"

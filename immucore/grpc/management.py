@@ -161,22 +161,6 @@ class ManagementMethods:
                                lambda user: user.username)
         return schema.DeleteDatabaseResponse(database=request.database)
 
-    # --- the index: what immucore does instead ----------------------------------------------------
-
-    @served
-    async def FlushIndex(self, request, context):
-        """immucore's key index is LMDB, committed by its worker batch by batch: there is no
-        in-memory index to flush and no intermediate data to clean up. Admin, as immudb."""
-        db, _ = self._db(context, "admin")
-        return schema.FlushIndexResponse(database=db.name)
-
-    @served
-    async def CompactIndex(self, request, context):
-        """LMDB reuses the pages it frees: the index never needs a compaction. Admin, as
-        immudb."""
-        self._db(context, "admin")
-        return schema.Empty()
-
     # --- users ----------------------------------------------------------------------------------
 
     @served

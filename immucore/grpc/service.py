@@ -19,6 +19,7 @@ from ..server.handlers import Dispatcher, _Permit
 from ..server.node import (DatabaseError, _folder_size, _is_loopback,
                            protected_mode_message)
 from . import convert, schema
+from .db_operations import DbOperations
 from .management import ManagementMethods
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
@@ -83,7 +84,7 @@ def _peer_address(peer: str):
     return None
 
 
-class ImmuService(ManagementMethods):
+class ImmuService(ManagementMethods, DbOperations):
     def __init__(self, node):
         self.node = node
         self.checks = _Checks(node)
