@@ -174,6 +174,19 @@ def test_users_and_permissions(node):
     admin.changePermission(constants.PERMISSION_REVOKE, "alice", "teamdb", constants.PERMISSION_R)
     assert rpc_error(alice.currentState).code() == grpc.StatusCode.UNKNOWN   # token ended
 
+    # ChangePermission's refusals carry immudb's own status codes
+    grant = constants.PERMISSION_GRANT
+    for args, code, text in (
+            (("immudb", "teamdb"), grpc.StatusCode.INVALID_ARGUMENT,
+             "changing your own permissions is not allowed"),
+            (("alice", "nosuchdb"), grpc.StatusCode.INVALID_ARGUMENT, "database does not exist"),
+            (("nobody", "teamdb"), grpc.StatusCode.NOT_FOUND, "user nobody not found")):
+        error = rpc_error(admin.changePermission, grant, args[0], args[1], constants.PERMISSION_R)
+        assert (error.code(), error.details()) == (code, text), args
+    error = rpc_error(admin.changePermission, grant, "alice", "teamdb", 3)
+    assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                               "unrecognized permission")
+
     new_password = "Alice2!pwd"
     alice = sdk(node, "alice", USER_PASSWORD)
     alice.changePassword("alice", new_password, USER_PASSWORD)
@@ -193,6 +206,7 @@ def test_what_a_non_admin_is_refused_with_immudbs_texts(node):
     admin.createUser("bob", USER_PASSWORD, constants.PERMISSION_R, "defaultdb")
     bob = sdk(node, "bob", USER_PASSWORD)
 
+    admin.createUser("dave", USER_PASSWORD, constants.PERMISSION_R, "defaultdb")
     error = rpc_error(bob.createDatabaseV2, "bobdb", datatypesv2.DatabaseSettingsV2(), False)
     assert error.code() == grpc.StatusCode.UNKNOWN
     assert error.details() == "loggedin user does not have permissions for this operation"
@@ -205,10 +219,10 @@ def test_what_a_non_admin_is_refused_with_immudbs_texts(node):
                                    "admin permission on this database"), call
     error = rpc_error(bob.createUser, "carol", USER_PASSWORD, constants.PERMISSION_R, "defaultdb")
     assert "admin permission" in error.details()
-    error = rpc_error(bob.changePermission, constants.PERMISSION_GRANT, "bob", "defaultdb",
+    error = rpc_error(bob.changePermission, constants.PERMISSION_GRANT, "dave", "defaultdb",
                       constants.PERMISSION_ADMIN)
-    assert "admin permission" in error.details()
-    admin.createUser("dave", USER_PASSWORD, constants.PERMISSION_R, "defaultdb")
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "you do not have permission on this database"
     assert rpc_error(bob.setActiveUser, False, "dave").code() == grpc.StatusCode.INTERNAL
     assert {u.user: u for u in admin.listUsers().userlist.users}[b"dave"].active
     # what bob may do: read his database's settings, list what he can read, and himself
