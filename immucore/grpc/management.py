@@ -55,14 +55,14 @@ def _uncoded(check, *args):
 class ManagementMethods:
     # --- databases ------------------------------------------------------------------------------
 
-    def _user(self, context):
-        """The caller's user, its token or session id checked as on every call."""
+    def _checked_call(self, context):
+        """The call's credentials, its token or session id checked as on every call."""
         call = self._call(context)
         self._session(call)
         return call
 
     async def _create(self, context, name: str, settings_message, if_not_exists: bool):
-        call = self._user(context)
+        call = self._checked_call(context)
         user = _uncoded(self.checks._sysadmin, call)
         requested = nullable_settings.settings_from(settings_message)
         existed = name in self.node.settings
@@ -91,7 +91,7 @@ class ManagementMethods:
                                              alreadyExisted=existed)
 
     async def _update(self, context, name: str, settings_message) -> dict:
-        call = self._user(context)
+        call = self._checked_call(context)
         user = _uncoded(self.checks._db_admin, call, name)
         requested = nullable_settings.settings_from(settings_message)
         return await self._read(self.node.manage, self.node.update_database, name, requested,
@@ -127,7 +127,7 @@ class ManagementMethods:
 
     async def _listed(self, context) -> list:
         """The databases the caller may read (all for the sysadmin), as the native list."""
-        call = self._user(context)
+        call = self._checked_call(context)
         listed = await self._read(self.node.list_databases)
         _, user = self._session(call)          # still logged in after the read, and as whom
         return [d for d in listed if user.sysadmin or user.can(d["name"], "read")]
@@ -152,7 +152,7 @@ class ManagementMethods:
         return out
 
     async def _admin_call(self, context, name: str, fn, *args):
-        call = self._user(context)
+        call = self._checked_call(context)
         user = _uncoded(self.checks._db_admin, call, name)
         await self._read(self.node.manage, fn, name, *(a(user) if callable(a) else a
                                                         for a in args))
@@ -177,7 +177,7 @@ class ManagementMethods:
 
     @served
     async def CreateUser(self, request, context):
-        call = self._user(context)
+        call = self._checked_call(context)
         name = _text(request.user, "user")
         permission = auth.parse_permission(request.permission)
         if permission == auth.PERMISSION_SYSADMIN:
@@ -191,7 +191,7 @@ class ManagementMethods:
 
     @served
     async def ListUsers(self, request, context):
-        call = self._user(context)
+        call = self._checked_call(context)
         users = await self._read(self.node.users.list_users)
         _, user = self._session(call)          # still logged in after the read, and as whom
         if not user.sysadmin:
@@ -207,7 +207,7 @@ class ManagementMethods:
 
     @served
     async def ChangePassword(self, request, context):
-        call = self._user(context)
+        call = self._checked_call(context)
         _, user = self._session(call)
         name = _text(request.user, "user")
         await self._read(self.node.users.change_password, name, request.oldPassword or None,
@@ -218,7 +218,7 @@ class ManagementMethods:
     async def ChangePermission(self, request, context):
         """immudb's order of checks, and its status codes: this is the one user call where
         immudb gives its refusals codes of their own."""
-        call = self._user(context)
+        call = self._checked_call(context)
         _, user = self._session(call)
         if not request.username:
             raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "username can not be empty")
@@ -256,7 +256,7 @@ class ManagementMethods:
 
     @served
     async def SetActiveUser(self, request, context):
-        call = self._user(context)
+        call = self._checked_call(context)
         _, user = self._session(call)
         await self._read(self.node.users.set_active, request.username, request.active,
                          by_user=user)
