@@ -269,3 +269,21 @@ def test_tx_scan_counts_and_the_index_calls(node):
     assert len(reader.txScan(first, limit=3).txs) == 3      # a reader may scan and count
     assert rpc_error(reader.flushIndex, 0.0, False).details() == "permission denied"
     assert rpc_error(reader.compactIndex).details() == "permission denied"
+
+
+def test_immudbs_older_database_calls(node):
+    """CreateDatabase, CreateDatabaseWith, DatabaseList, UpdateDatabase and GetDatabaseSettings:
+    immudb's first API, which its older tools still call."""
+    admin = sdk(node)
+    admin.createDatabase(b"olddb")
+    assert "olddb" in admin.databaseList()
+    stub = admin._stub
+    stub.CreateDatabaseWith(schema_pb2.DatabaseSettings(databaseName="withdb", maxKeyLen=300))
+    stub.UpdateDatabase(schema_pb2.DatabaseSettings(databaseName="withdb", maxKeyLen=300))
+    error = rpc_error(stub.UpdateDatabase,
+                      schema_pb2.DatabaseSettings(databaseName="withdb", fileSize=1 << 20))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "fileSize" in error.details()
+    admin.useDatabase(b"withdb")
+    old = stub.GetDatabaseSettings(empty_pb2.Empty())
+    assert (old.databaseName, old.maxKeyLen, old.fileSize, old.replica) == \
+        ("withdb", 300, 1 << 29, False)
