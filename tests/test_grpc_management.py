@@ -287,3 +287,49 @@ def test_immudbs_older_database_calls(node):
     old = stub.GetDatabaseSettings(empty_pb2.Empty())
     assert (old.databaseName, old.maxKeyLen, old.fileSize, old.replica) == \
         ("withdb", 300, 1 << 29, False)
+
+
+def test_an_unload_that_waited_for_the_lock_across_a_revocation_changes_nothing(tmp_path):
+    """As on the native port: a database admin's UnloadDatabase waits for the management lock
+    (held by another unload whose index worker is stopped with SIGSTOP); its admin right is
+    revoked meanwhile; once it holds the lock it is checked again and unloads nothing."""
+    import os
+    import signal
+    import threading
+
+    from immucore import Client
+
+    from .nodes import index_worker_pid
+
+    with grpc_node(tmp_path) as real, Client(real.host, real.port) as admin:
+        admin.login("immudb", "immudb")
+        admin.create_database("slow")
+        admin.create_database("other")
+        admin.create_user("dba", "Dba1!password", "admin", "other")
+        worker = index_worker_pid(real, "slow")
+        os.kill(worker, signal.SIGSTOP)
+        outcome = {}
+
+        def unload(name, user, password):
+            try:
+                outcome[name] = sdk(real, user, password, name.encode()).unloadDatabase(name)
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                outcome[name] = exc
+
+        holder = threading.Thread(target=unload, args=("slow", "immudb", "immudb"))
+        holder.start()
+        time.sleep(1.0)                       # the holder has the lock, closing the worker
+        waiter = threading.Thread(target=unload, args=("other", "dba", "Dba1!password"))
+        waiter.start()
+        time.sleep(1.0)
+        try:
+            assert holder.is_alive() and waiter.is_alive(), outcome
+            admin.revoke("dba", "admin", "other")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        holder.join(60)
+        waiter.join(60)
+        assert not isinstance(outcome["slow"], Exception), outcome
+        assert isinstance(outcome["other"], grpc.RpcError), outcome
+        loaded = {d["name"]: d for d in admin.list_databases()}
+        assert loaded["other"]["loaded"] is True

@@ -66,9 +66,17 @@ class ManagementMethods:
         user = _uncoded(self.checks._sysadmin, call)
         requested = nullable_settings.settings_from(settings_message)
         existed = name in self.node.settings
-        s = await self._read(self.node.manage, self.node.create_database, name, requested,
-                             user.username, if_not_exists)
+        s = await self._managed(self.checks._sysadmin_permit(call), self.node.create_database,
+                                name, requested, user.username, if_not_exists)
         return existed, s
+
+    async def _managed(self, permit, fn, *args):
+        """A management call under the node's management lock; the caller's right is checked
+        again once the lock is held (a revocation while it waited changes nothing)."""
+        try:
+            return await self._read(self.node.manage, fn, *args, permit=permit)
+        except auth.PermissionDeniedError as exc:
+            raise ImmucoreError(str(exc)) from None      # immudb's uncoded refusal
 
     @served
     async def CreateDatabase(self, request, context):
@@ -94,8 +102,8 @@ class ManagementMethods:
         call = self._checked_call(context)
         user = _uncoded(self.checks._db_admin, call, name)
         requested = nullable_settings.settings_from(settings_message)
-        return await self._read(self.node.manage, self.node.update_database, name, requested,
-                                user.username)
+        return await self._managed(self.checks._db_admin_permit(call, name),
+                                   self.node.update_database, name, requested, user.username)
 
     @served
     async def UpdateDatabase(self, request, context):
@@ -154,8 +162,8 @@ class ManagementMethods:
     async def _admin_call(self, context, name: str, fn, *args):
         call = self._checked_call(context)
         user = _uncoded(self.checks._db_admin, call, name)
-        await self._read(self.node.manage, fn, name, *(a(user) if callable(a) else a
-                                                        for a in args))
+        await self._managed(self.checks._db_admin_permit(call, name), fn, name,
+                            *(a(user) if callable(a) else a for a in args))
 
     @served
     async def LoadDatabase(self, request, context):
