@@ -187,3 +187,13 @@ GRPC_CONCURRENT_RPCS_MAX = 4096
 GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
+
+# --- gRPC on the native port (server/shared_port.py, docs/grpc.md "One port") --------------------
+# A splice's bytes buffered toward one side before it stops reading the other: HTTP/2's own
+# windows (64 KiB by default per stream) keep it far below this, the cap is for a peer that
+# ignores them. A spliced connection counts against --max-connections; before its first bytes
+# arrive it is a connection waiting to log in (PREAUTH_CONNECTIONS_MAX, PREAUTH_IDLE_SECONDS).
+SPLICE_BUFFER_BYTES_MAX = 1 << 20
+# A gRPC connection with no call for this long is closed (GOAWAY; immudb's SDKs reconnect), as a
+# native one is after CONNECTION_IDLE_SECONDS: idle channels must not hold connection slots.
+GRPC_CONNECTION_IDLE_SECONDS = CONNECTION_IDLE_SECONDS

@@ -19,6 +19,7 @@ from ..server import auth
 from ..server.handlers import Dispatcher, _Permit
 from ..server.node import (DatabaseError, _folder_size, _is_loopback,
                            protected_mode_message)
+from ..server.shared_port import real_peer
 from . import convert, schema
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
@@ -98,7 +99,8 @@ class ImmuService:
     def _check_peer(self, context):
         """Protected mode, as for native connections: while any active user holds a well-known
         password, only loopback peers are served."""
-        peer = _peer_address(context.peer() or "")
+        # through the shared port the gRPC server's peer is the node's splice: the real one
+        peer = real_peer(self.node, context.peer() or "") or _peer_address(context.peer() or "")
         if peer is not None and _is_loopback(peer):
             return
         exposed = self.node.users.users_with_well_known_password()
