@@ -193,3 +193,19 @@ def test_a_grpc_port_of_its_own_leaves_the_native_port_native(tmp_path):
         assert closed and frames[0][3]["code"] == "bad_magic", frames
         sdk = ImmudbClient(f"{HOST}:{grpc_port}")
         sdk.login("immudb", "immudb")
+
+
+def test_grpc_placement_of_the_grpc_port_flag():
+    from immucore.cli import node as node_cli
+    from immucore.errors import ImmucoreError
+    from immucore.server.app import GRPC_OFF, GRPC_OWN_PORT, GRPC_SHARED, grpc_placement
+    parser = node_cli.build_parser()
+    assert node_cli.resolve(parser.parse_args(["--grpc-port", "-1"]), environ={})["grpc_port"] == -1
+    assert node_cli.resolve(parser.parse_args([]),
+                            environ={"IMMUDB_GRPC_PORT": "-1"})["grpc_port"] == -1
+    assert grpc_placement(0, 3322) == GRPC_SHARED
+    assert grpc_placement(3322, 3322) == GRPC_SHARED
+    assert grpc_placement(3323, 3322) == GRPC_OWN_PORT
+    assert grpc_placement(-1, 3322) == GRPC_OFF
+    with pytest.raises(ImmucoreError, match="--grpc-port"):
+        grpc_placement(70000, 3322)
