@@ -209,3 +209,100 @@ def test_grpc_placement_of_the_grpc_port_flag():
     assert grpc_placement(-1, 3322) == GRPC_OFF
     with pytest.raises(ImmucoreError, match="--grpc-port"):
         grpc_placement(70000, 3322)
+
+
+def test_large_values_cross_the_splice_both_ways(node):
+    """Bigger than SPLICE_BUFFER_BYTES_MAX three times over (and under the 4 MiB gRPC clients
+    accept by default): each side's reading pauses and resumes while the other side drains, and
+    every byte arrives."""
+    from immucore.constants import SPLICE_BUFFER_BYTES_MAX
+    value = bytes(range(256)) * (3 * SPLICE_BUFFER_BYTES_MAX // 256) + b"end"
+    sdk = ImmudbClient(node.address)
+    sdk.login("immudb", "immudb")
+    sdk.set(b"big-through-splice", value)
+    assert sdk.get(b"big-through-splice").value == value
+
+
+def test_a_node_with_open_grpc_connections_stops_cleanly(tmp_path):
+    with running_node(tmp_path) as node:
+        sdk = ImmudbClient(node.address)
+        sdk.login("immudb", "immudb")
+        sdk.set(b"k", b"v")
+        started = time.monotonic()
+        assert node.stop() == 0, node.log()
+        assert time.monotonic() - started < 10
+
+
+class _SpliceNode:
+    """What FirstBytes and Splice use of a Node, for the splice alone (the internal endpoint here
+    is a plain TCP server of the test's own, standing in for gRPC)."""
+
+    def __init__(self, endpoint):
+        self.connections, self.spliced, self.spliced_peers = set(), set(), {}
+        self.grpc_internal_endpoint = endpoint
+
+    def refuse_connection(self, peer, protected_mode=True):
+        return None
+
+
+def test_the_splice_stops_reading_a_side_whose_other_side_does_not_drain():
+    """Real sockets on loopback. Toward a client that does not read, the internal endpoint's
+    64 MiB pile up in the endpoint's own send buffer, not in the splice's (it stops reading the
+    endpoint past SPLICE_BUFFER_BYTES_MAX); toward an endpoint that does not read, the same for
+    the client's. Once each reader reads, every byte arrives in order."""
+    import asyncio
+    import hashlib
+
+    from immucore.constants import SPLICE_BUFFER_BYTES_MAX
+    from immucore.server.shared_port import FirstBytes
+
+    total = 64 << 20
+    payload = hashlib.sha256(b"seed").digest() * (total // 32)
+    bound = 2 * SPLICE_BUFFER_BYTES_MAX      # the cap plus what one read may bring
+
+    class Endpoint(asyncio.Protocol):
+        transports, received = [], bytearray()
+
+        def connection_made(self, transport):
+            Endpoint.transports.append(transport)
+
+        def data_received(self, data):
+            Endpoint.received += data
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        endpoint = await loop.create_server(Endpoint, HOST, 0)
+        node = _SpliceNode((HOST, endpoint.sockets[0].getsockname()[1]))
+        shared = await loop.create_server(lambda: FirstBytes(node, None), HOST, 0)
+        reader, writer = await asyncio.open_connection(HOST, shared.sockets[0].getsockname()[1])
+        writer.write(HTTP2_PREFACE)
+        while not Endpoint.transports or len(Endpoint.received) < len(HTTP2_PREFACE):
+            await asyncio.sleep(0.01)
+        assert bytes(Endpoint.received) == HTTP2_PREFACE       # the bytes read first, forwarded
+        (splice,) = node.spliced
+        inner = Endpoint.transports[0]
+
+        # the client does not read: the endpoint's writes back up in the endpoint
+        inner.write(payload)
+        await asyncio.sleep(1.0)
+        assert splice.transport.get_write_buffer_size() <= bound
+        assert inner.get_write_buffer_size() > total // 2
+        got = await reader.readexactly(total)
+        assert got == payload
+
+        # the endpoint does not read: the client's writes back up in the client
+        inner.pause_reading()
+        Endpoint.received.clear()
+        writer.write(payload)
+        await asyncio.sleep(1.0)
+        assert splice._inner.get_write_buffer_size() <= bound
+        assert writer.transport.get_write_buffer_size() > total // 2
+        inner.resume_reading()
+        while len(Endpoint.received) < total:
+            await asyncio.sleep(0.01)
+        assert bytes(Endpoint.received) == payload
+        writer.close()
+        shared.close()
+        endpoint.close()
+
+    asyncio.run(main())

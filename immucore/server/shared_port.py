@@ -125,6 +125,7 @@ class Splice(asyncio.Protocol):
         self._head = head
         self._inner = None
         self._inner_port = None
+        self._connecting = None         # the task connecting to the internal endpoint
         self._closed = False
 
     def start(self):
@@ -134,7 +135,7 @@ class Splice(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=SPLICE_BUFFER_BYTES_MAX)
         self.transport.pause_reading()  # until the internal endpoint takes what was read
         host, port = node.grpc_internal_endpoint
-        asyncio.ensure_future(self._connect(host, port))
+        self._connecting = asyncio.ensure_future(self._connect(host, port))
 
     async def _connect(self, host, port):
         loop = asyncio.get_running_loop()
