@@ -4,8 +4,9 @@ against the same ``Get``s on a node with ``--grpc-port`` (grpc.aio's own listene
 
 One client, one call at a time, so a call's time is a round trip and the difference between the
 two is what the splice adds to each request. Rounds alternate between the two nodes (the
-machine's speed swings from minute to minute: alternating gives both the same machine), and
-each side's median round is compared. Beside the wall time, each round reads the node's CPU per
+machine's speed swings from minute to minute: alternating gives both the same machine; which
+side goes first alternates too), and each side's median round is compared, as is the median of
+the paired rounds' differences. Beside the wall time, each round reads the node's CPU per
 call (/proc): the splice runs on the node's event loop, beside the gRPC server.
 
 ``make test`` runs it once at a tiny size; ``IMMUCORE_BENCH_FULL=1`` (``make bench``) runs
@@ -68,9 +69,10 @@ def test_grpc_get_shared_port_vs_dedicated_port(benchmark, tmp_path):
         machine = []
 
         def alternate():
-            for _ in range(BENCH_ROUNDS):
+            for i in range(BENCH_ROUNDS):
                 machine.append(probe(shared.dir))
-                for name, (node, _, stub, metadata) in sides.items():
+                order = list(sides.items())
+                for name, (node, _, stub, metadata) in order[::-1] if i % 2 else order:
                     rounds[name].append(_round(node, stub, metadata, BENCH_GETS))
 
         benchmark.pedantic(alternate, rounds=1, iterations=1)
@@ -84,6 +86,12 @@ def test_grpc_get_shared_port_vs_dedicated_port(benchmark, tmp_path):
         result["shared_port_costs_node_cpu_us_per_get"] = (
             result["shared_port_node_cpu_us_per_get"]
             - result["dedicated_port_node_cpu_us_per_get"])
+        # each shared round ran right beside its dedicated one (first on even rounds, second on
+        # odd ones), on the same machine: the median of the pairs' differences is the steadier
+        # number when the machine's speed swings
+        result["shared_port_costs_us_per_get_paired_median"] = statistics.median(
+            a["us_per_get"] - b["us_per_get"]
+            for a, b in zip(rounds["shared_port"], rounds["dedicated_port"]))
         result["gets_per_round"] = BENCH_GETS
         for key in machine[0]:
             result[f"{key}_rounds"] = [m[key] for m in machine]

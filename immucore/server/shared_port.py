@@ -160,7 +160,11 @@ class Splice(asyncio.Protocol):
         self.transport.resume_reading()
 
     def data_received(self, data: bytes):
-        self._inner.write(data)
+        inner = self._inner
+        if inner is None:       # a TLS transport may still hand over what it had decrypted
+            self._head += data
+        else:
+            inner.write(data)
 
     def pause_writing(self):            # the client reads slower than gRPC answers
         if self._inner is not None:
