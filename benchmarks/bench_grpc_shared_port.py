@@ -102,3 +102,38 @@ def test_grpc_get_shared_port_vs_dedicated_port(benchmark, tmp_path):
         for _, channel, _, _ in sides.values():
             channel.close()
         assert all(len(r) == BENCH_ROUNDS for r in rounds.values())
+
+
+NATIVE_ROUNDS = 5 if FULL else 1
+NATIVE_GETS = 50_000 if FULL else 200
+
+
+def test_native_gets_with_grpc_sharing_the_port_vs_grpc_off(benchmark, tmp_path):
+    """The native side of the same question: pipelined native GETs (256 in flight, one
+    connection) on a node whose port also serves gRPC, and on one with ``--grpc-port -1``.
+    A native connection on the shared port is handed to the same ``Connection`` as on a node
+    without gRPC, so the two should not differ beyond the machine's noise."""
+    from . import node_workloads as w
+    with running_node(tmp_path / "shared") as shared, \
+            running_node(tmp_path / "off", "--grpc-port", "-1") as off:
+        sides = {"grpc_shared": shared, "grpc_off": off}
+        rounds = {name: [] for name in sides}
+
+        def alternate():
+            for i in range(NATIVE_ROUNDS):
+                order = list(sides.items())
+                for name, node in order[::-1] if i % 2 else order:
+                    rounds[name].append(w.pipelined_gets(node, NATIVE_GETS))
+
+        benchmark.pedantic(alternate, rounds=1, iterations=1)
+        result = {"gets_per_round": NATIVE_GETS}
+        for name, measured in rounds.items():
+            result[f"{name}_gets_per_s"] = statistics.median(r["gets_per_s"] for r in measured)
+            result[f"{name}_gets_per_s_rounds"] = [round(r["gets_per_s"]) for r in measured]
+            cpu_key = next(k for k in measured[0] if k.startswith("node_cpu"))
+            result[f"{name}_{cpu_key}"] = statistics.median(r[cpu_key] for r in measured)
+        print("\n[native pipelined gets, gRPC sharing the port vs gRPC off] "
+              + json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                            for k, v in result.items()}))
+        benchmark.extra_info.update(result)
+        assert all(len(r) == NATIVE_ROUNDS for r in rounds.values())
