@@ -133,6 +133,7 @@ def test_real_peer_maps_a_splice_port_to_its_client():
         spliced_peers = {40001: ("192.0.2.7", 5555)}
     assert real_peer(FakeNode, "ipv4:127.0.0.1:40001") == ("192.0.2.7", 5555)
     assert real_peer(FakeNode, "ipv4:127.0.0.1:40002") is None    # not a splice
+    assert real_peer(FakeNode, "ipv4:127.0.0.2:40001") is None    # splices come from 127.0.0.1
     assert real_peer(FakeNode, "ipv6:[::1]:40001") is None        # the endpoint is IPv4
     assert real_peer(FakeNode, "unix:/tmp/x") is None
     assert real_peer(FakeNode, "") is None

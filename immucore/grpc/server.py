@@ -17,6 +17,10 @@ import grpc
 from ..constants import (GRPC_CONCURRENT_RPCS_MAX, GRPC_CONNECTION_IDLE_SECONDS,
                          GRPC_REQUEST_BYTES_MAX, GRPC_RESPONSE_BYTES_MAX)
 from ..errors import ImmucoreError
+# where the gRPC server listens when it shares the node's port: loopback only, on a port the
+# system picks; only the node's splices (and local processes, whose real peer is then loopback)
+# reach it
+from ..server.shared_port import INTERNAL_HOST
 from . import schema
 from .service import ImmuService
 
@@ -35,9 +39,6 @@ def _handlers(service: ImmuService) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(schema.SERVICE_NAME, methods)
 
 
-# Where the gRPC server listens when it shares the node's port: loopback only, a port the system
-# picks; only the node's splices (and local processes, whose real peer is then loopback) reach it.
-INTERNAL_HOST = "127.0.0.1"
 
 
 async def start_grpc_server(node, address: str = INTERNAL_HOST, port: int = 0, *,

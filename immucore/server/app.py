@@ -88,7 +88,8 @@ async def run_node(options: dict, *, ready=None) -> int:
             log.error("cannot start: %s", exc)
             await node.close()
             return 1
-        node.grpc_internal_endpoint = ("127.0.0.1", internal_port)
+        from .shared_port import INTERNAL_HOST
+        node.grpc_internal_endpoint = (INTERNAL_HOST, internal_port)
     try:
         await node.serve(Dispatcher(node))
     except OSError as exc:

@@ -27,6 +27,8 @@ log = logging.getLogger("immucore.server")
 
 # The first bytes every HTTP/2 client sends (RFC 9113 §3.4). No native frame starts with "P".
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+INTERNAL_HOST = "127.0.0.1"     # where the internal gRPC endpoint listens (grpc/server.py)
+_SPLICE_PEER_PREFIX = f"ipv4:{INTERNAL_HOST}:"
 
 
 def _no_delay(transport):
@@ -41,7 +43,9 @@ def real_peer(node, grpc_peer: str) -> Optional[Tuple[str, int]]:
     for a call that did not (a dedicated --grpc-port, or a local process on the internal
     endpoint itself, whose own loopback address is then its real peer)."""
     spliced = getattr(node, "spliced_peers", None)
-    if not spliced or not grpc_peer.startswith("ipv4:"):
+    # a splice connects from 127.0.0.1; a local process binding another loopback address to a
+    # splice's port is not that splice
+    if not spliced or not grpc_peer.startswith(_SPLICE_PEER_PREFIX):
         return None
     try:
         port = int(grpc_peer.rpartition(":")[2])
