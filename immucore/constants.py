@@ -187,3 +187,26 @@ GRPC_CONCURRENT_RPCS_MAX = 4096
 GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
+
+# --- immudb's chunked streams over gRPC (streamGet/Set/Scan/History/VerifiableGet/Set) --------
+# A streamed key or value travels as a "message": a u64 big-endian length, then its bytes, cut
+# into Chunk messages. The node sends chunks of immudb's default stream chunk size (64 KiB,
+# pkg/stream DefaultChunkSize); immudb's SDKs read a key or a proof from one chunk, so a chunk
+# must hold at least a whole key message.
+GRPC_STREAM_CHUNK_BYTES = 64 << 10
+_check(GRPC_STREAM_CHUNK_BYTES >= 8 + KEY_SIZE_BYTES_MAX, "a key message fits one streamed chunk")
+# values of one streamed set together (immudb's MaxTxValueLen, 32 MiB); one more byte is
+# immudb's "max transaction values length exceeded", checked on each value's declared length
+# before its bytes are gathered
+GRPC_STREAM_VALUES_BYTES_MAX = 32 << 20
+# a key message's declared length, checked before it is gathered (the database then checks
+# the stored key against its own maxKeyLen)
+GRPC_STREAM_KEY_BYTES_MAX = KEY_SIZE_BYTES_MAX
+# key/value pairs in one streamed set: one tx's entries at most
+GRPC_STREAM_ENTRIES_MAX = TX_ENTRIES_MAX
+# chunks in one streamed request: a 32 MiB value cut into 128-byte chunks still fits; bounds
+# the work a stream of empty or tiny chunks can make the node do
+GRPC_STREAM_CHUNKS_MAX = 1 << 18
+# keys in one GetAll: as many as one scan answers (immudb's MaxResultSize); the values read are
+# bounded again by GRPC_RESPONSE_BYTES_MAX before the answer is sent
+GRPC_GET_ALL_KEYS_MAX = SCAN_RESULTS_MAX

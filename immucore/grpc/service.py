@@ -23,6 +23,7 @@ from . import convert, schema
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
                      grpc_status)
+from .streams import StreamMethods
 
 BEARER = "Bearer "
 
@@ -83,7 +84,7 @@ def _peer_address(peer: str):
     return None
 
 
-class ImmuService:
+class ImmuService(StreamMethods):
     def __init__(self, node):
         self.node = node
         self.checks = _Checks(node)
