@@ -210,3 +210,9 @@ GRPC_STREAM_CHUNKS_MAX = 1 << 18
 # keys in one GetAll: as many as one scan answers (immudb's MaxResultSize); the values read are
 # bounded again by GRPC_RESPONSE_BYTES_MAX before the answer is sent
 GRPC_GET_ALL_KEYS_MAX = SCAN_RESULTS_MAX
+# bytes all streamed sets being gathered at once may declare, node-wide: without it every
+# call of GRPC_CONCURRENT_RPCS_MAX could gather 32 MiB; one more is refused with
+# RESOURCE_EXHAUSTED, before its bytes are gathered
+GRPC_STREAMS_GATHERED_BYTES_MAX = 256 << 20
+_check(GRPC_STREAMS_GATHERED_BYTES_MAX >= GRPC_STREAM_VALUES_BYTES_MAX,
+       "one streamed set of the largest values fits what all may gather")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 
 import grpc
 import pytest
@@ -15,7 +17,7 @@ from immudb.grpc import schema_pb2
 
 from immucore import Client
 from immucore.constants import (GRPC_STREAM_CHUNK_BYTES, GRPC_STREAM_KEY_BYTES_MAX,
-                                GRPC_STREAM_VALUES_BYTES_MAX)
+                                GRPC_STREAM_VALUES_BYTES_MAX, GRPC_STREAMS_GATHERED_BYTES_MAX)
 
 from .test_grpc_immudb_sdk import READER_PASSWORD, grpc_node, rpc_error, sdk
 
@@ -197,3 +199,66 @@ def test_stream_calls_are_checked_as_the_unary_ones(node):
         error = rpc_error(lambda: list(stream_get(schema_pb2.KeyRequest(key=b"checked"))))
         assert error.code() == grpc.StatusCode.UNKNOWN and error.details() == "not logged in"
     assert client.get(b"checked").value == b"v"
+
+
+def test_streamed_sets_together_are_bounded_in_what_they_may_gather(node):
+    """Streamed sets that declared values and then stall hold their reservation: once they
+    declared GRPC_STREAMS_GATHERED_BYTES_MAX together, one more is refused before its bytes
+    come, and when they end the node takes streamed sets again."""
+    client = sdk(node)
+    declared = 30 << 20                      # under one set's values limit
+    count = GRPC_STREAMS_GATHERED_BYTES_MAX // declared + 1
+    release = threading.Event()
+
+    def stalled(i):
+        yield schema_pb2.Chunk(content=_message(b"stalled:%d" % i))
+        yield schema_pb2.Chunk(content=declared.to_bytes(8, "big"))
+        release.wait(60)                      # ... and no bytes of the value
+
+    calls = [client._stub.streamSet.future(stalled(i)) for i in range(count)]
+    try:
+        deadline = time.monotonic() + 30
+        while not any(c.done() for c in calls):
+            assert time.monotonic() < deadline, "no stalled stream was refused"
+            time.sleep(0.05)
+        time.sleep(0.5)                       # (had two been refused, both would be done)
+        refused = [c for c in calls if c.done()]
+        assert len(refused) == 1
+        error = refused[0].exception()
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        assert "GRPC_STREAMS_GATHERED_BYTES_MAX" in error.details()
+    finally:
+        release.set()
+    for c in calls:
+        c.exception(30)                       # the stalled ones end cut short: refused
+    value = os.urandom(declared)
+    assert client.streamSetFullValue(b"after-stalled", value).id > 0
+    assert client.streamGetFull(b"after-stalled").value == value
+
+
+
+def test_a_streamed_chunk_that_is_not_protobuf_is_refused(node):
+    """grpc.aio decodes a stream's messages as the handler reads them: a chunk that is not
+    protobuf is refused with a clear status, not an internal error, and nothing is written."""
+    with grpc.insecure_channel(node.grpc_address) as channel:
+        login = channel.unary_unary("/immudb.schema.ImmuService/Login",
+                                    request_serializer=schema_pb2.LoginRequest.SerializeToString,
+                                    response_deserializer=schema_pb2.LoginResponse.FromString)
+        token = login(schema_pb2.LoginRequest(user=b"immudb", password=b"immudb")).token
+        use = channel.unary_unary("/immudb.schema.ImmuService/UseDatabase",
+                                  request_serializer=schema_pb2.Database.SerializeToString,
+                                  response_deserializer=schema_pb2.UseDatabaseReply.FromString)
+        token = use(schema_pb2.Database(databaseName="defaultdb"),
+                    metadata=[("authorization", token)]).token
+        raw_set = channel.stream_unary("/immudb.schema.ImmuService/streamSet",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=schema_pb2.TxHeader.FromString)
+        key = schema_pb2.Chunk(content=_message(b"raw:key")).SerializeToString()
+        with pytest.raises(grpc.RpcError) as raised:
+            raw_set(iter([key, b"\xff\xff\xff"]), metadata=[("authorization", token)])
+    error = raised.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "chunk 2 of the stream is not a valid Chunk message" in error.details()
+    client = sdk(node)
+    assert client.get(b"raw:key") is None
+    _serves(node, client)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
+from google.protobuf.message import DecodeError
+
 from ..constants import GRPC_STREAM_CHUNK_BYTES, GRPC_STREAM_CHUNKS_MAX
 from ..errors import IllegalArgumentsError, ImmucoreError
 
@@ -46,8 +48,11 @@ def message_chunks(message: bytes, chunk_bytes: int = GRPC_STREAM_CHUNK_BYTES) -
 class MessageReader:
     """Messages out of a request's async iterator of Chunks, one ``next`` at a time."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks, reserve: Optional[Callable[[int], None]] = None):
+        """``reserve(n)`` is called with each message's declared length once it passed its
+        limit, before its bytes are gathered (it may refuse by raising)."""
         self._chunks = chunks.__aiter__()
+        self._reserve = reserve
         self._buffer = bytearray()
         self.chunks_read = 0
 
@@ -57,6 +62,11 @@ class MessageReader:
             chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             return False
+        except DecodeError:
+            # grpc.aio decodes each streamed message as it is read; a unary request that is
+            # not protobuf gets gRPC's own answer before any handler runs
+            raise IllegalArgumentsError(
+                f"chunk {self.chunks_read + 1} of the stream is not a valid Chunk message") from None
         self.chunks_read += 1
         if self.chunks_read > GRPC_STREAM_CHUNKS_MAX:
             raise IllegalArgumentsError(
@@ -86,4 +96,6 @@ class MessageReader:
             if too_long is not None:
                 raise too_long(length)
             raise IllegalArgumentsError(f"{what} of {length} bytes, over {length_max}")
+        if self._reserve is not None:
+            self._reserve(length)
         return await self._take(length, what)

@@ -25,8 +25,8 @@ import grpc
 
 from ..constants import (GRPC_GET_ALL_KEYS_MAX, GRPC_RESPONSE_BYTES_MAX,
                          GRPC_STREAM_ENTRIES_MAX, GRPC_STREAM_KEY_BYTES_MAX,
-                         GRPC_STREAM_VALUES_BYTES_MAX)
-from ..errors import IllegalArgumentsError, KeyNotFoundError
+                         GRPC_STREAM_VALUES_BYTES_MAX, GRPC_STREAMS_GATHERED_BYTES_MAX)
+from ..errors import IllegalArgumentsError, ImmucoreError, KeyNotFoundError
 from . import convert, schema
 from .chunking import MaxTxValuesLenExceededError, MessageReader, TruncatedStreamError, message_chunks
 from .errors import grpc_status
@@ -34,10 +34,37 @@ from .errors import grpc_status
 PROVE_SINCE_TX_BYTES = 8
 
 
+class StreamsBusyError(ImmucoreError):
+    """The streamed sets being gathered already declared GRPC_STREAMS_GATHERED_BYTES_MAX."""
+
+
 def _status(exc: BaseException) -> tuple:
     if isinstance(exc, MaxTxValuesLenExceededError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)   # immudb's CodDataException
+    if isinstance(exc, StreamsBusyError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     return grpc_status(exc)
+
+
+class _Gathering:
+    """The bytes streamed sets declared, node-wide, while they are gathered (one per service:
+    the node's event loop is the only one touching it)."""
+
+    def __init__(self):
+        self.declared = 0
+
+    def reserve(self, call_declared: list, n: int):
+        if self.declared + n > GRPC_STREAMS_GATHERED_BYTES_MAX:
+            raise StreamsBusyError(
+                f"streamed sets being gathered already declared {self.declared} bytes; "
+                f"{n} more would pass GRPC_STREAMS_GATHERED_BYTES_MAX "
+                f"({GRPC_STREAMS_GATHERED_BYTES_MAX}): try again")
+        self.declared += n
+        call_declared[0] += n
+
+    def release(self, call_declared: list):
+        self.declared -= call_declared[0]
+        call_declared[0] = 0
 
 
 def _answered(method):
@@ -146,6 +173,13 @@ class StreamMethods:
 
     # --- streamed requests ----------------------------------------------------------------
 
+    def _gathering(self) -> _Gathering:
+        # made on first use: the mixin leaves ImmuService's __init__ alone
+        gathering = self.__dict__.get("_streams_gathering")
+        if gathering is None:
+            gathering = self.__dict__["_streams_gathering"] = _Gathering()
+        return gathering
+
     async def _gathered_kvs(self, reader: MessageReader) -> list:
         """The key/value pairs of a streamed set, until the stream ends."""
         kvs, values_bytes = [], 0
@@ -171,18 +205,33 @@ class StreamMethods:
     @_answered
     async def streamSet(self, request_chunks, context):
         self._db(context, "write")          # refused before a byte of the stream is gathered
-        kvs = await self._gathered_kvs(MessageReader(request_chunks))
-        return await self._unary("Set")(schema.SetRequest(KVs=kvs), context)
+        reader, declared = self._reader(request_chunks)
+        try:
+            kvs = await self._gathered_kvs(reader)
+            return await self._unary("Set")(schema.SetRequest(KVs=kvs), context)
+        finally:
+            self._gathering().release(declared)
 
     @_answered
     async def streamVerifiableSet(self, request_chunks, context):
         self._db(context, "write")
-        reader = MessageReader(request_chunks)
-        since = await reader.next("proveSinceTx", PROVE_SINCE_TX_BYTES)
-        if since is None or len(since) != PROVE_SINCE_TX_BYTES:
-            raise IllegalArgumentsError(
-                "a streamed verifiable set starts with proveSinceTx, a u64 big-endian")
-        kvs = await self._gathered_kvs(reader)
-        request = schema.VerifiableSetRequest(setRequest=schema.SetRequest(KVs=kvs),
-                                              proveSinceTx=int.from_bytes(since, "big"))
-        return await self._unary("VerifiableSet")(request, context)
+        reader, declared = self._reader(request_chunks)
+        try:
+            since = await reader.next("proveSinceTx", PROVE_SINCE_TX_BYTES)
+            if since is None or len(since) != PROVE_SINCE_TX_BYTES:
+                raise IllegalArgumentsError(
+                    "a streamed verifiable set starts with proveSinceTx, a u64 big-endian")
+            kvs = await self._gathered_kvs(reader)
+            request = schema.VerifiableSetRequest(setRequest=schema.SetRequest(KVs=kvs),
+                                                  proveSinceTx=int.from_bytes(since, "big"))
+            return await self._unary("VerifiableSet")(request, context)
+        finally:
+            self._gathering().release(declared)
+
+    def _reader(self, request_chunks) -> tuple:
+        """A reader whose every message's declared length is reserved node-wide first, and
+        the call's reservation (a one-item list) to release when the call ends."""
+        declared = [0]
+        gathering = self._gathering()
+        return MessageReader(request_chunks,
+                             reserve=lambda n: gathering.reserve(declared, n)), declared
