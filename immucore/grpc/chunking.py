@@ -79,7 +79,8 @@ class MessageReader:
             if not await self._more():
                 raise TruncatedStreamError(
                     f"the stream ended inside {what}: {len(self._buffer)} of {n} bytes came")
-        out = bytes(self._buffer[:n])
+        with memoryview(self._buffer) as view:    # one copy of a value of up to 32 MiB
+            out = bytes(view[:n])
         del self._buffer[:n]
         return out
 
