@@ -63,6 +63,11 @@ INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up af
 # five restarts (about 3 s of backoff) ride out a passing failure such as a worker killed once.
 INDEX_WORKER_RESTARTS_MAX = 5
 INDEX_WORKER_RESTART_WINDOW_SECONDS = 60.0
+# Of a worker's last stderr line, kept for that error state (database list, the log).
+INDEX_WORKER_STDERR_LINE_CHARS_MAX = 1000
+# Of that line in /metrics' error label: a label value is a time series' identity, so it stays
+# short (one failed series per database at a time; the whole line is in database list).
+METRICS_ERROR_LABEL_CHARS_MAX = 200
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
