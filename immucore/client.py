@@ -235,8 +235,13 @@ class AsyncClient:
         if self._transport is not None:
             return
         loop = asyncio.get_running_loop()
-        transport, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: _NodeProtocol(self), self.host, self.port, ssl=self._ssl), self.timeout)
+        try:
+            transport, _ = await asyncio.wait_for(loop.create_connection(
+                lambda: _NodeProtocol(self), self.host, self.port, ssl=self._ssl), self.timeout)
+        except asyncio.TimeoutError:
+            # the builtin one, which callers catch (before Python 3.11 asyncio's is another class)
+            raise TimeoutError(f"connecting to {self.host}:{self.port} timed out after "
+                               f"{self.timeout:g}s") from None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small pipelined requests must not wait for Nagle's algorithm
@@ -410,7 +415,11 @@ class AsyncClient:
         self._write(encode_frame(int(msg), 0, request_id, pack(body)))
         try:
             while True:
-                flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                try:
+                    flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{msg.name} stream got nothing within "
+                                       f"{self.timeout:g}s") from None
                 if queue.qsize() < CLIENT_STREAM_ITEMS_BUFFERED_MAX:
                     self._read_again()
                 if flags & FLAG_ERROR:

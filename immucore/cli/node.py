@@ -104,7 +104,10 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
     file_values, config = {}, args.config or _environment(
         environ, {_key("config")}, lambda text: text, warn)
     if config:
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:        # Python 3.10: the same parser, as its backport
+            import tomli as tomllib
         with open(config, "rb") as f:
             written = tomllib.load(f)
         file_values = {_key(k): v for k, v in written.items()}

@@ -27,13 +27,25 @@ from .service import ImmuService
 log = logging.getLogger("immucore.grpc")
 
 
+# the handler gRPC builds for a method, by whether its client and its server stream
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,      # exportTx, streamGet, ...
+    (True, False): grpc.stream_unary_rpc_method_handler,      # replicateTx, streamSet, ...
+    (True, True): grpc.stream_stream_rpc_method_handler,      # streamExportTx
+}
+
+
 def _handlers(service: ImmuService) -> grpc.GenericRpcHandler:
-    """Every method of our ImmuService descriptor, served by the method of the same name."""
+    """Every method of our ImmuService descriptor, served by the method of the same name: a
+    coroutine for a unary answer, an async generator for a streamed one; a streamed request
+    comes as an async iterator of messages (grpc.aio's shapes)."""
     methods = {}
     for method in schema.SERVICE.methods:
         request = schema.message_class(method.input_type.full_name)
         response = schema.message_class(method.output_type.full_name)
-        methods[method.name] = grpc.unary_unary_rpc_method_handler(
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        methods[method.name] = kind(
             getattr(service, method.name), request_deserializer=request.FromString,
             response_serializer=response.SerializeToString)
     return grpc.method_handlers_generic_handler(schema.SERVICE_NAME, methods)

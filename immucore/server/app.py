@@ -77,6 +77,12 @@ async def run_node(options: dict, *, ready=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Judged before serving (hashing the records this process did not write, off the loop), so
+    # protected mode knows its users from the first connection; kept up to date after.
+    exposed = await loop.run_in_executor(node.read_pool, node.users.users_with_well_known_password)
+    if exposed:
+        from .node import protected_mode_message
+        log.warning("%s", protected_mode_message(exposed))
     grpc_server = None
     if grpc_where != GRPC_OFF:
         from ..grpc.server import start_grpc_server, stop_grpc_server
@@ -119,13 +125,6 @@ async def run_node(options: dict, *, ready=None) -> int:
     print(banner, flush=True)
     if node_options.logfile:         # the log then lives in a file: it starts with the banner too
         log.info("%s", banner)
-    from . import auth
-    # computed once now (hashing records not written by this process), then kept up to date
-    exposed = await asyncio.get_running_loop().run_in_executor(
-        None, node.users.users_with_well_known_password)
-    if exposed:
-        from .node import protected_mode_message
-        log.warning("%s", protected_mode_message(exposed))
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -126,6 +126,7 @@ class Node:
         self.databases: Dict[str, Database] = {}
         self.settings: Dict[str, dict] = {}
         self.read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="immucore-read")
+        self._judging_passwords = False     # a read thread is judging user records (exposed_users)
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
@@ -354,7 +355,8 @@ class Node:
         database on this node (the replication guide's ``--replication-master-database=defaultdb
         replicadb``); a replica with no primary database at all is fed from outside."""
         if s["replica"] and s["primary_database"] and not s["primary_host"]:
-            s = dict(s, primary_host="127.0.0.1", primary_port=s["primary_port"] or self.options.port)
+            s = dict(s, primary_host="127.0.0.1",
+                     primary_port=s["primary_port"] or self.options.port)
         return s
 
     def _is_this_node(self, host: str, port: int) -> bool:
@@ -550,13 +552,17 @@ class Node:
         except auth.AuthError:
             pass
 
-    def manage(self, fn, *args):
-        """Run a database management call under the node's management lock."""
+    def manage(self, fn, *args, permit=None):
+        """Run a database management call under the node's management lock. ``permit`` (the
+        caller's, server/handlers.py) is checked again once the lock is held: a caller whose
+        right was revoked while it waited for another management call changes nothing."""
         if self.server_replication is not None:
             raise DatabaseError(
                 "database management is not available on a server-level replica: its systemdb "
                 "(users and database settings) follows the primary")
         with self.management_lock:
+            if permit is not None:
+                permit.check_anywhere()
             return fn(*args)
 
     # --- connections ----------------------------------------------------------------------
@@ -570,9 +576,10 @@ class Node:
     def refuse_connection(self, peer, protected_mode: bool = True) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
         caps, or in protected mode (while any active user has a well-known password, such as
-        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not hold the new connection yet.
-        ``protected_mode=False``: the caps only (the shared port, before the first bytes say
-        which protocol: gRPC checks protected mode on each call, with its own status)."""
+        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not
+        hold the new connection yet. ``protected_mode=False``: the caps only (the shared port,
+        before the first bytes say which protocol: gRPC checks protected mode on each call,
+        with its own status)."""
         if len(self.connections) + len(self.spliced) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
@@ -583,10 +590,20 @@ class Node:
                     f"too many connections waiting to log in ({preauth_max}); try again later")
         if not protected_mode or _is_loopback(peer):
             return None
-        exposed = self.users.users_with_well_known_password()
+        exposed, judged = self.exposed_users()
         if not exposed:
             return None
-        return ("protected_mode", protected_mode_message(exposed))
+        return ("protected_mode", protected_mode_message(exposed, judged))
+
+    def exposed_users(self) -> Tuple[Tuple[str, ...], bool]:
+        """Protected mode's users, on the event loop without hashing (scrypt costs ~50 ms a
+        record): users not judged yet count as exposed, and a read thread judges them."""
+        exposed, judged = self.users.well_known_users_judged()
+        if not judged and not self._judging_passwords:
+            self._judging_passwords = True
+            done = self.read_pool.submit(self.users.users_with_well_known_password)
+            done.add_done_callback(lambda _: setattr(self, "_judging_passwords", False))
+        return exposed, judged
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
@@ -726,10 +743,16 @@ def _server_sync(flags: dict) -> dict:
     return {"sync_replication": True, "sync_acks": s["sync_acks"]}
 
 
-def protected_mode_message(users) -> str:
+def protected_mode_message(users, judged: bool = True) -> str:
     """What a refused peer (and the node's log) reads: who holds a well-known password and how
-    to leave protected mode. The passwords themselves are not repeated."""
+    to leave protected mode. The passwords themselves are not repeated. ``judged`` False:
+    some of ``users`` are still being checked (just after a start, or after replicated user
+    records came in)."""
     names = ", ".join(users)
+    if not judged:
+        return (f"immucore is in protected mode while it checks whether user(s) {names} still "
+                "have a well-known password (only loopback connections are accepted meanwhile); "
+                "try again in a moment")
     how = ("immuadmin login immudb, then immuadmin user changepassword immudb"
            if auth.SYSADMIN_USERNAME in users else
            "immuadmin user changepassword USER, or immuadmin user deactivate USER")
