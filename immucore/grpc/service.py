@@ -18,12 +18,14 @@ from ..server import auth
 from ..server.handlers import Dispatcher, _Permit
 from ..server.node import (DatabaseError, _folder_size, _is_loopback,
                            protected_mode_message)
+from ..server.shared_port import real_peer
 from . import convert, schema
 from .db_operations import DbOperations
 from .management import ManagementMethods
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
                      grpc_status)
+from .streams import StreamMethods
 
 BEARER = "Bearer "
 
@@ -84,7 +86,7 @@ def _peer_address(peer: str):
     return None
 
 
-class ImmuService(ManagementMethods, DbOperations):
+class ImmuService(StreamMethods, ManagementMethods, DbOperations):
     def __init__(self, node):
         self.node = node
         self.checks = _Checks(node)
@@ -99,7 +101,8 @@ class ImmuService(ManagementMethods, DbOperations):
     def _check_peer(self, context):
         """Protected mode, as for native connections: while any active user holds a well-known
         password, only loopback peers are served."""
-        peer = _peer_address(context.peer() or "")
+        # through the shared port the gRPC server's peer is the node's splice: the real one
+        peer = real_peer(self.node, context.peer() or "") or _peer_address(context.peer() or "")
         if peer is not None and _is_loopback(peer):
             return
         exposed, judged = self.node.exposed_users()

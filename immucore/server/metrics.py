@@ -122,7 +122,7 @@ class NodeCollector:
         sessions.add_metric([], len(self.node.sessions) + len(self.node.token_sessions))
         yield sessions
         connections = GaugeMetricFamily("immucore_connections", "open connections")
-        connections.add_metric([], len(self.node.connections))
+        connections.add_metric([], len(self.node.connections) + len(self.node.spliced))
         yield connections
 
 

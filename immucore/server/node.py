@@ -117,6 +117,11 @@ class Node:
             raise IllegalArgumentsError("--max-active-databases must be at least 1 (defaultdb), "
                                         f"not {options.max_active_databases}")
         self.connections = set()
+        # gRPC connections spliced from the shared port to the internal gRPC endpoint
+        # (server/shared_port.py); they count against --max-connections
+        self.spliced = set()
+        self.spliced_peers: Dict[int, tuple] = {}  # a splice's local port -> its real peer
+        self.grpc_internal_endpoint = None   # (host, port) when gRPC shares --port
         self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
         self.settings: Dict[str, dict] = {}
@@ -568,12 +573,14 @@ class Node:
         PREAUTH_CONNECTIONS_MAX, so logged-in users keep most of the room."""
         return min(PREAUTH_CONNECTIONS_MAX, max(1, self.options.max_connections // 4))
 
-    def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
+    def refuse_connection(self, peer, protected_mode: bool = True) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
         caps, or in protected mode (while any active user has a well-known password, such as
         the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not
-        hold the new connection yet."""
-        if len(self.connections) >= self.options.max_connections:
+        hold the new connection yet. ``protected_mode=False``: the caps only (the shared port,
+        before the first bytes say which protocol: gRPC checks protected mode on each call,
+        with its own status)."""
+        if len(self.connections) + len(self.spliced) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
                     f"{self.options.max_connections} (--max-connections); try again later")
@@ -581,7 +588,7 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if _is_loopback(peer):
+        if not protected_mode or _is_loopback(peer):
             return None
         exposed, judged = self.exposed_users()
         if not exposed:
@@ -600,7 +607,15 @@ class Node:
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self, dispatch),
+        if self.grpc_internal_endpoint is not None:     # gRPC shares the port
+            from .shared_port import FirstBytes
+
+            def factory():
+                return FirstBytes(self, dispatch)
+        else:
+            def factory():
+                return Connection(self, dispatch)
+        self._server = await loop.create_server(factory,
                                                 self.options.address, self.options.port,
                                                 reuse_address=True, ssl=self._server_tls())
         for name in ["systemdb"] + list(self.databases):
@@ -616,6 +631,10 @@ class Node:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.options.certificate, self.options.pkey)
+        if self.grpc_internal_endpoint is not None:
+            # gRPC clients insist on ALPN h2; immucore's own clients offer no ALPN at all, and
+            # the first decrypted bytes tell the two apart either way
+            context.set_alpn_protocols(["h2"])
         return context
 
     def replication_tls(self):
@@ -637,7 +656,7 @@ class Node:
         for name in list(self._commit_waiters):    # long polls end (database_closed)
             self._wake(name)
         await self._answer_in_flight()
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.spliced]:
             if connection.transport is not None:
                 connection.transport.close()
         self.read_pool.shutdown(wait=True)
