@@ -541,27 +541,41 @@ class Dispatcher:
 
     # --- databases ------------------------------------------------------------------------
 
+    _NOT_SYSADMIN = "loggedin user does not have permissions for this operation"
+
     def _sysadmin(self, conn):
         _, user = self._session(conn)
         if not user.sysadmin:
-            raise PermissionDeniedError(
-                "loggedin user does not have permissions for this operation")
+            raise PermissionDeniedError(self._NOT_SYSADMIN)
         return user
+
+    @staticmethod
+    def _not_db_admin(name: str) -> str:
+        return (f"the database '{name}' does not exist or you do not have admin permission on "
+                "this database")
 
     def _db_admin(self, conn, name: str):
         _, user = self._session(conn)
         if not user.can(name, "admin"):
-            raise PermissionDeniedError(
-                f"the database '{name}' does not exist or you do not have admin permission on "
-                "this database")
+            raise PermissionDeniedError(self._not_db_admin(name))
         return user
+
+    def _sysadmin_permit(self, conn) -> _Permit:
+        """What a sysadmin-only management call re-checks once it holds the management lock."""
+        return _Permit(conn, conn.session, self._manager(conn), lambda user: user.sysadmin,
+                       self._NOT_SYSADMIN)
+
+    def _db_admin_permit(self, conn, name: str) -> _Permit:
+        return _Permit(conn, conn.session, self._manager(conn),
+                       lambda user: user.can(name, "admin"), self._not_db_admin(name))
 
     async def database_create(self, conn, body):
         user = self._sysadmin(conn)
         name = _field(body, "database", str)
         requested = _field(body, "settings", dict, {})
         s = await self._read(self.node.manage, self.node.create_database, name, requested,
-                             user.username, bool(body.get("if_not_exists", False)))
+                             user.username, bool(body.get("if_not_exists", False)),
+                             permit=self._sysadmin_permit(conn))
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -570,7 +584,7 @@ class Dispatcher:
         user = self._db_admin(conn, name)
         requested = _field(body, "settings", dict, {})
         s = await self._read(self.node.manage, self.node.update_database, name, requested,
-                             user.username)
+                             user.username, permit=self._db_admin_permit(conn, name))
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -592,19 +606,22 @@ class Dispatcher:
     async def database_load(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.load_database, name)
+        await self._read(self.node.manage, self.node.load_database, name,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     async def database_unload(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.unload_database, name)
+        await self._read(self.node.manage, self.node.unload_database, name,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     async def database_delete(self, conn, body):
         name = _field(body, "database", str)
         user = self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.delete_database, name, user.username)
+        await self._read(self.node.manage, self.node.delete_database, name, user.username,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     # --- users ----------------------------------------------------------------------------
