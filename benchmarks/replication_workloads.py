@@ -3,8 +3,10 @@
 The primary's log is built with the embedded API before its node starts (that is not what is
 measured); then a fresh replica database is created on a second node and the clock runs until it
 holds every tx. Printed beside it, in the same run: the same copy in immudb's shape (one
-EXPORT_TX and one REPLICATE_TX round trip per tx, over a bounded prefix) and the raw floor
-(LMDB putmulti + one SHA-256 per blob of the same bytes)."""
+EXPORT_TX and one REPLICATE_TX round trip per tx, over a bounded prefix), the catch-up of a
+replica following the primary over immudb's gRPC ``streamExportTx`` (one tx per message,
+pipelined: replication/grpc_source.py) over the first ``grpc_txs``, and the raw floor (LMDB
+putmulti + one SHA-256 per blob of the same bytes)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +17,7 @@ from immucore.client import Client
 from immucore.database import open_database
 
 from . import store_workloads
-from tests.nodes import NodeProcess
+from tests.nodes import NodeProcess, free_port
 
 
 def _build_primary(base_dir: str, txs: int, entries: int) -> None:
@@ -61,9 +63,26 @@ def _tree_memory_bytes(pid: int, field: str) -> int:
     return total
 
 
+def _held(client, txs: int, start: float, progress, what: str) -> None:
+    """Wait until ``client``'s database holds ``txs`` txs, printing progress."""
+    last_print = 0.0
+    while True:
+        held = client.current_state().tx_id
+        now = time.perf_counter() - start
+        if held >= txs:
+            return
+        if now - last_print >= 2:
+            progress(f"  {what}: {held:,}/{txs:,} txs, {held / max(now, 1e-9):,.0f} tx/s")
+            last_print = now
+        if now > 3600:
+            raise TimeoutError(f"{what} did not finish within an hour")
+        time.sleep(0.02)
+
+
 def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000,
-             progress=print) -> dict:
-    primary = NodeProcess(os.path.join(workdir, "primary"))
+             progress=print, grpc_txs: int = 0) -> dict:
+    grpc_port = free_port()
+    primary = NodeProcess(os.path.join(workdir, "primary"), ["--grpc-port", str(grpc_port)])
     _build_primary(primary.base_dir, txs, entries)
     replica = NodeProcess(os.path.join(workdir, "replica"))
     primary.start()
@@ -104,6 +123,18 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
             for tx_id in range(1, count + 1):
                 r.replicate_tx(p.export_tx(tx_id))
             one_by_one = count / (time.perf_counter() - t0)
+
+            # immudb's gRPC replication: streamExportTx, one tx per message
+            grpc_count = min(grpc_txs or txs, txs)
+            t0 = time.perf_counter()
+            r.create_database("grpcdb", {
+                "replica": True, "primary_database": "defaultdb", "primary_host": primary.host,
+                "primary_port": grpc_port, "primary_username": "immudb",
+                "primary_password": "immudb", "primary_protocol": "grpc"})
+            r.use_database("grpcdb")
+            _held(r, grpc_count, t0, progress, "gRPC catch-up")
+            over_grpc = grpc_count / (time.perf_counter() - t0)
+            r.update_database("grpcdb", {"replica": True, "primary_host": ""})   # stop it
             blobs = p.export_txs(1, min(txs, 10_000))
     finally:
         primary.stop()
@@ -115,4 +146,6 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
             "replica_anon_rss_peak_mb": round(anon_peak / 2**20, 1),
             "replica_rss_peak_incl_mapped_files_mb": round(rss / 2**20, 1),
             "one_tx_per_round_trip_tx_per_s": one_by_one,
-            "batched_vs_one_by_one": rate / one_by_one, "floor_tx_per_s": floor}
+            "batched_vs_one_by_one": rate / one_by_one,
+            "grpc_stream_export_txs": grpc_count, "grpc_stream_export_tx_per_s": over_grpc,
+            "batched_vs_grpc_stream_export": rate / over_grpc, "floor_tx_per_s": floor}

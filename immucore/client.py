@@ -96,6 +96,11 @@ class StateStore:
             return State(database, 0, _EMPTY_HASH)
         return State(database, raw["tx_id"], bytes.fromhex(raw["tx_hash"]))
 
+    def databases(self, server: str) -> List[str]:
+        """The databases of ``server`` with a trusted state, sorted."""
+        head = server + "/"
+        return sorted(key[len(head):] for key in self._states if key.startswith(head))
+
     def put(self, server: str, state: State):
         key = f"{server}/{state.db}"
         with self._lock:
@@ -235,8 +240,13 @@ class AsyncClient:
         if self._transport is not None:
             return
         loop = asyncio.get_running_loop()
-        transport, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: _NodeProtocol(self), self.host, self.port, ssl=self._ssl), self.timeout)
+        try:
+            transport, _ = await asyncio.wait_for(loop.create_connection(
+                lambda: _NodeProtocol(self), self.host, self.port, ssl=self._ssl), self.timeout)
+        except asyncio.TimeoutError:
+            # the builtin one, which callers catch (before Python 3.11 asyncio's is another class)
+            raise TimeoutError(f"connecting to {self.host}:{self.port} timed out after "
+                               f"{self.timeout:g}s") from None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small pipelined requests must not wait for Nagle's algorithm
@@ -410,7 +420,11 @@ class AsyncClient:
         self._write(encode_frame(int(msg), 0, request_id, pack(body)))
         try:
             while True:
-                flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                try:
+                    flags, item = await asyncio.wait_for(queue.get(), self.timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{msg.name} stream got nothing within "
+                                       f"{self.timeout:g}s") from None
                 if queue.qsize() < CLIENT_STREAM_ITEMS_BUFFERED_MAX:
                     self._read_again()
                 if flags & FLAG_ERROR:

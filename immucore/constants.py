@@ -63,6 +63,11 @@ INDEX_WAIT_SECONDS_DEFAULT = 30.0     # a read waiting for the index gives up af
 # five restarts (about 3 s of backoff) ride out a passing failure such as a worker killed once.
 INDEX_WORKER_RESTARTS_MAX = 5
 INDEX_WORKER_RESTART_WINDOW_SECONDS = 60.0
+# Of a worker's last stderr line, kept for that error state (database list, the log).
+INDEX_WORKER_STDERR_LINE_CHARS_MAX = 1000
+# Of that line in /metrics' error label: a label value is a time series' identity, so it stays
+# short (one failed series per database at a time; the whole line is in database list).
+METRICS_ERROR_LABEL_CHARS_MAX = 200
 # Replication apply: txs and bytes per replicate_txs call (one LMDB transaction).
 REPLICATE_BATCH_TXS_MAX = 10_000
 REPLICATE_BATCH_BYTES_MAX = 256 << 20
@@ -188,6 +193,73 @@ GRPC_TOKENS_MAX = 4096
 GRPC_TOKENS_PER_USER_MAX = 256
 _check(GRPC_REQUEST_BYTES_MAX <= FRAME_BODY_BYTES_MAX, "a gRPC request fits what a frame may hold")
 
+# --- immuclient audit-mode (docs/audit.md) ------------------------------------------------------
+AUDIT_INTERVAL_SECONDS_MIN = 0.1        # a shorter --audit-interval would spin on the node;
+                                        # tests use 0.2 s, operators immudb's 60 s
+AUDIT_ROUNDS_MAX = 1 << 31              # --audit-rounds above this is a typo, not a plan
+AUDIT_CALL_TIMEOUT_SECONDS = 10.0       # one unanswered call fails the round (an error, -2),
+                                        # instead of stalling every later round behind it
+AUDIT_HEALTH_TIMEOUT_SECONDS = 2.0      # /livez, /readyz: a probe must answer quickly
+AUDIT_DATABASES_MAX = 10_000            # databases audited a round; more is refused by name,
+                                        # before any state is fetched
+# --- gRPC on the native port (server/shared_port.py, docs/grpc.md "One port") --------------------
+# A splice's bytes buffered toward one side before it stops reading the other: HTTP/2's own
+# windows (64 KiB by default per stream) keep it far below this, the cap is for a peer that
+# ignores them. A spliced connection counts against --max-connections; before its first bytes
+# arrive it is a connection waiting to log in (PREAUTH_CONNECTIONS_MAX, PREAUTH_IDLE_SECONDS).
+SPLICE_BUFFER_BYTES_MAX = 1 << 20
+# A gRPC connection with no call for this long is closed (GOAWAY; immudb's SDKs reconnect), as a
+# native one is after CONNECTION_IDLE_SECONDS: idle channels must not hold connection slots.
+GRPC_CONNECTION_IDLE_SECONDS = CONNECTION_IDLE_SECONDS
+# --- immudb's chunked streams over gRPC (streamGet/Set/Scan/History/VerifiableGet/Set) --------
+# A streamed key or value travels as a "message": a u64 big-endian length, then its bytes, cut
+# into Chunk messages. The node sends chunks of immudb's default stream chunk size (64 KiB,
+# pkg/stream DefaultChunkSize); immudb's SDKs read a key or a proof from one chunk, so a chunk
+# must hold at least a whole key message.
+GRPC_STREAM_CHUNK_BYTES = 64 << 10
+_check(GRPC_STREAM_CHUNK_BYTES >= 8 + KEY_SIZE_BYTES_MAX, "a key message fits one streamed chunk")
+# values of one streamed set together (immudb's MaxTxValueLen, 32 MiB); one more byte is
+# immudb's "max transaction values length exceeded", checked on each value's declared length
+# before its bytes are gathered
+GRPC_STREAM_VALUES_BYTES_MAX = 32 << 20
+# a key message's declared length, checked before it is gathered (the database then checks
+# the stored key against its own maxKeyLen)
+GRPC_STREAM_KEY_BYTES_MAX = KEY_SIZE_BYTES_MAX
+# key/value pairs in one streamed set: one tx's entries at most
+GRPC_STREAM_ENTRIES_MAX = TX_ENTRIES_MAX
+# chunks in one streamed request: a 32 MiB value cut into 128-byte chunks still fits; bounds
+# the work a stream of empty or tiny chunks can make the node do
+GRPC_STREAM_CHUNKS_MAX = 1 << 18
+# keys in one GetAll: as many as one scan answers (immudb's MaxResultSize); the values read are
+# bounded again by GRPC_RESPONSE_BYTES_MAX before the answer is sent
+GRPC_GET_ALL_KEYS_MAX = SCAN_RESULTS_MAX
+# bytes all streamed sets being gathered at once may declare, node-wide: without it every
+# call of GRPC_CONCURRENT_RPCS_MAX could gather 32 MiB; one more is refused with
+# RESOURCE_EXHAUSTED, before its bytes are gathered
+GRPC_STREAMS_GATHERED_BYTES_MAX = 256 << 20
+_check(GRPC_STREAMS_GATHERED_BYTES_MAX >= GRPC_STREAM_VALUES_BYTES_MAX,
+       "one streamed set of the largest values fits what all may gather")
+# --- replication over gRPC (exportTx, replicateTx, streamExportTx; docs/replication.md) ---------
+# A replicated tx's export is sent as chunks of GRPC_STREAM_CHUNK_BYTES (the streams part's,
+# immudb's DefaultChunkSize); the first chunk of a message holds its u64 length too.
+# A chunked message received (a replicateTx upload, an exported tx on a gRPC replica) is at most
+# one tx's export: its announced length is checked against this before anything is allocated.
+GRPC_CHUNKED_MESSAGE_BYTES_MAX = TX_EXPORT_BLOB_BYTES_MAX
+# An ExportTxRequest carrying a ReplicaState (a replica that acknowledges) for a tx not yet
+# committed waits this long for it, then is answered with no tx and the primary's state
+# (immudb waits 4 sync periods): a caught-up replica hears of a commit as it happens.
+GRPC_EXPORT_WAIT_MS = 2_000
+# ExportTxRequests a gRPC replica keeps in flight on its streamExportTx stream while catching up
+# (one tx per request in immudb's protocol): enough to hide the round trip, and a bound on what
+# it holds in memory before handing the batch to the machine.
+GRPC_REPLICATION_PIPELINE_TXS = 256
+# A gRPC replica without a ReplicaState (an immudb primary without sync replication answers
+# "no new transactions" at once) asks again after this while caught up.
+GRPC_REPLICATION_POLL_SECONDS = 0.1
+_check(4096 <= GRPC_STREAM_CHUNK_BYTES <= GRPC_REQUEST_BYTES_MAX,
+       "a chunk is at least immudb's MinChunkSize and fits one gRPC message")
+_check(GRPC_REPLICATION_PIPELINE_TXS <= REPLICATION_BATCH_TXS,
+       "a gRPC replica's pipeline is one machine batch at most")
 # --- hot backup and hot restore (docs/backup.md) --------------------------------------------------
 # A record's checksum is the tx's Alh: a SHA-256 digest, never any other length. A record whose
 # checksum length differs is refused before anything is read into memory.

@@ -1,51 +1,40 @@
 """``Database``: one immudb-compatible database in a folder, and ``open_database``.
 
-Layout of the folder (details in docs/storage.md):
+Layout of the folder (details in docs/storage.md, every key and value in store/layout.py):
   log/    LMDB environment: ``tx`` (u64 id -> record), ``aht`` (u64 id -> AHT nodes), ``meta``
   index/  LMDB environment: ``keys`` (key -> versions, DUPSORT), ``meta`` (indexed tx id)
 Writes go through the writer thread (group commit); the key index follows asynchronously.
+This module is the API: argument checks, roles and lifecycle. The log is read by
+store/log.py, the key index by store/keys.py, proofs and the audit are store/proofs.py's.
 """
 from __future__ import annotations
 
-import json
 import operator
 import os
-import struct
-import time
 from typing import Iterable, List, Optional, Union
 
 from . import codec
-from .constants import (DIGEST_SIZE, HEADER_VERSION_DEFAULT, INDEX_ENTRY_OFFSET_UNKNOWN,
-                        INDEX_KEY_UNFOLDED_BYTES_MAX,
-                        INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX, REPLICATE_BATCH_BYTES_MAX,
-                        REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX, TX_ENTRIES_MAX,
-                        TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
+from .constants import (HEADER_VERSION_DEFAULT, INDEX_WAIT_SECONDS_DEFAULT, KEY_SIZE_BYTES_MAX,
+                        REPLICATE_BATCH_BYTES_MAX, REPLICATE_BATCH_TXS_MAX, SCAN_RESULTS_MAX,
+                        TX_ENTRIES_MAX, TX_EXPORT_BLOB_BYTES_MAX, TX_VALUES_BYTES_MAX,
                         VALUE_SIZE_BYTES_MAX)
 from .errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
-                     IndexFailedError, InvalidRevisionError, KeyNotFoundError, NotReplicaError,
-                     ReadOnlyReplicaError, TxNotFoundError)
+                     IndexFailedError, NotReplicaError, ReadOnlyReplicaError, TxNotFoundError)
 from .flat_tx import FlatTx
-from .store.aht import AhtReader, peaks_for
+from .store import proofs
 from .store.env import INDEX_DBS, LOG_DBS, BurstWouldBlock, LmdbEnv, holding_burst
 from .store.folder_lock import FolderLock
 from .store.index_worker import WorkerIndexer
 from .store.indexer import Indexer
+from .store.keys import KeyIndex
+from .store.layout import LOG_FORMAT as _FORMAT
+from .store.layout import SETTINGS_KEY as _SETTINGS_KEY
+from .store.layout import encode_settings
+from .store.log import ExportRange, TxLog
 from .store.writer import ChainState, Writer
-from .types import (DualProof, Entry, InclusionProof, KVMetadata, LinearProof, State, Tx,
-                    TxEntry, TxHeader, VerifiableEntry, VerifiableTx)
+from .types import (DualProof, Entry, KVMetadata, State, Tx, TxEntry, TxHeader, VerifiableEntry,
+                    VerifiableTx)
 
-_U64 = struct.Struct(">Q")
-_U64_MAX = (1 << 64) - 1
-_U16 = struct.Struct(">H")
-_LOCATION = struct.Struct(">QHI")     # an index row's value: tx id, entry index, entry offset
-_LOCATION_NO_OFFSET = struct.Struct(">QH")   # a row of the older format
-_EMPTY_ALH = codec.sha256(b"")
-_ZERO_DIGEST = bytes(DIGEST_SIZE)
-_KV_PREFIX = b"\x00"
-# A folded index key keeps this many bytes of the stored key; the rest of it is a hash.
-_INDEX_KEY_KEPT_BYTES = INDEX_KEY_UNFOLDED_BYTES_MAX
-_SETTINGS_KEY = b"settings"
-_FORMAT = "immucore-1"
 
 KVs = Union[dict, Iterable]
 Metadata = Union[None, KVMetadata, dict]
@@ -100,12 +89,13 @@ class Database:
             self._index_env = LmdbEnv(os.path.join(self.path, "index"), INDEX_DBS,
                                       durable=durable, map_size_bytes=map_size_bytes,
                                       metasync=False)
+            self._txs = TxLog(self._log, lambda: self._writer.state)
             self._settings = self._load_settings(replica, header_version)
-            state = self._load_chain_state()
+            state = self._txs.load_chain_state()
             # The writer starts idle: nothing is submitted before the indexer below exists.
             self._writer = Writer(self._log, state,
                                   header_version=self._settings["header_version"],
-                                  limits=self._limits, read_alh=self._alh_of,
+                                  limits=self._limits, read_alh=self._txs.alh,
                                   on_commit=self._on_commit, name=self.name,
                                   read_only=self._settings["replica"])
             if index_worker:
@@ -116,6 +106,7 @@ class Database:
             else:
                 self._indexer = Indexer(self._index_env, self._log, name=self.name,
                                         committed_tx_id=lambda: self._writer.state.tx_id)
+            self._keys = KeyIndex(self._index_env, self._txs, lambda: self._indexer.version)
         except BaseException:
             self._release()     # no thread left running, no environment left open
             raise
@@ -144,13 +135,12 @@ class Database:
     # --- settings and recovery ------------------------------------------------------------
 
     def _load_settings(self, replica, header_version) -> dict:
-        with self._log.read() as txn:
-            raw = txn.get(_SETTINGS_KEY, db=self._log.dbs["meta"])
-        settings = json.loads(raw) if raw else {"format": _FORMAT, "replica": False,
+        stored = self._txs.settings()
+        settings = dict(stored) if stored else {"format": _FORMAT, "replica": False,
                                                 "header_version": HEADER_VERSION_DEFAULT}
         if settings.get("format") != _FORMAT:
             raise CorruptedDataError(f"{self.path} holds an unknown format {settings.get('format')}")
-        if header_version is not None and raw and header_version != settings["header_version"]:
+        if header_version is not None and stored and header_version != settings["header_version"]:
             raise IllegalArgumentsError("header_version can not be changed after database creation")
         if header_version is not None:
             if header_version not in (0, 1):
@@ -158,30 +148,10 @@ class Database:
             settings["header_version"] = header_version
         if replica is not None:
             settings["replica"] = bool(replica)
-        if settings != (json.loads(raw) if raw else None):
-            encoded = json.dumps(settings, sort_keys=True).encode()
+        if settings != stored:
+            encoded = encode_settings(settings)
             self._log.write(lambda txn: txn.put(_SETTINGS_KEY, encoded, db=self._log.dbs["meta"]))
         return settings
-
-    def _load_chain_state(self) -> ChainState:
-        """Read the last tx and the AHT peaks; check the log's tail is whole and consistent."""
-        with self._log.read() as txn:
-            cursor = txn.cursor(self._log.dbs["tx"])
-            if not cursor.last():
-                return ChainState(0, _EMPTY_ALH, [])
-            tx_id = _U64.unpack(cursor.key())[0]
-            record = cursor.value()
-            header, alh, _ = codec.decode_record(record)
-            if header[0] != tx_id or codec.alh(header[0], header[1],
-                                               codec.inner_hash(*header)) != alh:
-                raise CorruptedDataError(f"data is corrupted: ALH mismatch at tx {tx_id}")
-            reader = AhtReader(txn, self._log.dbs["aht"])
-            if txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"]) is None:
-                raise CorruptedDataError(f"data is corrupted: AHT has no leaf for tx {tx_id}")
-            peaks = peaks_for(reader, tx_id)
-            if header[7] and codec.aht_root(peaks_for(reader, header[7])) != header[8]:
-                raise CorruptedDataError(f"data is corrupted: blRoot mismatch at tx {tx_id}")
-            return ChainState(tx_id, alh, peaks)
 
     # --- properties -----------------------------------------------------------------------
 
@@ -284,23 +254,16 @@ class Database:
                    size_bytes_max: int = REPLICATE_BATCH_BYTES_MAX) -> List[bytes]:
         """Export blobs of up to ``count`` consecutive committed txs from ``first_tx_id``,
         stopping before their total passes ``size_bytes_max`` (at least one blob is returned)."""
+        return self.export_range(first_tx_id, count, size_bytes_max).blobs
+
+    def export_range(self, first_tx_id: int, count: int,
+                     size_bytes_max: int = REPLICATE_BATCH_BYTES_MAX) -> ExportRange:
+        """``export_txs`` with the last blob's Alh and the last committed tx id, all three
+        from one snapshot of the log (what a primary answers a replica's EXPORT_TXS with)."""
         self._check_open()
         if not isinstance(first_tx_id, int) or first_tx_id < 1 or count < 0:
             raise IllegalArgumentsError("first_tx_id must be positive and count not negative")
-        last = min(self._writer.state.tx_id, first_tx_id + count - 1)
-        blobs, size = [], 0
-        with self._log.read(buffers=True) as txn:
-            cursor = txn.cursor(self._log.dbs["tx"])
-            if first_tx_id <= last and cursor.set_key(_U64.pack(first_tx_id)):
-                for key, record in cursor:
-                    if _U64.unpack(key)[0] > last:
-                        break
-                    blob = codec.record_export_blob(record)
-                    if blobs and size + len(blob) > size_bytes_max:
-                        break
-                    blobs.append(blob)
-                    size += len(blob)
-        return blobs
+        return self._txs.export_range(first_tx_id, count, size_bytes_max)
 
     def replicate_tx(self, blob: bytes) -> TxHeader:
         return self.replicate_txs([blob])[0]
@@ -315,8 +278,9 @@ class Database:
 
     def replicate_txs_async(self, blobs: List[bytes], floor_tx_id: int = 0,
                             last_alh: Optional[bytes] = None):
-        """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples,
-        so a replicator can keep the next batch hashing while this one is fsynced.
+        """Like ``replicate_txs`` but returns a ``concurrent.futures.Future`` of header tuples
+        (a list whose ``last_alh`` is the last tx's Alh, None for no blobs), so a replicator
+        can keep the next batch hashing while this one is fsynced.
         ``floor_tx_id``: the primary acknowledged every tx up to it to its clients; stored with
         the batch, it bounds what ``discard_txs_after`` may ever drop. ``last_alh``: the Alh
         the primary announced for the last blob's tx; a batch whose last tx hashes otherwise
@@ -338,7 +302,7 @@ class Database:
         if size > REPLICATE_BATCH_BYTES_MAX:
             raise IllegalArgumentsError(
                 f"{size} bytes exceed the limit of {REPLICATE_BATCH_BYTES_MAX} bytes per batch")
-        return self._writer.submit_replicate(blobs, floor_tx_id, last_alh)
+        return self._writer.submit_replicate(blobs, size, floor_tx_id, last_alh)
 
     @property
     def discard_floor(self) -> int:
@@ -360,7 +324,7 @@ class Database:
         if tx_id < self._writer.state.tx_id:
             try:          # a failed pause or rewind must not leave indexing paused either
                 self._indexer.pause_and_rewind(tx_id)
-                self._writer.truncate(tx_id, self._load_chain_state).result()
+                self._writer.truncate(tx_id, self._txs.load_chain_state).result()
             finally:
                 self._indexer.resume()
         return self.current_state()
@@ -369,7 +333,7 @@ class Database:
         """The Alh of committed tx ``tx_id``."""
         if not 0 < tx_id <= self._writer.state.tx_id:
             raise TxNotFoundError(f"tx {tx_id} not found")
-        return self._alh_of(tx_id)
+        return self._txs.alh(tx_id)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -399,31 +363,7 @@ class Database:
             raise IllegalArgumentsError("offset and limit must not be negative")
         limit = self._result_limit(limit)
         self._wait_index(0)
-        stored = _KV_PREFIX + key
-        chosen = []
-        with self._index_env.read() as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            if not cursor.set_key(codec.index_key(stored)):
-                raise KeyNotFoundError()
-            count = cursor.count()
-            if offset >= count:
-                return []
-            # walk only offset + limit versions, from the oldest or the newest end
-            if desc:
-                cursor.last_dup()
-                step, revision = cursor.prev_dup, count
-            else:
-                step, revision = cursor.next_dup, 1
-            for _ in range(offset):
-                step()
-                revision += -1 if desc else 1
-            while len(chosen) < limit:
-                chosen.append((revision, bytes(cursor.value())))
-                if not step():
-                    break
-                revision += -1 if desc else 1
-        return [self._entry_at(stored, location, revision, include_deleted=True)
-                for revision, location in chosen]
+        return self._keys.history(key, offset, limit, desc)
 
     def scan(self, *, prefix: bytes = b"", seek_key: bytes = b"", end_key: bytes = b"",
              desc: bool = False, limit: int = 0, since_tx: int = 0) -> List[Entry]:
@@ -440,32 +380,7 @@ class Database:
             raise IllegalArgumentsError("limit must not be negative")
         limit = self._result_limit(limit)
         self._wait_index(since_tx)
-        stored_prefix = _KV_PREFIX + prefix
-        # Folded index keys hold only the first bytes of their key: a longer prefix is walked by
-        # those bytes, and each key found is then matched whole.
-        index_prefix = stored_prefix[:_INDEX_KEY_KEPT_BYTES]
-        match_whole_key = len(stored_prefix) > _INDEX_KEY_KEPT_BYTES
-        seek = codec.index_key(_KV_PREFIX + seek_key) if seek_key else None
-        end = codec.index_key(_KV_PREFIX + end_key) if end_key else None
-        results: List[Entry] = []
-        with self._index_env.read() as itxn:
-            keys_db = self._index_env.dbs["keys"]
-            walk = _keys_desc if desc else _keys_asc
-            versions = itxn.cursor(keys_db)
-            for index_key in walk(itxn.cursor(keys_db), index_prefix, seek, end):
-                versions.set_key(index_key)
-                versions.last_dup()
-                try:
-                    entry = self._entry_at(None, versions.value(), versions.count(),
-                                           include_deleted=False, index_key=index_key)
-                except KeyNotFoundError:       # deleted or expired: not part of a scan
-                    continue
-                if match_whole_key and not entry.key.startswith(prefix):
-                    continue
-                results.append(entry)
-                if len(results) >= limit:
-                    break
-        return results
+        return self._keys.scan(prefix, seek_key, end_key, desc, limit)
 
     def verifiable_tx_by_id(self, tx_id: int, *, prove_since_tx: int) -> VerifiableTx:
         self._check_prove_since(prove_since_tx)
@@ -479,9 +394,7 @@ class Database:
                                              at_revision=at_revision)
         record = self._record(entry.tx)
         tx = _tx_from_record(record)
-        digests = codec.record_digests(record)
-        proof = InclusionProof(entry_index, len(digests),
-                               tuple(codec.htree_inclusion_proof(digests, entry_index)))
+        proof = proofs.entry_inclusion_proof(record, entry_index)
         return VerifiableEntry(entry, VerifiableTx(tx, self._dual_proof_for(tx.header,
                                                                             prove_since_tx)),
                                proof)
@@ -498,26 +411,7 @@ class Database:
 
     def dual_proof(self, source: TxHeader, target: TxHeader) -> DualProof:
         """immudb's DualProof (v1) linking tx header ``source`` to ``target``."""
-        if source.id > target.id:
-            raise IllegalArgumentsError("source tx must not be newer than target tx")
-        with self._log.read(buffers=True) as txn:
-            aht = AhtReader(txn, self._log.dbs["aht"])
-            inclusion = (aht.inclusion_proof(source.id, target.bl_tx_id)
-                         if source.id < target.bl_tx_id else [])
-            consistency = (aht.consistency_proof(source.bl_tx_id, target.bl_tx_id)
-                           if source.bl_tx_id > 0 else [])
-            if target.bl_tx_id > 0:
-                target_bl_tx_alh = self._alh_in(txn, target.bl_tx_id)
-                last_inclusion = aht.inclusion_proof(target.bl_tx_id, target.bl_tx_id)
-            else:
-                target_bl_tx_alh, last_inclusion = _ZERO_DIGEST, []
-            linear_from = max(source.id, target.bl_tx_id)
-            terms = [self._alh_in(txn, linear_from)]
-            for tx_id in range(linear_from + 1, target.id + 1):
-                header = codec.decode_record(self._record_in(txn, tx_id))[0]
-                terms.append(codec.inner_hash(*header))
-        return DualProof(source, target, tuple(inclusion), tuple(consistency), target_bl_tx_alh,
-                         tuple(last_inclusion), LinearProof(linear_from, target.id, tuple(terms)))
+        return proofs.dual_proof(self._txs, source, target)
 
     def audit(self, batch_txs: int = 1000) -> int:
         """Re-verify the whole log from tx 1: every Eh, Alh, blRoot and stored AHT node.
@@ -526,27 +420,7 @@ class Database:
         Reads in batches, so its memory stays bounded whatever the log size.
         """
         self._check_open()
-        last = self._writer.state.tx_id
-        chain_alh, peaks, next_id = _EMPTY_ALH, [], 1
-        while next_id <= last:
-            count = min(batch_txs, last - next_id + 1)
-            with self._log.read() as txn:
-                records = [self._record_in(txn, tx_id) for tx_id in range(next_id, next_id + count)]
-                stored_nodes = [txn.get(_U64.pack(tx_id), db=self._log.dbs["aht"])
-                                for tx_id in range(next_id, next_id + count)]
-            try:
-                sealed = codec.replicate_blobs([codec.record_export_blob(r) for r in records],
-                                               next_id, chain_alh, peaks, self._limits)
-            except IllegalArgumentsError as exc:
-                raise CorruptedDataError(f"data is corrupted: {exc}") from exc
-            for (header, alh, record, nodes), stored, nodes_stored in zip(sealed, records,
-                                                                          stored_nodes):
-                if record != stored or nodes != nodes_stored:
-                    raise CorruptedDataError(
-                        f"data is corrupted: stored tx {header[0]} differs from its recomputation")
-            chain_alh = sealed[-1][1]
-            next_id += count
-        return last
+        return proofs.audit(self._txs, self._writer.state.tx_id, self._limits, batch_txs)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -557,37 +431,7 @@ class Database:
         if at_tx and at_revision:
             raise IllegalArgumentsError("at_tx and at_revision can not be used together")
         self._wait_index(max(at_tx, since_tx))
-        stored = _KV_PREFIX + key
-        index_key = codec.index_key(stored)
-        # versions taken before the reads: inside a ReadBurst they renew a stale shared snapshot
-        with self._index_env.read(version=self._indexer.version) as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            if not cursor.set_key(index_key):
-                raise KeyNotFoundError()
-            count = cursor.count()
-            if at_revision:
-                revision = at_revision if at_revision > 0 else count + at_revision
-                if not 0 < revision <= count:
-                    raise InvalidRevisionError()
-                for _ in range(revision - 1):
-                    cursor.next_dup()
-                location = cursor.value()
-            elif at_tx:
-                # versions are sorted by (tx id, entry index); find the last one at or before at_tx
-                if cursor.set_range_dup(index_key, _U64.pack(min(at_tx + 1, _U64_MAX))):
-                    if not cursor.prev_dup():
-                        raise KeyNotFoundError()
-                else:
-                    cursor.last_dup()
-                location = cursor.value()
-                revision = 1                     # its revision: the versions before it, plus one
-                while cursor.prev_dup():
-                    revision += 1
-            else:
-                cursor.last_dup()
-                location, revision = cursor.value(), count
-        entry_index = _U16.unpack_from(location, 8)[0]
-        return self._entry_at(stored, location, revision, include_deleted=False), entry_index
+        return self._keys.entry(key, at_tx, at_revision)
 
     def get_many(self, keys: Iterable[bytes]) -> List[Union[Entry, Exception]]:
         """``get`` of each key's latest version, all read from one snapshot (a pipelined burst
@@ -606,57 +450,7 @@ class Database:
         if (self._closed or self._indexer.indexed_tx_id < self._writer.state.tx_id
                 or self._indexer.failed is not None):
             self._wait_index(0)        # raises if closed or failed; waits (or BurstWouldBlock)
-        with self._index_env.read(version=self._indexer.version) as itxn:
-            cursor = itxn.cursor(self._index_env.dbs["keys"])
-            found = [self._locate(cursor, key) for key in keys]
-        if all(isinstance(where, Exception) for where in found):
-            return found               # no log read at all (a burst holds no log guard)
-        # opened after the index snapshot, so it holds every tx that snapshot points at
-        with self._log.read(buffers=True, version=self._writer.state) as txn:
-            tx_db, now = self._log.dbs["tx"], time.time()
-            return [where if isinstance(where, Exception)
-                    else self._row_at(txn, tx_db, where, now) for where in found]
-
-    def _locate(self, cursor, key):
-        """Where ``key``'s latest version is: ``(key, stored key, tx id, entry index, entry
-        offset, revision)``, or the error its get raises (returned, not raised)."""
-        try:
-            if type(key) is not bytes:
-                key = _bytes(key, "key")
-            stored = _KV_PREFIX + key
-            if not cursor.set_key(codec.index_key(stored)):
-                raise KeyNotFoundError()
-        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
-            return exc
-        revision = cursor.count()
-        cursor.last_dup()
-        location = cursor.value()
-        if len(location) == _LOCATION.size:
-            return (key, stored, *_LOCATION.unpack(location), revision)
-        if len(location) == _LOCATION_NO_OFFSET.size:   # found by walking the record
-            return (key, stored, *_LOCATION_NO_OFFSET.unpack(location),
-                    INDEX_ENTRY_OFFSET_UNKNOWN, revision)
-        return CorruptedDataError(f"data is corrupted: an index row of {len(location)} bytes")
-
-    def _row_at(self, txn, tx_db, where: tuple, now: float):
-        """The entry ``_locate`` found, as a row, or the error its get raises (returned)."""
-        key, stored, tx_id, entry_index, entry_offset, revision = where
-        try:
-            record = txn.get(_U64.pack(tx_id), db=tx_db)
-            if record is None:
-                raise TxNotFoundError()
-            key_read, md_raw, value, _ = codec.record_entry_at(record, entry_index, entry_offset)
-            if key_read != stored:
-                raise CorruptedDataError(
-                    f"data is corrupted: index points tx {tx_id} at another key")
-            metadata = KVMetadata.from_bytes(md_raw)
-            if metadata is not None and (metadata.deleted or metadata.expired(now)):
-                raise KeyNotFoundError()
-            if value is None:
-                raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
-        except Exception as exc:  # noqa: BLE001 - this key's error, not its neighbours'
-            return exc
-        return tx_id, key, bytes(value[1:]), metadata, revision
+        return self._keys.latest_rows(keys)
 
     def _latest(self, key) -> Entry:
         """``get`` of the latest version, nearly every get."""
@@ -665,53 +459,11 @@ class Database:
             raise row
         return Entry(*row)
 
-    def _entry_at(self, stored_key, location: bytes, revision: int, *,
-                  include_deleted: bool, index_key: Optional[bytes] = None) -> Entry:
-        """The version ``location`` points at; its key must be ``stored_key`` (or, when only the
-        index key is known, a scan's, fold to ``index_key``): a corrupt row never returns
-        another key's entry."""
-        if len(location) == _LOCATION.size:
-            tx_id, entry_index, entry_offset = _LOCATION.unpack(location)
-        else:                 # a row without its offset: found by walking the record
-            tx_id, entry_index = _LOCATION_NO_OFFSET.unpack(location)
-            entry_offset = INDEX_ENTRY_OFFSET_UNKNOWN
-        # the entry is cut out without a copy; the writer's state is replaced by every commit
-        with self._log.read(buffers=True, version=self._writer.state) as txn:
-            key, md_raw, value, _ = codec.record_entry_at(self._record_in(txn, tx_id),
-                                                          entry_index, entry_offset)
-        if (stored_key is not None and key != stored_key) or (
-                index_key is not None and codec.index_key(key) != index_key):
-            raise CorruptedDataError(f"data is corrupted: index points tx {tx_id} at another key")
-        metadata = KVMetadata.from_bytes(md_raw)
-        if not include_deleted and metadata is not None and (
-                metadata.deleted or metadata.expired(time.time())):
-            raise KeyNotFoundError()
-        if value is None:
-            raise CorruptedDataError(f"value of tx {tx_id} was truncated on the primary")
-        return Entry(tx_id, bytes(key[1:]), bytes(value[1:]), metadata, revision)
-
     def _record(self, tx_id: int) -> bytes:
         self._check_open()
         if not isinstance(tx_id, int) or tx_id < 1:
             raise IllegalArgumentsError("tx id must be a positive integer")
-        with self._log.read() as txn:
-            record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
-        if record is None:
-            raise TxNotFoundError()
-        return record
-
-    def _record_in(self, txn, tx_id: int):
-        record = txn.get(_U64.pack(tx_id), db=self._log.dbs["tx"])
-        if record is None:
-            raise TxNotFoundError()
-        return record
-
-    def _alh_in(self, txn, tx_id: int) -> bytes:
-        return bytes(self._record_in(txn, tx_id)[-DIGEST_SIZE:])
-
-    def _alh_of(self, tx_id: int) -> bytes:
-        with self._log.read(buffers=True) as txn:
-            return self._alh_in(txn, tx_id)
+        return self._txs.record(tx_id)
 
     def index_covers(self, since_tx: int = 0) -> bool:
         """Whether a read with ``since_tx`` would run without waiting for the index."""
@@ -815,46 +567,6 @@ def _entries(kvs: KVs, metadata: Metadata):
         raise IllegalArgumentsError(
             f"kvs must be a dict or a list of (key, value) pairs of bytes ({exc})") from None
     return entries, size
-
-
-def _keys_asc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
-    """Distinct index keys with ``stored_prefix`` from ``seek`` up to ``end``, ascending."""
-    start = max(stored_prefix, seek) if seek else stored_prefix
-    if not cursor.set_range(start):
-        return
-    while True:
-        key = bytes(cursor.key())
-        if not key.startswith(stored_prefix) or (end is not None and key > end):
-            return
-        yield key
-        if not cursor.next_nodup():
-            return
-
-
-def _keys_desc(cursor, stored_prefix: bytes, seek: Optional[bytes], end: Optional[bytes]):
-    """Distinct index keys with ``stored_prefix`` from ``seek`` down to ``end``, descending."""
-    upper = seek if seek else _prefix_end(stored_prefix)
-    if upper is None or not cursor.set_range(upper):
-        positioned = cursor.last()            # every key is below the upper bound
-    elif seek and bytes(cursor.key()) == seek:
-        positioned = True                     # seek is inclusive
-    else:
-        positioned = cursor.prev_nodup()      # set_range landed above the bound
-    while positioned:
-        key = bytes(cursor.key())
-        if key < stored_prefix or (end is not None and key < end):
-            return
-        if key.startswith(stored_prefix):
-            yield key
-        positioned = cursor.prev_nodup()
-
-
-def _prefix_end(prefix: bytes) -> Optional[bytes]:
-    """The smallest key greater than every key starting with ``prefix`` (None: no such key)."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return None
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
 def _tx_from_record(record) -> Tx:

@@ -233,6 +233,50 @@ def test_create_user_rules(store):
         store.create_user("bob3", "Good1Pwd!", "write", "defaultdb", "immudb")
 
 
+def test_a_creator_changed_since_its_snapshot_creates_nobody(store):
+    """USER_CREATE carries the creator as of its session; the store reads the creator's current
+    record under its lock (as every other user change does), so a creator stripped of admin or
+    deactivated meanwhile creates nobody."""
+    store.create_user("dba", "Good1Pwd!", "admin", "defaultdb", sysadmin(store))
+    stale = store.get_user("dba")
+    store.create_user("first", "Good1Pwd!", "read", "defaultdb", stale)      # still allowed
+    store.revoke("dba", "admin", "defaultdb", by_user=sysadmin(store))
+    with pytest.raises(PermissionDeniedError):
+        store.create_user("second", "Good1Pwd!", "read", "defaultdb", stale)
+    store.grant("dba", "admin", "defaultdb", by_user=sysadmin(store))
+    store.set_active("dba", False, by_user=sysadmin(store))
+    with pytest.raises(UserNotActiveError):
+        store.create_user("third", "Good1Pwd!", "read", "defaultdb", stale)
+    assert {u.username for u in store.list_users()} == {"immudb", "dba", "first"}
+
+
+def test_protected_modes_loop_side_judges_without_hashing_and_fails_closed(tmp_path,
+                                                                          monkeypatch):
+    """After a restart no stored hash has been judged yet: the event loop's check
+    (``well_known_users_judged``) hashes nothing and counts every unjudged active user as
+    exposed, until a thread's ``users_with_well_known_password`` has judged them."""
+    database = open_systemdb(tmp_path)
+    users = UserStore(database, scrypt_n=FAST_N)
+    auth.ensure_sysadmin(users, "immudb")
+    users.create_user("follower", "zyQQurat.0", "admin", "defaultdb", "immudb",
+                      check_strength=False)
+    users.create_user("alice", "Good1Pwd!", "read", "defaultdb", "immudb")
+    exposed, judged = users.well_known_users_judged()      # set here: judged as they were set
+    assert judged and set(exposed) == {"follower", "immudb"}
+    restarted = UserStore(database, scrypt_n=FAST_N)             # nothing judged in memory
+
+    def no_hashing(*args):
+        raise AssertionError("hashed on the event loop's path")
+    with monkeypatch.context() as patched:
+        patched.setattr(auth, "_verify_password", no_hashing)
+        exposed, judged = restarted.well_known_users_judged()
+    assert not judged and set(exposed) == {"immudb", "follower", "alice"}
+    assert set(restarted.users_with_well_known_password()) == {"immudb", "follower"}
+    exposed, judged = restarted.well_known_users_judged()
+    assert judged and set(exposed) == {"immudb", "follower"}
+    database.close()
+
+
 # --- the sysadmin --------------------------------------------------------------------------
 
 def test_ensure_sysadmin_creates_once(store):

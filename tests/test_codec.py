@@ -274,6 +274,49 @@ def test_index_items_over_the_chain(impl, chain):
         or chain["header_version"] == 0
 
 
+def test_index_rows_are_laid_out_as_the_store_layout_says(impl, chain):
+    """The rows each codec writes (the native one in C) are the rows ``store/layout.py``
+    reads: parsed by it, rebuilt by it byte for byte, pointing at their entries; a truncated
+    record's rows say "walk" (INDEX_ENTRY_OFFSET_UNKNOWN)."""
+    from immucore.store import layout
+    results, _ = build_chain(impl, chain)
+    records = [r[2] for r in results]
+    long_key = b"q" * 600
+    (extra,) = impl.build_txs(1, len(records) + 1, EMPTY_ALH, [], 1,
+                              [[(long_key, b"v", b""), (b"k", b"w", b"")]], LIMITS)
+    records.append(extra[2])
+    rows = impl.index_items(1, records)
+    assert rows and rows == pure.index_items(1, records)      # the pure codec is the oracle
+    for key, value in rows:
+        assert len(value) == layout.INDEX_ROW.size
+        tx_id, index, offset = layout.parse_index_row(value)
+        assert layout.index_row(tx_id, index, offset) == value
+        assert value[:8] == layout.tx_key(tx_id)            # rows of a key sort by tx id
+        assert layout.index_rows_from(tx_id) <= value < layout.index_rows_from(tx_id + 1)
+        entry = impl.record_entry_at(records[tx_id - 1], index, offset)
+        assert impl.index_key(entry[0]) == key
+    blob = impl.record_export_blob(records[-1])
+    truncated = _truncated_blob(blob, [e[3] for e in impl.decode_record(records[-1])[2]])
+    (sealed,) = impl.replicate_blobs([truncated], len(records), EMPTY_ALH, [], LIMITS)
+    for _, value in impl.index_items(len(records), [sealed[2]]):
+        assert layout.parse_index_row(value)[2] == INDEX_ENTRY_OFFSET_UNKNOWN
+    old_row = struct.pack(">QH", 5, 3)                       # format 1: read, never written
+    assert layout.parse_index_row(old_row) == (5, 3, INDEX_ENTRY_OFFSET_UNKNOWN)
+    with pytest.raises(CorruptedDataError, match="index row of 9 bytes"):
+        layout.parse_index_row(b"x" * 9)
+
+
+def test_blob_tx_id_reads_the_id_of_the_header(impl, chain):
+    for tx, blob in zip(chain["txs"], chain_blobs(chain)):
+        assert impl.blob_tx_id(blob) == tx["id"]
+        assert impl.blob_tx_id(memoryview(blob)) == tx["id"]      # a buffer, as LMDB gives
+        assert impl.blob_tx_id(blob[:12]) == tx["id"]             # nothing after it is read
+    assert impl.blob_tx_id(b"\0\0\0\x08" + b"\xff" * 8) == (1 << 64) - 1
+    for short in (b"", b"\0\0\0\x08", bytes(11)):
+        with pytest.raises(IllegalArgumentsError, match="export blob too short"):
+            impl.blob_tx_id(short)
+
+
 def test_index_key_folds_long_keys(impl):
     for size in (1, 100, INDEX_KEY_UNFOLDED_BYTES_MAX):
         key = bytes(range(256)) * 2

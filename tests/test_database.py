@@ -886,3 +886,31 @@ def test_proofs_are_checked_with_the_client_verifiers():
     """Skipped (not failed) only while immucore/verify.py is being written."""
     verify = pytest.importorskip("immucore.verify")
     assert callable(verify.verify_inclusion) and callable(verify.verify_dual_proof)
+
+
+def test_scan_history_and_get_read_each_environment_once_per_call(db):
+    """One snapshot per call: a scan of 40 keys or a history of 40 versions opens one log and
+    one index read transaction, not one per entry (the real environments, counted)."""
+    for n in range(40):
+        db.set({b"key%02d" % n: b"v%d" % n, b"same": b"%d" % n})
+    db.get(b"same")                # the indexer (a thread reading the log too) is done now
+    opened = {"log": 0, "index": 0}
+
+    def counting(env, name):
+        read = env.read
+
+        def counted(*args, **kwargs):
+            opened[name] += 1
+            return read(*args, **kwargs)
+        return counted
+
+    db._log.read = counting(db._log, "log")
+    db._index_env.read = counting(db._index_env, "index")
+    calls = [(lambda: db.scan(prefix=b"key"), 40), (lambda: db.scan(prefix=b"key", desc=True), 40),
+             (lambda: db.history(b"same"), 40), (lambda: db.history(b"same", desc=True), 40),
+             (lambda: [db.get(b"same", at_revision=3)], 1), (lambda: [db.get(b"same", at_tx=7)], 1),
+             (lambda: db.get_many([b"key01", b"key02", b"nope"]), 3)]
+    for call, results in calls:
+        opened.update(log=0, index=0)
+        assert len(call()) == results
+        assert opened == {"log": 1, "index": 1}, calls.index((call, results))

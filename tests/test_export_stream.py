@@ -255,3 +255,46 @@ def test_a_stream_stops_at_a_revoked_permission_before_its_next_chunk_leaves(tmp
             f"the stream ended normally after the revocation ({chunks} chunks)"
         assert last[1]["code"] in ("session_not_found", "permission_denied"), last
         assert chunks < 5
+
+
+def test_an_export_answer_is_one_snapshot_while_the_primary_commits(tmp_path):
+    """EXPORT_TXS's blobs, last_alh and committed_tx_id come from one snapshot of the log: on
+    a real node taking writes from 8 connections, every answer's blobs reach exactly the
+    committed id it reports, and its last_alh is that tx's."""
+    with running_node(tmp_path) as node:
+        async def run():
+            writers = [AsyncClient(node.host, node.port) for _ in range(8)]
+            reader = AsyncClient(node.host, node.port)
+            for client in writers + [reader]:
+                await client.login("immudb", "immudb")
+            stop = asyncio.Event()
+
+            async def write(client, n):
+                while not stop.is_set():
+                    await client.set({b"w%d-%d" % (n, time.monotonic_ns()): b"v"})
+
+            tasks = [asyncio.ensure_future(write(c, n)) for n, c in enumerate(writers)]
+            answers = []
+            try:
+                while len(answers) < 150:
+                    answers.append(await reader.call(Msg.EXPORT_TXS,
+                                                     {"first_tx_id": 1, "count": 5000}))
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+            alhs = {}
+            for answer in answers:
+                last = answer["committed_tx_id"]
+                if last and last not in alhs:
+                    alhs[last] = (await reader.tx_by_id(last)).header.alh()
+            for client in writers + [reader]:
+                await client.close()
+            return answers, alhs
+
+        answers, alhs = asyncio.run(run())
+    assert answers[-1]["committed_tx_id"] > answers[0]["committed_tx_id"] + 50   # it committed
+    for answer in answers:
+        assert len(answer["blobs"]) == answer["committed_tx_id"]
+        if answer["blobs"]:
+            assert _tx_id(answer["blobs"][-1]) == answer["committed_tx_id"]
+            assert answer["last_alh"] == alhs[answer["committed_tx_id"]]

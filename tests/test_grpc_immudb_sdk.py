@@ -343,4 +343,4 @@ def test_the_grpc_port_is_a_node_flag_and_an_environment_variable():
         == 3323
     assert node_cli.resolve(parser.parse_args([]),
                             environ={"IMMUCORE_GRPC_PORT": "3324"})["grpc_port"] == 3324
-    assert node_cli.resolve(parser.parse_args([]), environ={})["grpc_port"] == 0   # off
+    assert node_cli.resolve(parser.parse_args([]), environ={})["grpc_port"] == 0   # on --port

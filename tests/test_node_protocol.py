@@ -34,7 +34,7 @@ from immucore.errors import IllegalArgumentsError, InvalidRevisionError, KeyNotF
 from immucore.protocol.frames import FLAG_ERROR, FrameDecoder, encode_frame
 from immucore.protocol.messages import Msg, RemoteError, pack, unpack
 
-from .nodes import child_pids, index_worker_pid, running_node
+from .nodes import index_worker_pid, running_node
 
 ADMIN = ("immudb", "immudb")
 READER = ("reader", "Reader1!pw")

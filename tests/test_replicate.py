@@ -123,6 +123,58 @@ def test_export_txs_returns_consecutive_export_blobs(db):
     assert db.export_txs(8, 5) == []
 
 
+def test_export_range_reads_blobs_last_alh_and_committed_id_from_one_snapshot(db):
+    """While a writer commits, every export_range answer is one snapshot: its blobs reach
+    exactly its committed id (count and size allowing), and its Alh is the last blob's."""
+    import threading
+    db.set({b"first": b"v"})
+    stop, answers = threading.Event(), []
+
+    def write():
+        n = 0
+        while not stop.is_set():
+            db.set_async({b"k%d" % n: b"v"}).result()
+            n += 1
+
+    writers = [threading.Thread(target=write) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and db.current_state().tx_id < 400:
+            answers.append(db.export_range(1, 1 << 20, 1 << 30))
+            time.sleep(0)          # let the writers' threads take the GIL
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join()
+    assert answers[-1].committed_tx_id > answers[0].committed_tx_id + 100    # written meanwhile
+    for export in answers:
+        assert len(export.blobs) == export.committed_tx_id
+        assert export.last_alh == db.alh_of(export.committed_tx_id)
+        assert codec.blob_tx_id(export.blobs[-1]) == export.committed_tx_id
+    first = db.export_range(2, 3)
+    assert first.blobs == db.export_txs(2, 3) and first.last_alh == db.alh_of(4)
+    none = db.export_range(db.current_state().tx_id + 1, 5)
+    assert none.blobs == [] and none.last_alh is None
+    assert none.committed_tx_id == db.current_state().tx_id
+
+
+def test_a_replicated_batch_answers_its_last_alh(db, replica):
+    """The writer hands back the Alh it computed for the batch's last tx (or verified, for a
+    tx the replica held already): what the replicator acknowledges, never read back."""
+    write_history(db)
+    blobs = db.export_txs(1, 100)
+    headers = replica.replicate_txs_async(blobs[:3]).result()
+    assert [h[0] for h in headers] == [1, 2, 3] and headers.last_alh == db.alh_of(3)
+    headers = replica.replicate_txs_async(blobs[1:5]).result()          # 2, 3 held already
+    assert [h[0] for h in headers] == [2, 3, 4, 5] and headers.last_alh == db.alh_of(5)
+    headers = replica.replicate_txs_async(blobs[:2]).result()           # every one held
+    assert [h[0] for h in headers] == [1, 2] and headers.last_alh == db.alh_of(2)
+    empty = replica.replicate_txs_async([]).result()
+    assert list(empty) == [] and empty.last_alh is None
+
+
 def test_an_export_blob_is_immudbs_layout(db):
     header = db.set({b"key": b"value"}, metadata=KVMetadata(expires_at=1893456000))
     blob = db.export_tx(1)

@@ -15,7 +15,6 @@ from immucore.client import AsyncClient, Client
 from immucore.database import open_database
 from immucore.errors import (CorruptedDataError, IllegalArgumentsError, ReadOnlyReplicaError,
                              ReplicationLoopError)
-from immucore.protocol.messages import RemoteError
 
 from .nodes import running_node
 
@@ -331,6 +330,9 @@ def test_replicator_tool_checks_the_follower_login_before_creating_a_replica(tmp
         assert "database(s) created" not in done.stderr
         with _login(rep) as r:
             assert "defaultdbbak" not in {d["name"] for d in r.list_databases()}
+        with _login(main_node) as m:             # nothing granted to an account not ours
+            follower = {u["user"]: u for u in m.list_users()}["follower"]
+            assert follower["permissions"] == {"defaultdb": "read"}
         wrong_replica = _replicator(main_node, rep, "-follower-pass", "Other1!pass",
                                     "-replica-pass", "wrong")
         assert wrong_replica.returncode == 1

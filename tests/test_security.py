@@ -144,3 +144,52 @@ def test_protected_mode_covers_every_user_with_a_well_known_password(tmp_path):
         with Client(address, node.port) as remote:
             remote.login("immudb", "Changed1!pw")
             assert remote.health()
+
+
+def test_a_management_call_that_waited_for_the_lock_across_a_revocation_changes_nothing(
+        tmp_path):
+    """A database admin's UNLOAD waits for the node's management lock while another unload
+    holds it (its index worker is stopped with SIGSTOP, so closing it takes a while); the
+    admin loses its right meanwhile. Once the lock is free the waiting call is checked again
+    and refused: the database stays loaded."""
+    import signal
+    import threading
+    import time
+
+    from .nodes import index_worker_pid
+
+    with running_node(tmp_path) as real, Client(real.host, real.port) as admin:
+        admin.login("immudb", "immudb")
+        admin.create_database("slow")
+        admin.create_database("other")
+        admin.create_user("dba", "Dba1!password", "admin", "other")
+        worker = index_worker_pid(real, "slow")
+        os.kill(worker, signal.SIGSTOP)
+        outcome = {}
+
+        def unload(name, user, password, database):
+            try:
+                with Client(real.host, real.port) as client:
+                    client.login(user, password, database)
+                    outcome[name] = client.unload_database(name)
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                outcome[name] = exc
+
+        holder = threading.Thread(target=unload, args=("slow", "immudb", "immudb", "defaultdb"))
+        holder.start()
+        time.sleep(1.0)                       # the holder has the lock, closing the worker
+        waiter = threading.Thread(target=unload, args=("other", "dba", "Dba1!password", "other"))
+        waiter.start()
+        time.sleep(1.0)
+        try:
+            assert holder.is_alive() and waiter.is_alive(), outcome
+            admin.revoke("dba", "admin", "other")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        holder.join(60)
+        waiter.join(60)
+        assert outcome["slow"] == {"database": "slow"}
+        assert isinstance(outcome["other"], RemoteError), outcome
+        assert outcome["other"].code in ("session_not_found", "permission_denied")
+        loaded = {d["name"]: d for d in admin.list_databases()}
+        assert loaded["other"]["loaded"] is True, loaded["other"]

@@ -9,7 +9,7 @@ import pytest
 from immucore import CorruptedDataError, IllegalArgumentsError, KeyNotFoundError, ReadOnlyReplicaError, codec
 from immucore.database import open_database
 from immucore.store.writer import CommitAbortedError
-from immucore.store.indexer import INDEX_FORMAT_KEY, INDEXED_TX_KEY
+from immucore.store.layout import INDEXED_TX_KEY, ROW_FORMAT_KEY
 
 
 def test_map_grows_when_full_while_readers_run(tmp_path):
@@ -160,7 +160,7 @@ def test_index_of_an_older_row_format_is_rebuilt(tmp_path):
         txn.drop(keys, delete=False)
         for key, value in rows:
             txn.put(key, value[:10], db=keys, dupdata=True)
-        txn.delete(INDEX_FORMAT_KEY, db=meta)
+        txn.delete(ROW_FORMAT_KEY, db=meta)
     env.close()
     with open_database(path) as db:
         assert db.get(b"a").value == b"3" and db.get(b"b").value == b"2"

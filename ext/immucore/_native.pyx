@@ -56,13 +56,14 @@ from immucore.constants import (DIGEST_SIZE as _DIGEST_SIZE_PY,
                                 KV_METADATA_SIZE_MAX as _KV_METADATA_SIZE_MAX_PY,
                                 TX_METADATA_SIZE_MAX as _TX_METADATA_SIZE_MAX_PY)
 from immucore.errors import CorruptedDataError, IllegalArgumentsError
+from immucore.store.layout import INDEX_ROW as _INDEX_ROW_PY
 from immucore.flat_tx import FlatTx as _FlatTx
 
 IMPLEMENTATION = "native"
 
 __all__ = ("IMPLEMENTATION", "sha256", "kv_metadata_bytes", "parse_kv_metadata", "encode_header",
            "decode_header", "inner_hash", "alh", "entry_digest", "entries_hash",
-           "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "verify_blob",
+           "htree_inclusion_proof", "aht_root", "aht_append", "build_txs", "blob_tx_id", "verify_blob",
            "replicate_blobs", "record_export_blob", "record_alh", "decode_record", "record_entry",
            "record_entry_at", "record_entry_count", "record_digests", "index_key", "index_items", "xxh64_intdigest",
            "encode_frame", "FrameDecoder", "plain_get_key", "encode_entry_answer",
@@ -79,6 +80,11 @@ cdef enum:
     INDEX_KEY_MAX = 480             # INDEX_KEY_SIZE_BYTES_MAX: a folded key's size
     INDEX_KEY_UNFOLDED_MAX = 448    # INDEX_KEY_UNFOLDED_BYTES_MAX: longer keys are folded
     ENTRY_SIZE_MIN = 8              # u16 kLen + u16 mdLen + u32 vLen: an entry's smallest encoding
+    # An index row's value (immucore/store/layout.py INDEX_ROW, docs/storage.md), which
+    # index_items writes: u64 tx_id || u16 entry_index || u32 entry_offset.
+    INDEX_ROW_SIZE = 14
+    INDEX_ROW_ENTRY_INDEX_AT = 8
+    INDEX_ROW_ENTRY_OFFSET_AT = 10
     # Work (in 64-byte SHA-256 blocks) from which a call hashes without the GIL: ~70 us of hashing.
     # Below it, releasing and re-taking the GIL costs more than it lets other threads gain (and a
     # re-take can wait a whole switch interval behind a busy thread).
@@ -100,6 +106,14 @@ def _check_constants():
         if mine != theirs:
             raise ImportError(f"immucore._native was built with {name}={mine} but "
                               f"immucore.constants says {theirs}; rebuild the extension")
+    # the index row as immucore.store.layout lays it out: the same size and field offsets
+    if (_INDEX_ROW_PY.format.lstrip(">") != "QHI" or _INDEX_ROW_PY.size != INDEX_ROW_SIZE
+            or _struct.calcsize(">Q") != INDEX_ROW_ENTRY_INDEX_AT
+            or _struct.calcsize(">QH") != INDEX_ROW_ENTRY_OFFSET_AT):
+        raise ImportError(f"immucore._native writes {INDEX_ROW_SIZE}-byte index rows "
+                          f"(u64, u16 at {INDEX_ROW_ENTRY_INDEX_AT}, u32 at "
+                          f"{INDEX_ROW_ENTRY_OFFSET_AT}) but immucore.store.layout says "
+                          f"{_INDEX_ROW_PY.format!r}; rebuild the extension")
 
 
 _check_constants()

@@ -162,6 +162,19 @@ cdef int parse_blob(const uchar* p, Py_ssize_t size, Limits lim, Header* h, EntB
     return 0
 
 
+def blob_tx_id(blob):
+    """The tx id an export blob's header starts with (``u32 hdrLen || u64 id || ...``), nothing
+    else checked: what a replica needs to place a blob before it verifies it."""
+    cdef InBuf b
+    inbuf_get(blob, &b)
+    try:
+        if b.n < 12:
+            raise IllegalArgumentsError("export blob too short")
+        return PyLong_FromUnsignedLongLong(get_u64(b.p + 4))
+    finally:
+        inbuf_release(&b)
+
+
 def verify_blob(blob, limits):
     """Parse an export blob and check its entries against its Eh: returns (header, alh)."""
     cdef InBuf b

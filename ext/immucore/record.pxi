@@ -259,7 +259,7 @@ cdef int index_row_cmp(const void* a, const void* b) noexcept nogil:
 
 def index_items(first_tx_id, records):
     """Index rows for consecutive records, sorted:
-    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)``.
+    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)`` (layout.INDEX_ROW).
 
     Non-indexable entries are skipped; deleted ones are indexed. Rows are collected and sorted in
     C; Python objects are made only for the sorted result.
@@ -343,11 +343,11 @@ def index_items(first_tx_id, records):
         out = [None] * n_rows
         for i in range(n_rows):
             row = &rows[i]
-            value = new_bytes(14)
+            value = new_bytes(INDEX_ROW_SIZE)      # layout.INDEX_ROW
             v = wptr(value)
             put_u64(v, row.tx_id)
-            put_u16(v + 8, row.entry_index)
-            put_u32(v + 10, row.entry_offset)
+            put_u16(v + INDEX_ROW_ENTRY_INDEX_AT, row.entry_index)
+            put_u32(v + INDEX_ROW_ENTRY_OFFSET_AT, row.entry_offset)
             out[i] = (slice_bytes(row.key, row.key_len), value)
         return out
     finally:

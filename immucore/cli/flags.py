@@ -58,6 +58,9 @@ REPLICATION_FLAGS = (
      str, "user on the primary used by the replicator"),
     ("primary_password", ("--replication-primary-password", "--replication-follower-password"),
      str, "password of that user"),
+    ("primary_protocol", ("--replication-primary-protocol",), str,
+     "how the replica talks to its primary: native (default) or grpc, immudb's gRPC "
+     "replication (to follow an immudb primary; docs/replication.md)"),
     ("prefetch_tx_buffer_size", ("--replication-prefetch-tx-buffer-size",), int,
      "immudb's prefetch size (default 100 on replicas); stored, not used: replicas here "
      "prefetch whole batches (docs/replication.md)"),

@@ -6,6 +6,7 @@
     immuclient get mykey@1                 # its first value; mykey@-1: the one before the current
     immuclient restore mykey@-1            # write that value again, as a new revision
     immuclient --json history mykey        # one JSON object per line
+    immuclient audit-mode --audit-username immudb --audit-password immudb   # docs/audit.md
 
 Revisions are immudb's: N > 0 is the key's N-th value (1 = the first), 0 the current one, a
 negative N counts back from the current one. ``--revision-separator`` (default ``@``; ``""``
@@ -24,6 +25,7 @@ import sys
 from .. import codec
 from ..client import StateStore
 from ..errors import KeyNotFoundError
+from .audit import add_audit_flags, cmd_audit_mode
 from .common import (CliError, Session, add_connection_flags, add_help_command, cmd_login,
                      cmd_logout, cmd_status, common_parent, home_path, run)
 from .version import add_version_command, add_version_flag
@@ -304,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
             tx_id, aliases=("safetx",))
     command("current", cmd_current, "the current state (tx id and hash) of the database",
             aliases=("state",))
+    sub = command("audit-mode", cmd_audit_mode, "audit the node continuously: every interval, "
+                  "check each database's consistency from its last trusted state "
+                  "(docs/audit.md)")
+    add_audit_flags(sub)
     return parser
 
 

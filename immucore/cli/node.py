@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-a", "--address", default=None, help="bind address (default 0.0.0.0)")
     parser.add_argument("-p", "--port", type=int, default=None, help="port (default 3322)")
     parser.add_argument("--grpc-port", type=int, default=None,
-                        help="serve immudb's gRPC API (immudb's SDKs and tools) on this port; "
-                             "0: not served (default 0, docs/grpc.md)")
+                        help="where immudb's gRPC API (immudb's SDKs and tools) is served: 0 "
+                             "(default): on --port, beside the native protocol; another port: "
+                             "there instead; -1: not served (docs/grpc.md)")
     parser.add_argument("--admin-password", default=None,
                         help="password of the immudb sysadmin user on first start "
                              "(default immudb)")
@@ -103,7 +104,10 @@ def resolve(args, environ=os.environ, warn=None) -> dict:
     file_values, config = {}, args.config or _environment(
         environ, {_key("config")}, lambda text: text, warn)
     if config:
-        import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:        # Python 3.10: the same parser, as its backport
+            import tomli as tomllib
         with open(config, "rb") as f:
             written = tomllib.load(f)
         file_values = {_key(k): v for k, v in written.items()}

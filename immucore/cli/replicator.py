@@ -159,13 +159,31 @@ def one_pass(args) -> list:
 
 
 def _ensure_follower(main: Client, args, database: str):
-    """The follower user, with admin on ``database`` (created on first need)."""
+    """The follower user, with admin on ``database`` (created on first need). An existing
+    follower is granted nothing until its password is shown to be ours: admin is never handed
+    to an account the tool (and so its replicas) cannot log in as."""
     users = {u["user"]: u for u in main.list_users()}
     if args.follower_user in users:
         if users[args.follower_user]["permissions"].get(database) != "admin":
+            _check_follower_password(args)
             main.grant(args.follower_user, "admin", database)
     else:
         main.create_user(args.follower_user, args.follower_pass, "admin", database)
+
+
+def _check_follower_password(args):
+    """The follower's password, checked by logging in to the main node: a login refused only
+    for want of a permission on the database (the follower has none yet) proves it."""
+    with _connect("main", args.master_addr, args.master_port) as follower:
+        try:
+            follower.login(args.follower_user, args.follower_pass, "defaultdb")
+        except (ImmucoreError, OSError) as exc:
+            if getattr(exc, "code", None) != "no_database_permission":
+                raise LoginRefusedError(
+                    f"main node {args.master_addr}:{args.master_port} refused the login of "
+                    f"{args.follower_user} on database defaultdb: {exc} (an existing "
+                    f"{args.follower_user} is given admin only once -follower-pass is its "
+                    "password)") from exc
 
 
 def _check_follower(args, database: str):

@@ -28,6 +28,6 @@ else:
 
 API = ("sha256", "kv_metadata_bytes", "parse_kv_metadata", "encode_header", "decode_header",
        "inner_hash", "alh", "entry_digest", "entries_hash", "htree_inclusion_proof", "aht_root",
-       "aht_append", "build_txs", "verify_blob", "replicate_blobs", "record_export_blob",
+       "aht_append", "build_txs", "blob_tx_id", "verify_blob", "replicate_blobs", "record_export_blob",
        "record_alh", "decode_record", "record_entry", "record_entry_at", "record_entry_count",
        "record_digests", "index_key", "index_items")

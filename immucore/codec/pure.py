@@ -18,6 +18,7 @@ from ..constants import (DIGEST_SIZE, INDEX_ENTRY_OFFSET_UNKNOWN, INDEX_KEY_UNFO
                          KV_METADATA_SIZE_MAX, TX_METADATA_SIZE_MAX)
 from ..errors import CorruptedDataError, IllegalArgumentsError
 from ..flat_tx import FlatTx
+from ..store.layout import index_row
 
 IMPLEMENTATION = "pure"
 
@@ -373,6 +374,14 @@ def _parse_blob(blob: bytes, limits, check_duplicates: bool = True,
     return header, entries, truncated
 
 
+def blob_tx_id(blob) -> int:
+    """The tx id an export blob's header starts with (``u32 hdrLen || u64 id || ...``), nothing
+    else checked: what a replica needs to place a blob before it verifies it."""
+    if len(blob) < 12:
+        raise IllegalArgumentsError("export blob too short")
+    return _U64.unpack_from(blob, 4)[0]
+
+
 def verify_blob(blob: bytes, limits):
     """Parse an export blob and check its entries against its Eh: returns (header, alh)."""
     header, entries, truncated = _parse_blob(blob, limits)
@@ -526,7 +535,7 @@ def index_key(stored_key: bytes) -> bytes:
 
 def index_items(first_tx_id: int, records) -> list:
     """Index rows for consecutive records, sorted:
-    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)``.
+    ``(index_key, u64 tx_id || u16 entry_index || u32 entry_offset)`` (``layout.INDEX_ROW``).
 
     ``entry_offset`` is where the entry starts in its record (``record_entry_at``), or
     INDEX_ENTRY_OFFSET_UNKNOWN. Non-indexable entries are skipped; deleted ones are indexed (a
@@ -544,7 +553,7 @@ def index_items(first_tx_id: int, records) -> list:
                                                          else len(value))
             if md and parse_kv_metadata(md)[2]:
                 continue
-            rows.append((index_key(key), _U64.pack(tx_id) + _U16.pack(entry_index)
-                         + _U32.pack(min(entry_offset, INDEX_ENTRY_OFFSET_UNKNOWN))))
+            rows.append((index_key(key), index_row(tx_id, entry_index,
+                                                   min(entry_offset, INDEX_ENTRY_OFFSET_UNKNOWN))))
     rows.sort()
     return rows

@@ -7,7 +7,6 @@ from typing import Optional
 from ..errors import IllegalArgumentsError
 from ..types import KVMetadata
 from . import schema
-from .errors import NotSupportedError
 
 
 def kv_metadata(md: Optional[KVMetadata]):
@@ -107,51 +106,4 @@ def state(signed: dict) -> "schema.ImmutableState":
     sig = signature(signed)
     if sig is not None:
         out.signature.CopyFrom(sig)
-    return out
-
-
-# --- database settings ------------------------------------------------------------------------
-
-# immudb's nullable settings -> immucore's setting names (server/settings.py)
-REPLICATION_SETTINGS = {
-    "replica": "replica", "primaryDatabase": "primary_database", "primaryHost": "primary_host",
-    "primaryPort": "primary_port", "primaryUsername": "primary_username",
-    "primaryPassword": "primary_password", "syncReplication": "sync_replication",
-    "syncAcks": "sync_acks", "prefetchTxBufferSize": "prefetch_tx_buffer_size",
-    "replicationCommitConcurrency": "replication_commit_concurrency",
-    "allowTxDiscarding": "allow_tx_discarding", "skipIntegrityCheck": "skip_integrity_check",
-    "waitForIndexing": "wait_for_indexing",
-}
-DATABASE_SETTINGS = {
-    "maxKeyLen": "max_key_len", "maxValueLen": "max_value_len",
-    "maxTxEntries": "max_tx_entries", "writeTxHeaderVersion": "write_tx_header_version",
-    "autoload": "autoload",
-}
-
-
-def settings_from(message) -> dict:
-    """The settings a request set (immudb's nullable fields: only those given), by immucore's
-    names. A setting immucore does not implement is refused, by name."""
-    requested = {}
-    for field, value in message.ListFields():
-        if field.name == "replicationSettings":
-            for inner, inner_value in value.ListFields():
-                requested[REPLICATION_SETTINGS[inner.name]] = inner_value.value
-        elif field.name in DATABASE_SETTINGS:
-            requested[DATABASE_SETTINGS[field.name]] = value.value
-        else:
-            raise NotSupportedError(
-                f"database setting {field.name} is not supported by immucore (docs/grpc.md)")
-    return requested
-
-
-def settings(s: dict) -> "schema.DatabaseNullableSettings":
-    """immucore's settings of a database, every one it has filled in."""
-    out = schema.DatabaseNullableSettings()
-    for proto_name, name in REPLICATION_SETTINGS.items():
-        if name in s:
-            getattr(out.replicationSettings, proto_name).value = s[name]
-    for proto_name, name in DATABASE_SETTINGS.items():
-        if name in s:
-            getattr(out, proto_name).value = s[name]
     return out

@@ -10,7 +10,6 @@ expiry); session ids are the node's sessions (``--max-sessions``, 3 minutes of i
 """
 from __future__ import annotations
 
-import datetime as dt
 import functools
 
 from ..constants import (GRPC_TOKENS_MAX, GRPC_TOKENS_PER_USER_MAX, IMMUDB_COMPATIBLE_VERSION,
@@ -19,10 +18,15 @@ from ..server import auth
 from ..server.handlers import Dispatcher, _Permit
 from ..server.node import (DatabaseError, _folder_size, _is_loopback,
                            protected_mode_message)
+from ..server.shared_port import real_peer
 from . import convert, schema
+from .replication import ReplicationMethods
+from .db_operations import DbOperations
+from .management import ManagementMethods
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
                      NotSupportedError, ProtectedModeError, SessionNotFoundError,
                      grpc_status)
+from .streams import StreamMethods
 
 BEARER = "Bearer "
 
@@ -83,7 +87,7 @@ def _peer_address(peer: str):
     return None
 
 
-class ImmuService:
+class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMethods):
     def __init__(self, node):
         self.node = node
         self.checks = _Checks(node)
@@ -98,12 +102,13 @@ class ImmuService:
     def _check_peer(self, context):
         """Protected mode, as for native connections: while any active user holds a well-known
         password, only loopback peers are served."""
-        peer = _peer_address(context.peer() or "")
+        # through the shared port the gRPC server's peer is the node's splice: the real one
+        peer = real_peer(self.node, context.peer() or "") or _peer_address(context.peer() or "")
         if peer is not None and _is_loopback(peer):
             return
-        exposed = self.node.users.users_with_well_known_password()
+        exposed, judged = self.node.exposed_users()
         if exposed:
-            raise ProtectedModeError(protected_mode_message(exposed))
+            raise ProtectedModeError(protected_mode_message(exposed, judged))
 
     def _call(self, context) -> GrpcCall:
         """The call's credentials: a session id (``sessionid``) or a token (``authorization``)."""
@@ -332,41 +337,3 @@ class ImmuService:
         vtx = await self._proof(permit, db.verifiable_tx_by_id, request.tx,
                                prove_since_tx=request.proveSinceTx)
         return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
-
-    # --- databases ------------------------------------------------------------------------------
-
-    @_served
-    async def CreateDatabaseV2(self, request, context):
-        call = self._call(context)
-        self._session(call)
-        user = self.checks._sysadmin(call)
-        requested = convert.settings_from(request.settings)
-        existed = request.name in self.node.settings
-        s = await self._read(self.node.manage, self.node.create_database, request.name,
-                             requested, user.username, request.ifNotExists)
-        return schema.CreateDatabaseResponse(name=request.name, settings=convert.settings(s),
-                                             alreadyExisted=existed)
-
-    @_served
-    async def DatabaseListV2(self, request, context):
-        call = self._call(context)
-        _, user = self._session(call)
-        listed = await self._read(self.node.list_databases)
-        out = schema.DatabaseListResponseV2()
-        for d in listed:
-            if not (user.sysadmin or user.can(d["name"], "read")):
-                continue
-            s = self.node.settings.get(d["name"], {})
-            out.databases.add(name=d["name"], settings=convert.settings(s), loaded=d["loaded"],
-                              diskSize=d["disk_size_bytes"], numTransactions=d["tx_count"] or 0,
-                              created_at=_unix_seconds(d["created_at"]),
-                              created_by=d["created_by"])
-        return out
-
-
-def _unix_seconds(iso: str) -> int:
-    """A database's creation moment (ISO 8601, as stored) in Unix seconds, 0 if unknown."""
-    try:
-        return int(dt.datetime.fromisoformat(iso).timestamp()) if iso else 0
-    except ValueError:
-        return 0

@@ -28,6 +28,7 @@ from ..constants import (REPLICATION_BACKOFF_SECONDS_MAX, REPLICATION_BACKOFF_SE
                          REPLICATION_QUEUE_BYTES_MAX, REPLICATION_WAIT_MS)
 from ..errors import ReplicaDivergedError
 from . import machine as m
+from .grpc_source import GrpcPrimary
 
 log = logging.getLogger("immucore.replication")
 
@@ -56,9 +57,11 @@ class Durations:
 
 
 class Replicator:
-    def __init__(self, database, settings: dict, tls=None, replica_id: str = ""):
+    def __init__(self, database, settings: dict, tls=None, replica_id: str = "",
+                 tls_ca_file: str = ""):
         self.database = database
         self._tls = tls                    # an ssl.SSLContext verifying the primary, or None
+        self._tls_ca_file = tls_ca_file    # the same CA, for a primary followed over gRPC
         self.primary = (f"{settings['primary_host']}:{settings['primary_port']}/"
                         f"{settings['primary_database']}")
         self._settings = settings
@@ -217,11 +220,29 @@ class Replicator:
 
     # --- commands ---------------------------------------------------------------------------
 
+    def _primary_client(self):
+        """The transport to the primary: the native client, or immudb's gRPC replication
+        protocol (``--replication-primary-protocol grpc``, replication/grpc_source.py) behind
+        the same calls; the machine and the verification are the same either way."""
+        s = self._settings
+        timeout = REPLICATION_WAIT_MS / 1000 + REPLICATION_GRACE_SECONDS
+        if s.get("primary_protocol") == "grpc":
+            credentials = None
+            if self._tls is not None or self._tls_ca_file:
+                import grpc
+                roots = None
+                if self._tls_ca_file:
+                    with open(self._tls_ca_file, "rb") as f:
+                        roots = f.read()
+                credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            return GrpcPrimary(self.database, s["primary_host"], s["primary_port"],
+                               credentials=credentials, timeout_seconds=timeout,
+                               primary=self.primary, replica_id=self._replica_id)
+        return AsyncClient(s["primary_host"], s["primary_port"], timeout=timeout, ssl=self._tls)
+
     async def _connect(self):
         s = self._settings
-        client = AsyncClient(s["primary_host"], s["primary_port"],
-                             timeout=REPLICATION_WAIT_MS / 1000 + REPLICATION_GRACE_SECONDS,
-                             ssl=self._tls)
+        client = self._primary_client()
         try:
             await client.login(s["primary_username"], s["primary_password"],
                                s["primary_database"])
@@ -322,7 +343,7 @@ class Replicator:
         self.last_applied_at = time.time()
         self.apply_seconds.observe(time.monotonic() - started)
         last = headers[-1]
-        self._post("applied", last[0], self.database.alh_of(last[0]))
+        self._post("applied", last[0], headers.last_alh)     # the writer's: no LMDB read here
 
     async def _ack(self, command: m.Ack):
         try:

@@ -35,6 +35,21 @@ def _raise_open_files_limit(needed: int):
                     needed - FILES_RESERVED)
 
 
+GRPC_SHARED, GRPC_OWN_PORT, GRPC_OFF = "shared", "own port", "off"
+
+
+def grpc_placement(grpc_port: int, port: int) -> str:
+    """Where immudb's gRPC API is served: ``--grpc-port`` 0 (the default) or the node's own
+    port: on that port, beside the native protocol (docs/grpc.md); -1: not at all; any other
+    port: there, and the node's port speaks only the native protocol."""
+    if grpc_port == -1:
+        return GRPC_OFF
+    if grpc_port < 0 or grpc_port > 65535:
+        raise ImmucoreError(f"--grpc-port must be a port, 0 (on --port) or -1 (off), "
+                            f"not {grpc_port}")
+    return GRPC_SHARED if grpc_port in (0, port) else GRPC_OWN_PORT
+
+
 async def run_node(options: dict, *, ready=None) -> int:
     """Run until SIGTERM/SIGINT; in-flight requests finish and every database closes cleanly."""
     node_options = NodeOptions(
@@ -52,6 +67,7 @@ async def run_node(options: dict, *, ready=None) -> int:
         replication={k: v for k, v in options.items() if k not in _NODE_KEYS})
     _raise_open_files_limit(node_options.max_connections + FILES_RESERVED)
     try:
+        grpc_where = grpc_placement(node_options.grpc_port, node_options.port)
         node = Node(node_options)
         node._server_tls()                  # a TLS misconfiguration stops the start, clearly
     except (ImmucoreError, OSError) as exc:
@@ -61,18 +77,37 @@ async def run_node(options: dict, *, ready=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Judged before serving (hashing the records this process did not write, off the loop), so
+    # protected mode knows its users from the first connection; kept up to date after.
+    exposed = await loop.run_in_executor(node.read_pool, node.users.users_with_well_known_password)
+    if exposed:
+        from .node import protected_mode_message
+        log.warning("%s", protected_mode_message(exposed))
+    grpc_server = None
+    if grpc_where != GRPC_OFF:
+        from ..grpc.server import start_grpc_server, stop_grpc_server
+    if grpc_where == GRPC_SHARED:
+        # first, so that the shared port never accepts a gRPC connection it cannot splice
+        try:
+            grpc_server, internal_port = await start_grpc_server(node, internal=True)
+        except ImmucoreError as exc:
+            log.error("cannot start: %s", exc)
+            await node.close()
+            return 1
+        from .shared_port import INTERNAL_HOST
+        node.grpc_internal_endpoint = (INTERNAL_HOST, internal_port)
     try:
         await node.serve(Dispatcher(node))
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", node_options.address, node_options.port, exc)
+        if grpc_server is not None:
+            await stop_grpc_server(grpc_server)
         await node.close()
         return 1
-    grpc_server = None
-    if node_options.grpc_port:
-        from ..grpc.server import start_grpc_server, stop_grpc_server
+    if grpc_where == GRPC_OWN_PORT:
         try:
-            grpc_server = await start_grpc_server(node, node_options.address,
-                                                  node_options.grpc_port)
+            grpc_server, _ = await start_grpc_server(node, node_options.address,
+                                                     node_options.grpc_port)
         except ImmucoreError as exc:
             log.error("cannot start: %s", exc)
             await node.close()
@@ -83,18 +118,13 @@ async def run_node(options: dict, *, ready=None) -> int:
     if node_options.pidfile:
         with open(node_options.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
-    banner = node.banner() + (f"; immudb gRPC API on port {node_options.grpc_port}"
-                              if grpc_server is not None else "")
+    banner = node.banner() + {
+        GRPC_SHARED: "; immudb gRPC API on the same port",
+        GRPC_OWN_PORT: f"; immudb gRPC API on port {node_options.grpc_port}",
+        GRPC_OFF: "; immudb gRPC API off"}[grpc_where]
     print(banner, flush=True)
     if node_options.logfile:         # the log then lives in a file: it starts with the banner too
         log.info("%s", banner)
-    from . import auth
-    # computed once now (hashing records not written by this process), then kept up to date
-    exposed = await asyncio.get_running_loop().run_in_executor(
-        None, node.users.users_with_well_known_password)
-    if exposed:
-        from .node import protected_mode_message
-        log.warning("%s", protected_mode_message(exposed))
     if ready is not None:
         ready.set()
     await stop.wait()

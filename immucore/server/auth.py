@@ -326,11 +326,18 @@ class UserStore:
             raise PermissionDeniedError(f"{SYSADMIN_USERNAME} is reserved for the sysadmin")
         else:
             _check_grant_target(value, database)
+        creator = created_by
         created_by = _actor_name(created_by)
         secret = _new_password(password, check_strength)
         hashed = self._hash_noted(secret)
         now = self._clock()
         with self._lock:
+            if isinstance(creator, User):
+                # the creator's current record, as every other user change reads it: one
+                # deactivated or stripped of admin while the password was hashed creates nothing
+                actor = self._actor(creator)
+                if not (actor.sysadmin or actor.can(database, "admin")):
+                    raise PermissionDeniedError()
             if self._load(name) is not None:
                 raise UserAlreadyExistsError()
             record = {"username": name, "active": True,
@@ -458,6 +465,30 @@ class UserStore:
             self._well_known_by_hash = known
             self._well_known_users = (tx_id, tuple(found))
         return tuple(found)
+
+    def well_known_users_judged(self) -> Tuple[Tuple[str, ...], bool]:
+        """``(names, complete)`` without hashing anything, for the event loop: the active users
+        known to hold a well-known password, plus — failing closed — every active user whose
+        record this process has not judged yet (``complete`` False then: a thread should run
+        ``users_with_well_known_password`` to judge them)."""
+        tx_id = self.db.current_state().tx_id
+        computed_at, names = self._well_known_users
+        if computed_at == tx_id:
+            return names, True
+        found, complete = [], True
+        for user in self.list_users():
+            loaded = self._load(user.username)
+            if loaded is None:
+                continue
+            well_known = self._well_known_by_hash.get(loaded[1]["hash"])
+            if well_known is None:
+                complete, well_known = False, True
+            if well_known and loaded[0].active:
+                found.append(user.username)
+        if complete:
+            with self._lock:
+                self._well_known_users = (tx_id, tuple(found))
+        return tuple(found), complete
 
     def _hash_noted(self, secret: bytes) -> dict:
         """A new hash of ``secret``, remembering whether it is a well-known password."""

@@ -468,12 +468,13 @@ class Dispatcher:
         count = min(_field(body, "count", int), EXPORT_TXS_COUNT_MAX)
         wait_ms = min(max(_field(body, "wait_ms", int, 0), 0), EXPORT_WAIT_MS_MAX)
         await self.node.wait_for_commit(db.name, first - 1, wait_ms / 1000)
-        # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX
-        blobs = await self._read(db.export_txs, first, count, FRAME_BODY_BYTES_MAX // 2)
-        answer = {"blobs": blobs, "committed_tx_id": db.current_state().tx_id,
+        # the answer must fit one frame: stop well before FRAME_BODY_BYTES_MAX. Blobs, the
+        # last one's Alh and the committed id come from one snapshot, in one read-pool trip.
+        export = await self._read(db.export_range, first, count, FRAME_BODY_BYTES_MAX // 2)
+        answer = {"blobs": export.blobs, "committed_tx_id": export.committed_tx_id,
                   "acked_tx_id": self.node.acked_tx_id(db), **self.node.replication_role(db)}
-        if blobs:       # the replica checks the last tx against it (no later prevAlh does)
-            answer["last_alh"] = await self._read(db.alh_of, first + len(blobs) - 1)
+        if export.blobs:   # the replica checks the last tx against it (no later prevAlh does)
+            answer["last_alh"] = export.last_alh
         # checked again after the long poll and the reads: a user changed while it waited
         # (deactivated, no longer admin, a new password) gets that error, not the commit
         permit.check()
@@ -498,15 +499,14 @@ class Dispatcher:
         before anything more leaves."""
         while first <= last:
             permit.check()
-            blobs = await self._read(db.export_txs, first,
-                                     min(EXPORT_STREAM_CHUNK_TXS, last - first + 1),
-                                     FRAME_BODY_BYTES_MAX // 2)
-            if not blobs:
+            export = await self._read(db.export_range, first,
+                                      min(EXPORT_STREAM_CHUNK_TXS, last - first + 1),
+                                      FRAME_BODY_BYTES_MAX // 2)
+            if not export.blobs:
                 return
-            last_alh = await self._read(db.alh_of, first + len(blobs) - 1)
             permit.check()
-            yield {"blobs": blobs, "last_alh": last_alh}
-            first += len(blobs)
+            yield {"blobs": export.blobs, "last_alh": export.last_alh}
+            first += len(export.blobs)
 
     async def replica_ack(self, conn, body):
         """A replica durably holds every tx up to ``tx_id``; counted for sync replication only
@@ -541,27 +541,41 @@ class Dispatcher:
 
     # --- databases ------------------------------------------------------------------------
 
+    _NOT_SYSADMIN = "loggedin user does not have permissions for this operation"
+
     def _sysadmin(self, conn):
         _, user = self._session(conn)
         if not user.sysadmin:
-            raise PermissionDeniedError(
-                "loggedin user does not have permissions for this operation")
+            raise PermissionDeniedError(self._NOT_SYSADMIN)
         return user
+
+    @staticmethod
+    def _not_db_admin(name: str) -> str:
+        return (f"the database '{name}' does not exist or you do not have admin permission on "
+                "this database")
 
     def _db_admin(self, conn, name: str):
         _, user = self._session(conn)
         if not user.can(name, "admin"):
-            raise PermissionDeniedError(
-                f"the database '{name}' does not exist or you do not have admin permission on "
-                "this database")
+            raise PermissionDeniedError(self._not_db_admin(name))
         return user
+
+    def _sysadmin_permit(self, conn) -> _Permit:
+        """What a sysadmin-only management call re-checks once it holds the management lock."""
+        return _Permit(conn, conn.session, self._manager(conn), lambda user: user.sysadmin,
+                       self._NOT_SYSADMIN)
+
+    def _db_admin_permit(self, conn, name: str) -> _Permit:
+        return _Permit(conn, conn.session, self._manager(conn),
+                       lambda user: user.can(name, "admin"), self._not_db_admin(name))
 
     async def database_create(self, conn, body):
         user = self._sysadmin(conn)
         name = _field(body, "database", str)
         requested = _field(body, "settings", dict, {})
         s = await self._read(self.node.manage, self.node.create_database, name, requested,
-                             user.username, bool(body.get("if_not_exists", False)))
+                             user.username, bool(body.get("if_not_exists", False)),
+                             permit=self._sysadmin_permit(conn))
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -570,7 +584,7 @@ class Dispatcher:
         user = self._db_admin(conn, name)
         requested = _field(body, "settings", dict, {})
         s = await self._read(self.node.manage, self.node.update_database, name, requested,
-                             user.username)
+                             user.username, permit=self._db_admin_permit(conn, name))
         return {"database": name, "settings": dbsettings.public(s),
                 "summary": dbsettings.summary(s, requested)}
 
@@ -592,19 +606,22 @@ class Dispatcher:
     async def database_load(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.load_database, name)
+        await self._read(self.node.manage, self.node.load_database, name,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     async def database_unload(self, conn, body):
         name = _field(body, "database", str)
         self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.unload_database, name)
+        await self._read(self.node.manage, self.node.unload_database, name,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     async def database_delete(self, conn, body):
         name = _field(body, "database", str)
         user = self._db_admin(conn, name)
-        await self._read(self.node.manage, self.node.delete_database, name, user.username)
+        await self._read(self.node.manage, self.node.delete_database, name, user.username,
+                         permit=self._db_admin_permit(conn, name))
         return {"database": name}
 
     # --- users ----------------------------------------------------------------------------

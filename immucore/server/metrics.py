@@ -12,6 +12,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
                                    HistogramMetricFamily)
 
+from ..constants import METRICS_ERROR_LABEL_CHARS_MAX
+
 log = logging.getLogger("immucore.metrics")
 
 
@@ -120,7 +122,7 @@ class NodeCollector:
         sessions.add_metric([], len(self.node.sessions) + len(self.node.token_sessions))
         yield sessions
         connections = GaugeMetricFamily("immucore_connections", "open connections")
-        connections.add_metric([], len(self.node.connections))
+        connections.add_metric([], len(self.node.connections) + len(self.node.spliced))
         yield connections
 
 
@@ -132,14 +134,15 @@ class NodeCollector:
                                        "started again after one exited", labels=["db"])
         failed = GaugeMetricFamily("immucore_index_worker_failed", "1 when the index worker kept "
                                    "dying and is not restarted (reads fail; the error label holds "
-                                   "its last stderr line)", labels=["db", "error"])
+                                   "the start of its error)", labels=["db", "error"])
         for name, database in databases.items():
             try:
                 status = database.index_status()
             except Exception:  # noqa: BLE001 - a closing database is skipped, not an error
                 continue
             restarts.add_metric([name], status["restarts"])
-            failed.add_metric([name, status["error"] or ""], 1 if status["error"] else 0)
+            error = (status["error"] or "")[:METRICS_ERROR_LABEL_CHARS_MAX]
+            failed.add_metric([name, error], 1 if error else 0)
         yield restarts
         yield failed
 

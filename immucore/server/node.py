@@ -117,10 +117,16 @@ class Node:
             raise IllegalArgumentsError("--max-active-databases must be at least 1 (defaultdb), "
                                         f"not {options.max_active_databases}")
         self.connections = set()
+        # gRPC connections spliced from the shared port to the internal gRPC endpoint
+        # (server/shared_port.py); they count against --max-connections
+        self.spliced = set()
+        self.spliced_peers: Dict[int, tuple] = {}  # a splice's local port -> its real peer
+        self.grpc_internal_endpoint = None   # (host, port) when gRPC shares --port
         self.logged_in_connections = 0   # of them; kept by Connection.logged_in/logged_out
         self.databases: Dict[str, Database] = {}
         self.settings: Dict[str, dict] = {}
         self.read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="immucore-read")
+        self._judging_passwords = False     # a read thread is judging user records (exposed_users)
         # create/update/load/unload/delete run on read threads: one at a time
         self.management_lock = threading.Lock()
         os.makedirs(options.dir, exist_ok=True)
@@ -349,7 +355,8 @@ class Node:
         database on this node (the replication guide's ``--replication-master-database=defaultdb
         replicadb``); a replica with no primary database at all is fed from outside."""
         if s["replica"] and s["primary_database"] and not s["primary_host"]:
-            s = dict(s, primary_host="127.0.0.1", primary_port=s["primary_port"] or self.options.port)
+            s = dict(s, primary_host="127.0.0.1",
+                     primary_port=s["primary_port"] or self.options.port)
         return s
 
     def _is_this_node(self, host: str, port: int) -> bool:
@@ -480,7 +487,8 @@ class Node:
         if start and s is not None and database is not None and \
                 dbsettings.replicator_required(s):
             replicator = Replicator(database, s, tls=self.replication_tls(),
-                                    replica_id=self.database_id(name))
+                                    replica_id=self.database_id(name),
+                                    tls_ca_file=self.options.replication_tls_ca)
             self.replicators[name] = replicator
             replicator.start()
 
@@ -545,13 +553,17 @@ class Node:
         except auth.AuthError:
             pass
 
-    def manage(self, fn, *args):
-        """Run a database management call under the node's management lock."""
+    def manage(self, fn, *args, permit=None):
+        """Run a database management call under the node's management lock. ``permit`` (the
+        caller's, server/handlers.py) is checked again once the lock is held: a caller whose
+        right was revoked while it waited for another management call changes nothing."""
         if self.server_replication is not None:
             raise DatabaseError(
                 "database management is not available on a server-level replica: its systemdb "
                 "(users and database settings) follows the primary")
         with self.management_lock:
+            if permit is not None:
+                permit.check_anywhere()
             return fn(*args)
 
     # --- connections ----------------------------------------------------------------------
@@ -562,11 +574,14 @@ class Node:
         PREAUTH_CONNECTIONS_MAX, so logged-in users keep most of the room."""
         return min(PREAUTH_CONNECTIONS_MAX, max(1, self.options.max_connections // 4))
 
-    def refuse_connection(self, peer) -> Optional[Tuple[str, str]]:
+    def refuse_connection(self, peer, protected_mode: bool = True) -> Optional[Tuple[str, str]]:
         """(code, message) when a new connection must be turned away: past the connection
         caps, or in protected mode (while any active user has a well-known password, such as
-        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not hold the new connection yet."""
-        if len(self.connections) >= self.options.max_connections:
+        the sysadmin's default ``immudb``, only loopback peers). ``self.connections`` does not
+        hold the new connection yet. ``protected_mode=False``: the caps only (the shared port,
+        before the first bytes say which protocol: gRPC checks protected mode on each call,
+        with its own status)."""
+        if len(self.connections) + len(self.spliced) >= self.options.max_connections:
             return ("too_many_connections",
                     f"too many connections: this node serves at most "
                     f"{self.options.max_connections} (--max-connections); try again later")
@@ -574,16 +589,34 @@ class Node:
         if len(self.connections) - self.logged_in_connections >= preauth_max:
             return ("too_many_connections",
                     f"too many connections waiting to log in ({preauth_max}); try again later")
-        if _is_loopback(peer):
+        if not protected_mode or _is_loopback(peer):
             return None
-        exposed = self.users.users_with_well_known_password()
+        exposed, judged = self.exposed_users()
         if not exposed:
             return None
-        return ("protected_mode", protected_mode_message(exposed))
+        return ("protected_mode", protected_mode_message(exposed, judged))
+
+    def exposed_users(self) -> Tuple[Tuple[str, ...], bool]:
+        """Protected mode's users, on the event loop without hashing (scrypt costs ~50 ms a
+        record): users not judged yet count as exposed, and a read thread judges them."""
+        exposed, judged = self.users.well_known_users_judged()
+        if not judged and not self._judging_passwords:
+            self._judging_passwords = True
+            done = self.read_pool.submit(self.users.users_with_well_known_password)
+            done.add_done_callback(lambda _: setattr(self, "_judging_passwords", False))
+        return exposed, judged
 
     async def serve(self, dispatch):
         loop = self.loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self, dispatch),
+        if self.grpc_internal_endpoint is not None:     # gRPC shares the port
+            from .shared_port import FirstBytes
+
+            def factory():
+                return FirstBytes(self, dispatch)
+        else:
+            def factory():
+                return Connection(self, dispatch)
+        self._server = await loop.create_server(factory,
                                                 self.options.address, self.options.port,
                                                 reuse_address=True, ssl=self._server_tls())
         for name in ["systemdb"] + list(self.databases):
@@ -599,6 +632,10 @@ class Node:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.options.certificate, self.options.pkey)
+        if self.grpc_internal_endpoint is not None:
+            # gRPC clients insist on ALPN h2; immucore's own clients offer no ALPN at all, and
+            # the first decrypted bytes tell the two apart either way
+            context.set_alpn_protocols(["h2"])
         return context
 
     def replication_tls(self):
@@ -620,7 +657,7 @@ class Node:
         for name in list(self._commit_waiters):    # long polls end (database_closed)
             self._wake(name)
         await self._answer_in_flight()
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.spliced]:
             if connection.transport is not None:
                 connection.transport.close()
         self.read_pool.shutdown(wait=True)
@@ -707,10 +744,16 @@ def _server_sync(flags: dict) -> dict:
     return {"sync_replication": True, "sync_acks": s["sync_acks"]}
 
 
-def protected_mode_message(users) -> str:
+def protected_mode_message(users, judged: bool = True) -> str:
     """What a refused peer (and the node's log) reads: who holds a well-known password and how
-    to leave protected mode. The passwords themselves are not repeated."""
+    to leave protected mode. The passwords themselves are not repeated. ``judged`` False:
+    some of ``users`` are still being checked (just after a start, or after replicated user
+    records came in)."""
     names = ", ".join(users)
+    if not judged:
+        return (f"immucore is in protected mode while it checks whether user(s) {names} still "
+                "have a well-known password (only loopback connections are accepted meanwhile); "
+                "try again in a moment")
     how = ("immuadmin login immudb, then immuadmin user changepassword immudb"
            if auth.SYSADMIN_USERNAME in users else
            "immuadmin user changepassword USER, or immuadmin user deactivate USER")

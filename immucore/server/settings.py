@@ -32,7 +32,11 @@ REPLICATION_FIELDS = {
     "allow_tx_discarding": ("allowTxDiscarding", bool),
     "skip_integrity_check": ("skipIntegrityCheck", bool),
     "wait_for_indexing": ("waitForIndexing", bool),
+    # immucore's own: how a replica talks to its primary, native (the default, also "") or
+    # grpc (immudb's replication protocol: replication/grpc_source.py)
+    "primary_protocol": ("primaryProtocol", str),
 }
+PRIMARY_PROTOCOLS = ("", "native", "grpc")
 OTHER_FIELDS = {
     "autoload": ("autoload", bool),
     "write_tx_header_version": ("writeTxHeaderVersion", int),
@@ -42,7 +46,7 @@ OTHER_FIELDS = {
 }
 FIXED_AT_CREATION = ("write_tx_header_version", "max_tx_entries", "max_key_len", "max_value_len")
 _PRIMARY_ONLY_CLEARED = ("primary_database", "primary_host", "primary_port", "primary_username",
-                         "primary_password")
+                         "primary_password", "primary_protocol")
 
 
 def check_database_name(name) -> str:
@@ -104,6 +108,10 @@ def validate(name: str, s: dict) -> None:
         return IllegalArgumentsError(
             f"invalid value for replication option {option} on {where} '{name}'")
 
+    if s["primary_protocol"] not in PRIMARY_PROTOCOLS:
+        raise IllegalArgumentsError(
+            f"invalid value for replication option PrimaryProtocol on database '{name}': "
+            f"{s['primary_protocol']!r} is neither native nor grpc")
     if s["write_tx_header_version"] not in (0, 1):
         raise IllegalArgumentsError("write_tx_header_version must be 0 or 1")
     # the same ranges Database() enforces: a setting it would refuse must never be stored
@@ -136,7 +144,7 @@ def validate(name: str, s: dict) -> None:
                     "replicator logs in there as a user with admin on that database")
     else:
         for option in ("primary_database", "primary_host", "primary_username",
-                       "primary_password"):
+                       "primary_password", "primary_protocol"):
             if s[option]:
                 raise bad(_go_name(option), "primary")
         if s["primary_port"]:

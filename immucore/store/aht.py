@@ -9,13 +9,11 @@ follow immudb's variant (docs/immudb-format.md §10.2).
 """
 from __future__ import annotations
 
-import struct
-
 from .. import codec
 from ..constants import DIGEST_SIZE
 from ..errors import CorruptedDataError
+from .layout import aht_node, tx_key
 
-_U64 = struct.Struct(">Q")
 _NODE_PREFIX = b"\x01"
 
 
@@ -28,10 +26,10 @@ class AhtReader:
 
     def node(self, level: int, index: int) -> bytes:
         tx_id = (index + 1) << level
-        group = self._txn.get(_U64.pack(tx_id), db=self._db)
-        if group is None or len(group) < (level + 1) * DIGEST_SIZE:
+        node = aht_node(self._txn.get(tx_key(tx_id), db=self._db), level)
+        if node is None:
             raise CorruptedDataError(f"data is corrupted: AHT node ({level}, {index}) is missing")
-        return bytes(group[level * DIGEST_SIZE:(level + 1) * DIGEST_SIZE])
+        return node
 
     def subtree_hash(self, lo: int, hi: int) -> bytes:
         """RFC 6962 MTH of leaves [lo, hi) (0-based); stored directly when it is a full subtree."""

@@ -49,7 +49,8 @@ import time
 from typing import Callable, Optional
 
 from ..constants import (INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX, INDEX_THREAD_NICE,
-                         INDEX_WORKER_RESTART_WINDOW_SECONDS, INDEX_WORKER_RESTARTS_MAX)
+                         INDEX_WORKER_RESTART_WINDOW_SECONDS, INDEX_WORKER_RESTARTS_MAX,
+                         INDEX_WORKER_STDERR_LINE_CHARS_MAX)
 from ..errors import IndexFailedError, IndexTimeoutError
 from .indexer import (IndexMovedError, index_step, prepare_index, read_indexed_tx_id,
                       rewind_index, wait_indexed_locked)
@@ -59,17 +60,18 @@ _U64 = struct.Struct(">Q")
 _RETRY_SECONDS_MAX = 5.0
 _PAUSE_WAIT_SECONDS = 60.0          # a step is bounded (INDEX_BATCH_ENTRIES_MAX); this is ample
 _STOP_WAIT_SECONDS = 30.0
-_STDERR_LINE_CHARS_MAX = 1000       # of a worker's last stderr line kept for its error state
 # The folder holding the immucore package this node runs (site-packages, or a source tree).
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # How a worker starts: ``python -m`` (or ``-c``) puts the current directory first on sys.path,
 # so a node started from a source checkout (no built extension there) or from any folder that
 # holds an ``immucore`` package would run its workers on that other package, which dies or
-# indexes differently. The bootstrap replaces that first entry with _PACKAGE_ROOT (argv[1]):
-# the worker imports exactly the package the node runs, whatever the current directory.
-# (With PYTHONSAFEPATH set there is no such entry: the root is only put first.)
+# indexes differently. The bootstrap drops that first entry (with PYTHONSAFEPATH set there is
+# none) and puts _PACKAGE_ROOT (argv[1]) first only when it is not on the path already (a
+# source tree): an installed package's site-packages keeps its place after the standard
+# library, so nothing installed there can shadow a standard module in the worker.
 _WORKER_BOOTSTRAP = ("import sys; root = sys.argv.pop(1); "
-                     "sys.path[0:0 if getattr(sys.flags, 'safe_path', False) else 1] = [root]; "
+                     "del sys.path[0:0 if getattr(sys.flags, 'safe_path', False) else 1]; "
+                     "root in sys.path or sys.path.insert(0, root); "
                      "from immucore.store.index_worker import main; main()")
 
 
@@ -314,7 +316,7 @@ class WorkerIndexer:
     def _on_stderr_line(self, line: str):
         if line.strip():
             log.warning("index worker of %s: %s", self._name, line)
-            self._stderr_line = line.strip()[:_STDERR_LINE_CHARS_MAX]
+            self._stderr_line = line.strip()[:INDEX_WORKER_STDERR_LINE_CHARS_MAX]
 
     def _on_line(self, line: str):
         kind, _, rest = line.partition(" ")

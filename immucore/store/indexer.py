@@ -3,7 +3,7 @@
 The log is the source of truth and is written first; the index lives in its own LMDB
 environment (``<db>/index``) so that its commits, with their random-page write amplification,
 never hold the log's write lock. Rows ``index_key -> u64 tx_id || u16 entry_index || u32
-entry_offset`` (where the entry starts in its record: a get reads that entry, not the whole tx)
+entry_offset`` (``layout.INDEX_ROW``: where the entry starts in its record: a get reads that entry, not the whole tx)
 sit in a DUPSORT database (a key's versions sorted by tx), written sorted with ``putmulti``; the
 highest indexed tx id is stored in the same LMDB transaction, so after a crash the index resumes
 exactly where its last commit ended. Reads that need a tx wait on ``wait_for`` (immudb's
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 from typing import Callable, Optional
@@ -22,12 +21,10 @@ from .. import codec
 from ..constants import (INDEX_BATCH_ENTRIES_MAX, INDEX_GATHER_SECONDS, INDEX_GATHER_TXS_MAX,
                          INDEX_THREAD_NICE)
 from ..errors import DatabaseClosedError, IndexFailedError, IndexTimeoutError
+from .layout import (INDEXED_TX_KEY, ROW_FORMAT, ROW_FORMAT_KEY, pack_tx_id, tx_id_of_key, tx_key,
+                     unpack_tx_id)
 
 log = logging.getLogger("immucore.indexer")
-_U64 = struct.Struct(">Q")
-INDEXED_TX_KEY = b"indexed_tx"
-INDEX_FORMAT_KEY = b"row_format"
-INDEX_FORMAT = b"2"           # rows: index_key -> u64 tx_id || u16 entry_index || u32 entry_offset
 _RECORD_BYTES_PER_BATCH_MAX = 64 << 20   # bounds the memory of one indexing step
 _RETRY_SECONDS_MAX = 5.0
 _REWIND_CHUNK_TXS = 1000                 # txs whose keys one discard step forgets
@@ -175,8 +172,7 @@ class IndexMovedError(RuntimeError):
 
 def read_indexed_tx_id(index_env) -> int:
     with index_env.read() as txn:
-        raw = txn.get(INDEXED_TX_KEY, db=index_env.dbs["meta"])
-    return _U64.unpack(raw)[0] if raw else 0
+        return unpack_tx_id(txn.get(INDEXED_TX_KEY, db=index_env.dbs["meta"]))
 
 
 def prepare_index(index_env, committed_tx_id: int, name: str) -> int:
@@ -185,15 +181,15 @@ def prepare_index(index_env, committed_tx_id: int, name: str) -> int:
     meta_db = index_env.dbs["meta"]
     indexed = read_indexed_tx_id(index_env)
     with index_env.read() as txn:
-        row_format = txn.get(INDEX_FORMAT_KEY, db=meta_db)
-    if row_format != INDEX_FORMAT and indexed:
+        row_format = txn.get(ROW_FORMAT_KEY, db=meta_db)
+    if row_format != ROW_FORMAT and indexed:
         # Rows of an older layout (without entry offsets): the index is derived data, so it
         # is rebuilt from the log rather than read two ways.
         log.warning("index of %s has an older row format; rebuilding it", name)
         index_env.write(_drop_all(index_env))
         indexed = 0
-    if row_format != INDEX_FORMAT:
-        index_env.write(lambda txn: txn.put(INDEX_FORMAT_KEY, INDEX_FORMAT, db=meta_db))
+    if row_format != ROW_FORMAT:
+        index_env.write(lambda txn: txn.put(ROW_FORMAT_KEY, ROW_FORMAT, db=meta_db))
     if indexed > committed_tx_id:
         # The index claims txs the log does not hold (a log restored from an older copy):
         # it cannot be trusted, so it is rebuilt from the log.
@@ -218,9 +214,9 @@ def index_step(index_env, log_env, first: int, last_wanted: int) -> int:
     records, entries, size = [], 0, 0
     with log_env.read() as txn:
         cursor = txn.cursor(log_env.dbs["tx"])
-        if cursor.set_key(_U64.pack(first)):
+        if cursor.set_key(tx_key(first)):
             for key, record in cursor:
-                tx_id = _U64.unpack(key)[0]
+                tx_id = tx_id_of_key(key)
                 if tx_id > last_wanted:
                     break
                 records.append(record)
@@ -236,10 +232,10 @@ def index_step(index_env, log_env, first: int, last_wanted: int) -> int:
 
     def write(txn):
         stored = txn.get(INDEXED_TX_KEY, db=meta_db)
-        if (_U64.unpack(stored)[0] if stored else 0) != first - 1:
+        if unpack_tx_id(stored) != first - 1:
             raise IndexMovedError(f"the index moved: this step began after tx {first - 1}")
         txn.cursor(keys_db).putmulti(rows, dupdata=True, overwrite=True)
-        txn.put(INDEXED_TX_KEY, _U64.pack(last), db=meta_db)
+        txn.put(INDEXED_TX_KEY, pack_tx_id(last), db=meta_db)
 
     index_env.write(write)
     return last
@@ -256,7 +252,7 @@ def rewind_index(index_env, log_env, tx_id: int, indexer) -> None:
         first = max(tx_id + 1, indexer.indexed_tx_id - _REWIND_CHUNK_TXS + 1)
         last = indexer.indexed_tx_id
         with log_env.read() as txn:
-            records = [bytes(txn.get(_U64.pack(t), db=tx_db)) for t in range(first, last + 1)]
+            records = [bytes(txn.get(tx_key(t), db=tx_db)) for t in range(first, last + 1)]
         rows = codec.index_items(first, records)
         remaining = first - 1
 
@@ -264,7 +260,7 @@ def rewind_index(index_env, log_env, tx_id: int, indexer) -> None:
             for key, value in rows:
                 txn.delete(key, value, db=keys_db)
             if remaining:
-                txn.put(INDEXED_TX_KEY, _U64.pack(remaining), db=meta_db)
+                txn.put(INDEXED_TX_KEY, pack_tx_id(remaining), db=meta_db)
             else:
                 txn.delete(INDEXED_TX_KEY, db=meta_db)
 

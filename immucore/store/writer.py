@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -31,12 +30,10 @@ from ..constants import (COMMIT_BATCH_BYTES_MAX, COMMIT_BATCH_TXS_MAX, COMMIT_PI
 from ..errors import (CorruptedDataError, DatabaseClosedError, IllegalArgumentsError,
                       ImmucoreError,
                       ReadOnlyReplicaError, ReplicaDivergedError)
+from .layout import DISCARD_FLOOR_KEY, pack_tx_id, tx_key, unpack_tx_id
 
 log = logging.getLogger("immucore.writer")
-_U64 = struct.Struct(">Q")
 _SET, _REPLICATE, _ROLE, _TRUNCATE, _STOP = "set", "replicate", "role", "truncate", "stop"
-# log meta key: the highest tx a replica's primary acknowledged to its clients (never discarded)
-FLOOR_KEY = b"discard_floor"
 
 
 class WriterBusyError(ImmucoreError):
@@ -55,13 +52,21 @@ class ChainState:
         self.tx_id, self.alh, self.peaks = tx_id, alh, peaks
 
 
+class ReplicatedHeaders(list):
+    """A replicate request's outcome: the header tuple of every tx of its batch (those the log
+    already held first) and ``last_alh``, the last one's Alh as the sealer computed (or, for a
+    tx the log held, verified) it; None for an empty batch. The replicator acknowledges it
+    without reading it back from LMDB."""
+    __slots__ = ("last_alh",)
+
+
 class _Request:
     """One submitted write. Its outcome goes to its ``future``, or, for a caller that passed
     ``on_done`` (the node's SET path), to ``on_done(result, exception)`` on the thread that
     settles it: no future at all, which saves the stdlib future's Condition and its locking
     (about 5 µs of the loop's and the writer threads' time per single-entry SET)."""
     __slots__ = ("kind", "payload", "future", "on_done", "size_bytes", "tx_count", "present",
-                 "floor", "last_alh")
+                 "present_alh", "floor", "last_alh")
 
     def __init__(self, kind, payload, size_bytes=0, tx_count=1, floor=0, last_alh=None,
                  on_done=None):
@@ -70,6 +75,7 @@ class _Request:
         self.on_done = on_done
         self.size_bytes, self.tx_count = size_bytes, tx_count
         self.present = []      # replicate: headers of txs the log already held (no-ops)
+        self.present_alh = None    # replicate: the last of those txs' Alh
         self.floor = floor     # replicate: the discard floor stored with the batch
         self.last_alh = last_alh   # replicate: the Alh the primary says the last tx has
 
@@ -115,8 +121,7 @@ class Writer:
         self._aht_db = log_env.dbs["aht"]
         self._meta_db = log_env.dbs["meta"]
         with log_env.read() as txn:
-            raw = txn.get(FLOOR_KEY, db=self._meta_db)
-        self.floor_tx_id = _U64.unpack(raw)[0] if raw else 0
+            self.floor_tx_id = unpack_tx_id(txn.get(DISCARD_FLOOR_KEY, db=self._meta_db))
         self.state = state                 # committed: what readers see
         self._sealed_state = state         # sealer's tip: committed + batches in the pipeline
         self._sealer_generation = 0
@@ -153,9 +158,11 @@ class Writer:
         a writer thread, and no future is returned."""
         return self._submit(_Request(_SET, entries, size_bytes, on_done=on_done), block)
 
-    def submit_replicate(self, blobs: list, floor_tx_id: int = 0,
+    def submit_replicate(self, blobs: list, size_bytes: int, floor_tx_id: int = 0,
                          last_alh: Optional[bytes] = None) -> Future:
-        return self._submit(_Request(_REPLICATE, blobs, sum(map(len, blobs)), len(blobs),
+        """Verify and append exported txs, all or nothing; ``size_bytes`` is their total (the
+        caller summed it for its own limit check: counted once)."""
+        return self._submit(_Request(_REPLICATE, blobs, size_bytes, len(blobs),
                                      floor=floor_tx_id, last_alh=last_alh))
 
     def truncate(self, after_tx_id: int, load_state: Callable[[], ChainState]) -> Future:
@@ -313,7 +320,7 @@ class Writer:
 
     def _seal_replicate(self, request: _Request):
         try:
-            request.present, blobs = self._skip_present(request.payload)
+            request.present, request.present_alh, blobs = self._skip_present(request.payload)
             tip = self._sealed_state
             peaks = list(tip.peaks)
             sealed = codec.replicate_blobs(blobs, tip.tx_id + 1, tip.alh, peaks, self._limits)
@@ -331,11 +338,9 @@ class Writer:
     def _skip_present(self, blobs: list):
         """Split off blobs of txs this log already holds; a different Alh there is divergence."""
         committed, tip = self.state.tx_id, self._sealed_state.tx_id
-        start, present = 0, []
+        start, present, alh = 0, [], None
         for blob in blobs:
-            if len(blob) < 12:
-                raise IllegalArgumentsError("export blob too short")
-            tx_id = _U64.unpack_from(blob, 4)[0]
+            tx_id = codec.blob_tx_id(blob)
             if tx_id == 0 or tx_id > tip:
                 break
             if tx_id > committed:
@@ -347,8 +352,9 @@ class Writer:
                     f"replica diverged from primary: tx {tx_id} is already committed here "
                     f"with a different Alh")
             present.append(header)
+            alh = blob_alh
             start += 1
-        return present, blobs[start:]
+        return present, alh, blobs[start:]
 
     def _hand_over(self, batch: List[_Request], sealed: list, peaks: list):
         if sealed:
@@ -395,7 +401,8 @@ class Writer:
         tip = self.state.tx_id
         try:
             if tip > self.floor_tx_id:
-                self._env.write(lambda txn: txn.put(FLOOR_KEY, _U64.pack(tip), db=self._meta_db))
+                self._env.write(lambda txn: txn.put(DISCARD_FLOOR_KEY, pack_tx_id(tip),
+                                                            db=self._meta_db))
                 self.floor_tx_id = tip
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             request.fail(exc)
@@ -414,7 +421,7 @@ class Writer:
             for db in (self._tx_db, self._aht_db):
                 cursor = txn.cursor(db)
                 doomed = ([key for key, _ in cursor]
-                          if cursor.set_range(_U64.pack(after_tx_id + 1)) else [])
+                          if cursor.set_range(tx_key(after_tx_id + 1)) else [])
                 for key in doomed:
                     txn.delete(key, db=db)
 
@@ -430,8 +437,8 @@ class Writer:
         """Write the items' sealed txs in one LMDB transaction, then settle their requests."""
         sealed = [tx for item in items for tx in item.sealed]
         if sealed:
-            tx_rows = [(_U64.pack(header[0]), record) for header, _, record, _ in sealed]
-            aht_rows = [(_U64.pack(header[0]), nodes) for header, _, _, nodes in sealed]
+            tx_rows = [(tx_key(header[0]), record) for header, _, record, _ in sealed]
+            aht_rows = [(tx_key(header[0]), nodes) for header, _, _, nodes in sealed]
 
             floor = max((r.floor for item in items for r in item.requests), default=0)
             floor = floor if floor > self.floor_tx_id else 0
@@ -442,7 +449,7 @@ class Writer:
                 if added != 2 * len(sealed):   # append=True refuses out-of-order ids
                     raise RuntimeError(f"log append wrote {added} of {2 * len(sealed)} rows")
                 if floor:
-                    txn.put(FLOOR_KEY, _U64.pack(floor), db=self._meta_db)
+                    txn.put(DISCARD_FLOOR_KEY, pack_tx_id(floor), db=self._meta_db)
 
             try:
                 self._env.write(write)
@@ -460,7 +467,12 @@ class Writer:
         for item in items:
             position = 0
             for request in item.requests:
-                count = len(item.sealed) if request.kind == _REPLICATE else 1
-                headers = request.present + [s[0] for s in item.sealed[position:position + count]]
-                position += count
-                request.succeed(headers)
+                if request.kind == _REPLICATE:     # a replicate request is its item's only one
+                    headers = ReplicatedHeaders(request.present)
+                    headers.extend(s[0] for s in item.sealed)
+                    headers.last_alh = (item.sealed[-1][1] if item.sealed
+                                        else request.present_alh)
+                    request.succeed(headers)
+                    continue
+                request.succeed([s[0] for s in item.sealed[position:position + 1]])
+                position += 1
