@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 

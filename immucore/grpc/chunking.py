@@ -17,14 +17,18 @@ from typing import Callable, Iterator, Optional
 from google.protobuf.message import DecodeError
 
 from ..constants import GRPC_STREAM_CHUNK_BYTES, GRPC_STREAM_CHUNKS_MAX
-from ..errors import IllegalArgumentsError, ImmucoreError
+import grpc
+
+from ..errors import IllegalArgumentsError
+from .errors import StatusError
 
 LENGTH_BYTES = 8      # the u64 length in front of each message
 
 
-class MaxTxValuesLenExceededError(ImmucoreError):
+class MaxTxValuesLenExceededError(StatusError):
     """The values of one streamed set passed GRPC_STREAM_VALUES_BYTES_MAX: immudb's text (and
-    its code, FAILED_PRECONDITION)."""
+    its code, FAILED_PRECONDITION: immudb's CodDataException)."""
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
     def __init__(self):
         super().__init__("max transaction values length exceeded")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..constants import SCAN_RESULTS_MAX
 from ..errors import ImmucoreError
 from . import convert, schema
-from .management import served
+from .streaming import served
 
 
 class DbOperations:

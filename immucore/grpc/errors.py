@@ -19,6 +19,17 @@ from ..server import auth
 log = logging.getLogger("immucore.grpc")
 
 
+class StatusError(ImmucoreError):
+    """A refusal immudb answers with a status code of its own rather than UNKNOWN: the class's
+    ``code``, or the one given."""
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, text: str, code: "grpc.StatusCode" = None):
+        super().__init__(text)
+        if code is not None:
+            self.code = code
+
+
 class NotLoggedInError(ImmucoreError):
     """No token or session id, or one the node does not know (logged out, expired)."""
 
@@ -58,6 +69,8 @@ class ProtectedModeError(ImmucoreError):
 
 def grpc_status(exc: BaseException) -> tuple:
     """(grpc.StatusCode, text) for an exception raised while serving a call."""
+    if isinstance(exc, StatusError):
+        return exc.code, str(exc)
     if isinstance(exc, ProtectedModeError):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, auth.NoDatabasePermissionError):

@@ -9,38 +9,16 @@ and ``_read``.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 
 import grpc
 
 from ..errors import IllegalArgumentsError, ImmucoreError
 from ..server import auth
 from . import nullable_settings, schema
-from .errors import grpc_status
+from .errors import StatusError
+from .streaming import served
 
 
-class _Refusal(Exception):
-    """A refusal immudb answers with a status code of its own (not UNKNOWN)."""
-
-    def __init__(self, code: "grpc.StatusCode", text: str):
-        super().__init__(text)
-        self.code, self.text = code, text
-
-
-def served(method):
-    """service.py's ``_served`` (not imported: service.py imports this module): the peer
-    check of every call, and an error answered with immudb's status code and text."""
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        try:
-            self._check_peer(context)
-            return await method(self, request, context)
-        except _Refusal as exc:
-            code, text = exc.code, exc.text
-        except Exception as exc:  # noqa: BLE001 - every error is answered, none kills the server
-            code, text = grpc_status(exc)
-        await context.abort(code, text)
-    return handler
 
 
 def _uncoded(check, *args):
@@ -229,37 +207,43 @@ class ManagementMethods:
         call = self._checked_call(context)
         _, user = self._session(call)
         if not request.username:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "username can not be empty")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="username can not be empty")
         if not request.database:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "database can not be empty")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="database can not be empty")
         if request.database != auth.SYSTEMDB_NAME and request.database not in self.node.settings:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "database does not exist")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="database does not exist")
         actions = schema.PermissionAction.values_by_name
         fn = {actions["GRANT"].number: self.node.users.grant,
               actions["REVOKE"].number: self.node.users.revoke}.get(request.action)
         if fn is None:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "action not recognized")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="action not recognized")
         try:
             permission = auth.parse_permission(request.permission)
         except auth.UnknownPermissionError:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "unrecognized permission") from None
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="unrecognized permission") from None
         name = request.username
         if name == user.username:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                           "changing your own permissions is not allowed")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="changing your own permissions is not allowed")
         if name == auth.SYSADMIN_USERNAME:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT,
-                           "changing sysadmin permissions is not allowed")
+            raise StatusError(code=grpc.StatusCode.INVALID_ARGUMENT,
+                              text="changing sysadmin permissions is not allowed")
         if not user.can(request.database, "admin"):      # the native handler's check
-            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                           "you do not have permission on this database")
+            raise StatusError(code=grpc.StatusCode.PERMISSION_DENIED,
+                              text="you do not have permission on this database")
         try:
             await self._read(fn, name, permission, request.database, by_user=user)
         except auth.UserNotFoundError:
-            raise _Refusal(grpc.StatusCode.NOT_FOUND, f"user {name} not found") from None
+            raise StatusError(code=grpc.StatusCode.NOT_FOUND,
+                              text=f"user {name} not found") from None
         except auth.UserNotActiveError:
-            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"user {name} is not active") from None
+            raise StatusError(code=grpc.StatusCode.FAILED_PRECONDITION,
+                              text=f"user {name} is not active") from None
         return schema.Empty()
 
     @served

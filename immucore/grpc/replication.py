@@ -26,7 +26,7 @@ from ..constants import GRPC_CHUNKED_MESSAGE_BYTES_MAX, GRPC_EXPORT_WAIT_MS, REP
 from ..errors import IllegalArgumentsError, ImmucoreError, ReplicaDivergedError
 from . import convert, schema
 from .chunks import chunked, read_message
-from .streaming import served_request_stream, served_stream
+from .streaming import served, served_stream
 
 _U64 = struct.Struct(">Q")
 NO_ALH = bytes(32)
@@ -139,7 +139,7 @@ class ReplicationMethods:
             for chunk in self._chunks(blob, metadata):
                 yield chunk
 
-    @served_request_stream
+    @served
     async def replicateTx(self, request_iterator, context):
         """One exported tx (chunked) applied to a replica fed from outside, verified as every
         replicated tx is; a replica that follows a primary itself takes none."""

@@ -10,8 +10,6 @@ expiry); session ids are the node's sessions (``--max-sessions``, 3 minutes of i
 """
 from __future__ import annotations
 
-import functools
-
 from ..constants import (GRPC_TOKENS_MAX, GRPC_TOKENS_PER_USER_MAX, IMMUDB_COMPATIBLE_VERSION,
                          TOKEN_SESSION_INACTIVITY_SECONDS)
 from ..server import auth
@@ -24,9 +22,9 @@ from .replication import ReplicationMethods
 from .db_operations import DbOperations
 from .management import ManagementMethods
 from .errors import (DatabaseNotFoundError, NoDatabaseSelectedError, NotLoggedInError,
-                     NotSupportedError, ProtectedModeError, SessionNotFoundError,
-                     grpc_status)
+                     NotSupportedError, ProtectedModeError, SessionNotFoundError)
 from .streams import StreamMethods
+from .streaming import served
 
 BEARER = "Bearer "
 
@@ -62,18 +60,6 @@ class _Checks(Dispatcher):
             raise NoDatabaseSelectedError()
         return super()._authorize(conn, action, database)
 
-
-def _served(method):
-    """Run a handler; an error becomes immudb's status code and text."""
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        try:
-            self._check_peer(context)
-            return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error is answered, none kills the server
-            code, text = grpc_status(exc)
-        await context.abort(code, text)
-    return handler
 
 
 def _peer_address(peer: str):
@@ -172,7 +158,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
 
     # --- logging in, sessions -------------------------------------------------------------------
 
-    @_served
+    @served
     async def Login(self, request, context):
         user = await self._read(self.node.users.authenticate, request.user, request.password)
         session = self.tokens.open(user, None)     # no database until UseDatabase, as immudb
@@ -182,14 +168,14 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
             warning = auth.DEFAULT_PASSWORD_WARNING.encode()
         return schema.LoginResponse(token=session.id, warning=warning)
 
-    @_served
+    @served
     async def Logout(self, request, context):
         call = self._call(context)
         self._session(call)
         call.manager.close(call.session)
         return schema.Empty()
 
-    @_served
+    @served
     async def OpenSession(self, request, context):
         user = await self._read(self.node.users.authenticate, request.username, request.password)
         name = request.databaseName or "defaultdb"
@@ -199,7 +185,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
         session = self.node.sessions.open(user, name)
         return schema.OpenSessionResponse(sessionID=session.id, serverUUID=self.node.node_id)
 
-    @_served
+    @served
     async def CloseSession(self, request, context):
         call = self._call(context)
         if not call.by_session_id:
@@ -208,7 +194,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
         call.manager.close(call.session)
         return schema.Empty()
 
-    @_served
+    @served
     async def KeepAlive(self, request, context):
         self._session(self._call(context))
         return schema.Empty()
@@ -223,7 +209,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
                 raise                                     # exists, not loaded: its own text
             raise DatabaseNotFoundError(name) from None
 
-    @_served
+    @served
     async def UseDatabase(self, request, context):
         """The call's token (or session) now works on that database, and is the token given
         back: immudb mints a new token and leaves the old one on its database (docs/grpc.md)."""
@@ -236,11 +222,11 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
         call.manager.use_database(call.session, name)
         return schema.UseDatabaseReply(token=call.session)
 
-    @_served
+    @served
     async def Health(self, request, context):
         return schema.HealthResponse(status=True, version=IMMUDB_COMPATIBLE_VERSION)
 
-    @_served
+    @served
     async def ServerInfo(self, request, context):
         node = self.node
         databases = list(node.databases.values())
@@ -251,7 +237,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
             numTransactions=sum(d.current_state().tx_id for d in databases),
             numDatabases=len(node.settings), databasesDiskSize=size)
 
-    @_served
+    @served
     async def CurrentState(self, request, context):
         db, _ = self._db(context, "read")
         state = db.current_state()
@@ -259,12 +245,12 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
 
     # --- keys -----------------------------------------------------------------------------------
 
-    @_served
+    @served
     async def Set(self, request, context):
         db, permit = self._db(context, "write")
         return convert.header(await self._set(db, permit, request))
 
-    @_served
+    @served
     async def Get(self, request, context):
         db, permit = self._db(context, "read")
         entry = await self.checks._index_read(
@@ -272,14 +258,14 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
             since_tx=request.sinceTx, at_revision=request.atRevision)
         return convert.entry(entry)
 
-    @_served
+    @served
     async def Delete(self, request, context):
         db, permit = self._db(context, "write")
         headers = await self.checks._committed(db.delete_async(list(request.keys), block=False))
         await self._replicated(db, permit, headers[0][0])
         return convert.header(headers[0])
 
-    @_served
+    @served
     async def History(self, request, context):
         db, permit = self._db(context, "read")
         found = await self.checks._index_read(db, permit, request.sinceTx, db.history, request.key,
@@ -287,7 +273,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
                                               desc=request.desc)
         return convert.entries(found)
 
-    @_served
+    @served
     async def Scan(self, request, context):
         """immudb's bounds: seekKey and endKey are left out unless inclusiveSeek/inclusiveEnd
         (the embedded scan includes both), and ``offset`` entries are skipped first."""
@@ -308,12 +294,12 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
 
     # --- transactions and proofs ------------------------------------------------------------------
 
-    @_served
+    @served
     async def TxById(self, request, context):
         db, permit = self._db(context, "read")
         return convert.tx(await self._proof(permit, db.tx_by_id, request.tx))
 
-    @_served
+    @served
     async def VerifiableSet(self, request, context):
         db, permit = self._db(context, "write")
         header = await self._set(db, permit, request.setRequest)
@@ -321,7 +307,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
                                prove_since_tx=request.proveSinceTx)
         return convert.verifiable_tx(vtx, self._signed_target(db, vtx))
 
-    @_served
+    @served
     async def VerifiableGet(self, request, context):
         db, permit = self._db(context, "read")
         key_request = request.keyRequest
@@ -331,7 +317,7 @@ class ImmuService(StreamMethods, ManagementMethods, DbOperations, ReplicationMet
                                   at_revision=key_request.atRevision)
         return convert.verifiable_entry(ventry, self._signed_target(db, ventry.verifiable_tx))
 
-    @_served
+    @served
     async def VerifiableTxById(self, request, context):
         db, permit = self._db(context, "read")
         vtx = await self._proof(permit, db.verifiable_tx_by_id, request.tx,

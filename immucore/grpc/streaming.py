@@ -1,9 +1,11 @@
-"""Serving streamed answers: the counterpart of service.py's ``_served`` for handlers that are
-async generators (a server stream: exportTx, streamExportTx, streamGet ...).
+"""The two wrappers of every gRPC handler: the peer check (protected mode) before the call, and
+any error answered with immudb's status code and text (errors.py ``grpc_status``), so that no
+error kills the server.
 
-An error ends the stream with immudb's status code and text, whatever was sent before it. A
-handler given a request stream (replicateTx, streamSet) and answering once is a coroutine that
-reads the async iterator it is given (``served_request_stream``).
+``served`` wraps a coroutine handler, whose request is one message or a stream of them
+(replicateTx, streamSet); ``served_stream`` an async-generator handler (a server stream:
+exportTx, streamExportTx, streamGet ...), where an error ends the stream whatever was sent
+before it. Mixins import them from here, not from service.py (which imports the mixins).
 """
 from __future__ import annotations
 
@@ -12,22 +14,19 @@ import functools
 from .errors import grpc_status
 
 
-def served_request_stream(method):
-    """A coroutine handler given a request stream (replicateTx, streamSet): service.py's
-    ``_served``, here so that mixins need not import service.py (which imports them)."""
+def served(method):
     @functools.wraps(method)
-    async def handler(self, request_iterator, context):
+    async def handler(self, request, context):
         try:
             self._check_peer(context)
-            return await method(self, request_iterator, context)
-        except Exception as exc:  # noqa: BLE001
+            return await method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error is answered, none kills the server
             code, text = grpc_status(exc)
         await context.abort(code, text)
     return handler
 
 
 def served_stream(method):
-    """Run an async-generator handler; an error becomes immudb's status code and text."""
     @functools.wraps(method)
     async def handler(self, request, context):
         try:

@@ -26,24 +26,20 @@ import grpc
 from ..constants import (GRPC_GET_ALL_KEYS_MAX, GRPC_RESPONSE_BYTES_MAX,
                          GRPC_STREAM_ENTRIES_MAX, GRPC_STREAM_KEY_BYTES_MAX,
                          GRPC_STREAM_VALUES_BYTES_MAX, GRPC_STREAMS_GATHERED_BYTES_MAX)
-from ..errors import IllegalArgumentsError, ImmucoreError, KeyNotFoundError
+from ..errors import IllegalArgumentsError, KeyNotFoundError
 from . import convert, schema
-from .chunking import MaxTxValuesLenExceededError, MessageReader, TruncatedStreamError, message_chunks
-from .errors import grpc_status
+from .chunking import (MaxTxValuesLenExceededError, MessageReader, TruncatedStreamError,
+                       message_chunks)
+from .errors import StatusError
+from .streaming import served, served_stream
 
 PROVE_SINCE_TX_BYTES = 8
 
 
-class StreamsBusyError(ImmucoreError):
+class StreamsBusyError(StatusError):
     """The streamed sets being gathered already declared GRPC_STREAMS_GATHERED_BYTES_MAX."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-
-def _status(exc: BaseException) -> tuple:
-    if isinstance(exc, MaxTxValuesLenExceededError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)   # immudb's CodDataException
-    if isinstance(exc, StreamsBusyError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    return grpc_status(exc)
 
 
 class _Gathering:
@@ -67,35 +63,6 @@ class _Gathering:
         call_declared[0] = 0
 
 
-def _answered(method):
-    """A coroutine handler (a unary answer; its request may be a stream): errors become
-    immudb's status codes and texts."""
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        try:
-            self._check_peer(context)
-            return await method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error is answered, none kills the server
-            code, text = _status(exc)
-        await context.abort(code, text)
-    return handler
-
-
-def _streamed(method):
-    """An async-generator handler (a streamed answer): errors, before or between chunks,
-    become immudb's status codes and texts."""
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        try:
-            self._check_peer(context)
-            async for chunk in method(self, request, context):
-                yield chunk
-            return
-        except Exception as exc:  # noqa: BLE001
-            code, text = _status(exc)
-        await context.abort(code, text)
-    return handler
-
 
 def _chunks(*messages):
     for message in messages:
@@ -116,7 +83,7 @@ class StreamMethods:
         """The unary method ``name`` without its error wrapper, to run inside a stream's."""
         return functools.partial(getattr(type(self), name).__wrapped__, self)
 
-    @_answered
+    @served
     async def GetAll(self, request, context):
         """Each key's latest entry, from one snapshot; keys not found (missing, deleted,
         expired) are left out, as immudb does."""
@@ -142,25 +109,25 @@ class StreamMethods:
 
     # --- streamed answers -----------------------------------------------------------------
 
-    @_streamed
+    @served_stream
     async def streamGet(self, request, context):
         entry = await self._unary("Get")(request, context)
         for chunk in _chunks(entry.key, entry.value):
             yield chunk
 
-    @_streamed
+    @served_stream
     async def streamScan(self, request, context):
         entries = await self._unary("Scan")(request, context)
         for chunk in _entries_chunks(entries.entries):
             yield chunk
 
-    @_streamed
+    @served_stream
     async def streamHistory(self, request, context):
         entries = await self._unary("History")(request, context)
         for chunk in _entries_chunks(entries.entries):
             yield chunk
 
-    @_streamed
+    @served_stream
     async def streamVerifiableGet(self, request, context):
         ventry = await self._unary("VerifiableGet")(request, context)
         without_value = schema.Entry(tx=ventry.entry.tx, key=ventry.entry.key)
@@ -202,7 +169,7 @@ class StreamMethods:
             values_bytes += len(value)
             kvs.append(schema.KeyValue(key=key, value=value))
 
-    @_answered
+    @served
     async def streamSet(self, request_chunks, context):
         self._db(context, "write")          # refused before a byte of the stream is gathered
         reader, declared = self._reader(request_chunks)
@@ -212,7 +179,7 @@ class StreamMethods:
         finally:
             self._gathering().release(declared)
 
-    @_answered
+    @served
     async def streamVerifiableSet(self, request_chunks, context):
         self._db(context, "write")
         reader, declared = self._reader(request_chunks)
