@@ -247,12 +247,18 @@ def test_a_failed_commit_aborts_what_was_chained_onto_it_and_the_chain_stays_who
     db = open_database(str(tmp_path / "db"))
     real_write = db._log.write
     calls = {"n": 0}
+    all_submitted = threading.Event()
 
     def failing_write(body):
         calls["n"] += 1
         if calls["n"] == 2:
-            deadline = time.monotonic() + 10       # hold until the next batch is sealed on us
-            while db._writer._sealed.qsize() == 0 and time.monotonic() < deadline:
+            # hold until every chained write was submitted and taken by the sealer, and a
+            # batch sealed on us: on a loaded machine some would otherwise come after the
+            # failure, chain onto what is on disk and (rightly) commit
+            deadline = time.monotonic() + 10
+            all_submitted.wait(10)
+            while (not db._writer._queue.empty() or db._writer._sealed.qsize() == 0) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.001)
             raise OSError(28, "No space left on device (injected)")
         return real_write(body)
@@ -264,6 +270,7 @@ def test_a_failed_commit_aborts_what_was_chained_onto_it_and_the_chain_stays_who
     while calls["n"] < 2:
         time.sleep(0.001)
     chained = [db.set_async({f"chained{n}".encode(): b"v"}) for n in range(20)]
+    all_submitted.set()
     with pytest.raises(OSError, match="injected"):
         failing.result()
     for future in chained:
