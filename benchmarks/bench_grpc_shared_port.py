@@ -57,7 +57,7 @@ def _round(node, stub, metadata, gets: int) -> dict:
 
 def test_grpc_get_shared_port_vs_dedicated_port(benchmark, tmp_path):
     grpc_port = free_port()
-    with running_node(tmp_path / "shared") as shared, \
+    with running_node(tmp_path / "one_port") as shared, \
             running_node(tmp_path / "dedicated", "--grpc-port", str(grpc_port)) as dedicated:
         while not port_accepts(HOST, grpc_port):
             time.sleep(0.05)
@@ -114,7 +114,7 @@ def test_native_gets_with_grpc_sharing_the_port_vs_grpc_off(benchmark, tmp_path)
     A native connection on the shared port is handed to the same ``Connection`` as on a node
     without gRPC, so the two should not differ beyond the machine's noise."""
     from . import node_workloads as w
-    with running_node(tmp_path / "shared") as shared, \
+    with running_node(tmp_path / "one_port") as shared, \
             running_node(tmp_path / "off", "--grpc-port", "-1") as off:
         sides = {"grpc_shared": shared, "grpc_off": off}
         rounds = {name: [] for name in sides}

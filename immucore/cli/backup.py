@@ -24,12 +24,12 @@ import signal
 import sys
 
 from ..backup import BackupFileError, BackupReader, BackupWriter, verify_records
-from ..client import AsyncClient, ConnectionClosedError
+from ..client import AsyncClient
 from ..constants import (BACKUP_FILE_BUFFER_BYTES, BACKUP_RESTORE_BATCH_BYTES_MAX,
                          BACKUP_RESTORE_BATCH_TXS, BACKUP_RESTORE_BATCHES_IN_FLIGHT)
 from ..errors import CorruptedDataError, ImmucoreError
 from ..protocol.messages import Msg
-from .common import SESSION_GONE_CODES, CliError, Session, connect_failure
+from .common import CliError, Session, session_client
 from .push import Progress
 
 STDIO = "-"
@@ -37,38 +37,10 @@ STDIO = "-"
 
 # --- the session, on the command's database ----------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def _on_database(args, database: str = None, *, created=None):
-    """An AsyncClient on the saved session, moved to ``database`` (after ``created(client)``
-    made it, when given) and back to the session's own database at the end."""
+def _on_database(args, database: str = None, *, created=None):
+    """The saved session's client on ``database``, and back (common.session_client)."""
     session = Session(args)
-    saved = session.saved_session()
-    address, port = session.server(saved)
-    client = AsyncClient(address, port, ssl=session.tls)
-    try:
-        try:
-            own = (await client.resume(saved["token"]))["database"]
-        except OSError as exc:
-            raise connect_failure(address, port, exc) from None
-        except ImmucoreError as exc:
-            if getattr(exc, "code", None) not in SESSION_GONE_CODES:
-                raise
-            session.ended()
-            raise CliError(f"{exc}: please login again (node {address}:{port})") from None
-        try:
-            if created is not None:
-                await created(client)
-            if database and database != own:
-                await client.use_database(database)
-            yield client
-        finally:
-            if client.database != own:
-                with contextlib.suppress(ImmucoreError, OSError, asyncio.TimeoutError):
-                    await client.use_database(own)
-    except (TimeoutError, asyncio.TimeoutError, ConnectionClosedError) as exc:
-        raise CliError(f"{exc or type(exc).__name__} (node {address}:{port})") from None
-    finally:
-        await client.close()
+    return session_client(session, session.saved_session(), database, created=created)
 
 
 class _Interrupt:

@@ -11,6 +11,7 @@ replaces it, instead of falling back to the default address.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import getpass
@@ -19,7 +20,7 @@ import os
 import sys
 from typing import Callable, Iterator, List, Optional, Sequence
 
-from ..client import Client, ConnectionClosedError
+from ..client import AsyncClient, Client, ConnectionClosedError
 from ..durable_file import replace_durably
 from ..errors import ImmucoreError
 from .flags import normalize_bool_flags
@@ -344,3 +345,39 @@ def run(prog: str, parser: argparse.ArgumentParser, argv: Optional[List[str]]) -
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+@contextlib.asynccontextmanager
+async def session_client(session, saved: dict, database: str = None, *, created=None,
+                         doing: str = None):
+    """An AsyncClient on the saved CLI session, moved to ``database`` (after ``created(client)``
+    made it, when given) and back to the session's own database at the end: the node keeps one
+    database per session token, so a command on another database must not move the user's
+    session for good. ``doing`` names the work in a timeout's message (default: the node)."""
+    address, port = session.server(saved)
+    client = AsyncClient(address, port, ssl=session.tls)
+    try:
+        try:
+            own = (await client.resume(saved["token"]))["database"]
+        except OSError as exc:
+            raise connect_failure(address, port, exc) from None
+        except ImmucoreError as exc:
+            if getattr(exc, "code", None) not in SESSION_GONE_CODES:
+                raise
+            session.ended()
+            raise CliError(f"{exc}: please login again (node {address}:{port})") from None
+        try:
+            if created is not None:
+                await created(client)
+            if database and database != own:
+                await client.use_database(database)
+            yield client
+        finally:
+            if client.database != own:
+                with contextlib.suppress(ImmucoreError, OSError, asyncio.TimeoutError):
+                    await client.use_database(own)
+    except (TimeoutError, asyncio.TimeoutError, ConnectionClosedError) as exc:
+        raise CliError(f"{exc or type(exc).__name__} ({doing or 'node'} {address}:{port})") \
+            from None
+    finally:
+        await client.close()

@@ -13,14 +13,12 @@ it ends (also on Ctrl-C), so the next command still runs where the login put it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 
-from ..client import AsyncClient, ConnectionClosedError
+from ..client import AsyncClient
 from ..constants import REPLICATION_BATCH_TXS, REPLICATION_WAIT_MS
-from ..errors import ImmucoreError
-from .common import SESSION_GONE_CODES, CliError, connect_failure
+from .common import connect_failure, session_client
 
 
 class Progress:
@@ -100,28 +98,6 @@ async def push_into_session(session, saved: dict, database, source: dict, *, fol
                             progress: Progress = None) -> int:
     """``push`` into the replica of the saved CLI session (``database``: another one of the
     node), leaving the session on the database it had."""
-    address, port = session.server(saved)
-    target = AsyncClient(address, port, ssl=session.tls)
-    try:
-        try:
-            own = (await target.resume(saved["token"]))["database"]
-        except OSError as exc:
-            raise connect_failure(address, port, exc) from None
-        except ImmucoreError as exc:
-            if getattr(exc, "code", None) not in SESSION_GONE_CODES:
-                raise
-            session.ended()
-            raise CliError(f"{exc}: please login again (node {address}:{port})") from None
-        try:
-            if database and database != own:
-                await target.use_database(database)
-            return await push(source, target, follow=follow, progress=progress)
-        finally:
-            if target.database != own:
-                with contextlib.suppress(ImmucoreError, OSError, asyncio.TimeoutError):
-                    await target.use_database(own)
-    except (TimeoutError, ConnectionClosedError) as exc:
-        raise CliError(f"{exc or type(exc).__name__} (pushing into {address}:{port}, from "
-                       f"{source['host']}:{source['port']})") from None
-    finally:
-        await target.close()
+    doing = f"pushing from {source['host']}:{source['port']} into"
+    async with session_client(session, saved, database, doing=doing) as target:
+        return await push(source, target, follow=follow, progress=progress)
