@@ -11,30 +11,15 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import wait
 
 from immucore.client import Client
-from immucore.database import open_database
 
 from tests.nodes import NodeProcess
 
+from .replication_workloads import build_primary
+
 CLI_SECONDS_MAX = 3600
 
-
-def _build_source(base_dir: str, txs: int, entries: int) -> None:
-    db = open_database(os.path.join(base_dir, "data", "defaultdb"), name="defaultdb")
-    try:
-        window = []
-        for _ in range(txs):
-            window.append(db.set_async({os.urandom(32): os.urandom(100) for _ in range(entries)}))
-            if len(window) >= 2000:
-                wait(window)
-                window = []
-        wait(window)
-        while not db.index_covers():       # a node in service has long indexed its old txs
-            time.sleep(0.1)
-    finally:
-        db.close()
 
 
 def _immuadmin(node, home: str, *args, stdin: bytes = b"") -> float:
@@ -51,7 +36,7 @@ def _immuadmin(node, home: str, *args, stdin: bytes = b"") -> float:
 
 def backup_and_restore(workdir: str, txs: int, entries: int = 10) -> dict:
     node = NodeProcess(os.path.join(workdir, "node"))
-    _build_source(node.base_dir, txs, entries)
+    build_primary(node.base_dir, txs, entries)
     home = os.path.join(workdir, "home")
     os.makedirs(home, exist_ok=True)
     path = os.path.join(workdir, "full.bak")

@@ -20,7 +20,9 @@ from . import store_workloads
 from tests.nodes import NodeProcess, free_port
 
 
-def _build_primary(base_dir: str, txs: int, entries: int) -> None:
+def build_primary(base_dir: str, txs: int, entries: int) -> None:
+    """A node folder's defaultdb holding ``txs`` txs of ``entries`` random 32-byte keys and
+    100-byte values, indexed, built with the embedded API before the node starts."""
     db = open_database(os.path.join(base_dir, "data", "defaultdb"), name="defaultdb")
     try:
         window = []
@@ -83,7 +85,7 @@ def catch_up(workdir: str, txs: int, entries: int = 10, baseline_txs: int = 2000
              progress=print, grpc_txs: int = 0) -> dict:
     grpc_port = free_port()
     primary = NodeProcess(os.path.join(workdir, "primary"), ["--grpc-port", str(grpc_port)])
-    _build_primary(primary.base_dir, txs, entries)
+    build_primary(primary.base_dir, txs, entries)
     replica = NodeProcess(os.path.join(workdir, "replica"))
     primary.start()
     replica.start()
